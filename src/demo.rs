@@ -1,0 +1,270 @@
+//! The built-in demo worker: a small HTTP/1.1 server on a mio event loop
+//! that answers every request with `Hello from worker <ID> (pid <PID>)\n`.
+//!
+//! It is what `distributor` runs when no command is given, and an example
+//! of a non-blocking worker: the [`WorkerListener`] and the connections are
+//! registered with one `mio::Poll`. Requests are parsed with `httparse`;
+//! keep-alive follows HTTP/1.1 (on unless `Connection: close`) and HTTP/1.0
+//! (off unless `Connection: keep-alive`), and pipelined requests are
+//! answered in order. Request bodies (`Content-Length`) are read and
+//! discarded; a chunked body is refused with 501.
+//!
+//! On the stop message it closes idle connections at once, answers the
+//! requests in flight with `Connection: close`, and returns when none is left.
+
+use std::io::{self, Read, Write};
+
+use mio::net::TcpStream;
+use mio::{Events, Interest, Poll, Token};
+
+use crate::worker::{WorkerEvent, WorkerListener};
+
+const CHANNEL: Token = Token(usize::MAX);
+/// The largest request head accepted; a longer one gets 431.
+const MAX_HEAD: usize = 64 * 1024;
+
+struct HttpConn {
+    stream: TcpStream,
+    input: Vec<u8>,
+    output: Vec<u8>,
+    written: usize,
+    /// Close once `output` is written.
+    closing: bool,
+    /// Bytes of a request body still to discard.
+    body_left: usize,
+}
+
+impl HttpConn {
+    fn idle(&self) -> bool {
+        self.input.is_empty() && self.written == self.output.len() && self.body_left == 0
+    }
+}
+
+/// Runs the demo worker until the primary asks it to stop or goes away.
+///
+/// # Errors
+/// When the process is not a worker, or the channel breaks the protocol.
+pub fn run_demo_worker(mut listener: WorkerListener) -> io::Result<()> {
+    let body = format!(
+        "Hello from worker {} (pid {})\n",
+        listener.id(),
+        std::process::id()
+    );
+    let mut poll = Poll::new()?;
+    listener.set_nonblocking(true);
+    poll.registry()
+        .register(&mut listener, CHANNEL, Interest::READABLE)?;
+    let mut conns: Vec<Option<HttpConn>> = Vec::new();
+    let mut free: Vec<usize> = Vec::new();
+    let mut stopping = false;
+    let mut events = Events::with_capacity(256);
+    loop {
+        if stopping && conns.iter().all(Option::is_none) {
+            return Ok(());
+        }
+        if let Err(e) = poll.poll(&mut events, None) {
+            if e.kind() == io::ErrorKind::Interrupted {
+                continue;
+            }
+            return Err(e);
+        }
+        for event in events.iter() {
+            if event.token() == CHANNEL {
+                loop {
+                    match listener.next_event() {
+                        Ok(WorkerEvent::Connection(stream, _peer)) => {
+                            stream.set_nonblocking(true)?;
+                            let mut stream = TcpStream::from_std(stream);
+                            let i = free.pop().unwrap_or_else(|| {
+                                conns.push(None);
+                                conns.len() - 1
+                            });
+                            poll.registry().register(
+                                &mut stream,
+                                Token(i),
+                                Interest::READABLE | Interest::WRITABLE,
+                            )?;
+                            conns[i] = Some(HttpConn {
+                                stream,
+                                input: Vec::with_capacity(1024),
+                                output: Vec::with_capacity(256),
+                                written: 0,
+                                closing: false,
+                                body_left: 0,
+                            });
+                            drive(&mut conns, &mut free, i, &body, stopping);
+                        }
+                        Ok(WorkerEvent::Message(_)) => {}
+                        Ok(WorkerEvent::Stop) => {
+                            stopping = true;
+                            for (i, slot) in conns.iter_mut().enumerate() {
+                                if slot.as_ref().is_some_and(HttpConn::idle) {
+                                    *slot = None;
+                                    free.push(i);
+                                }
+                            }
+                        }
+                        Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
+                        Err(e) if e.kind() == io::ErrorKind::UnexpectedEof => return Ok(()),
+                        Err(e) => return Err(e),
+                    }
+                }
+            } else {
+                drive(&mut conns, &mut free, event.token().0, &body, stopping);
+            }
+        }
+    }
+}
+
+/// Reads, answers and writes what connection `i` allows now; frees it when done.
+fn drive(
+    conns: &mut [Option<HttpConn>],
+    free: &mut Vec<usize>,
+    i: usize,
+    body: &str,
+    stopping: bool,
+) {
+    let Some(conn) = conns.get_mut(i).and_then(Option::as_mut) else {
+        return;
+    };
+    let keep = serve(conn, body, stopping).unwrap_or(false);
+    if !keep {
+        conns[i] = None;
+        free.push(i);
+    }
+}
+
+/// Returns whether the connection stays open.
+fn serve(conn: &mut HttpConn, body: &str, stopping: bool) -> io::Result<bool> {
+    let mut eof = false;
+    let mut chunk = [0u8; 4096];
+    while !conn.closing {
+        match conn.stream.read(&mut chunk) {
+            Ok(0) => {
+                eof = true;
+                break;
+            }
+            Ok(n) => conn.input.extend_from_slice(&chunk[..n]),
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(_) => return Ok(false),
+        }
+    }
+    answer(conn, body, stopping);
+    while conn.written < conn.output.len() {
+        match conn.stream.write(&conn.output[conn.written..]) {
+            Ok(n) => conn.written += n,
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Ok(true),
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(_) => return Ok(false),
+        }
+    }
+    conn.output.clear();
+    conn.written = 0;
+    if conn.closing || eof || (stopping && conn.idle()) {
+        return Ok(false);
+    }
+    Ok(true)
+}
+
+/// Parses every complete request in `conn.input` and appends its response.
+fn answer(conn: &mut HttpConn, body: &str, stopping: bool) {
+    while !conn.closing {
+        if conn.body_left > 0 {
+            let n = conn.body_left.min(conn.input.len());
+            conn.input.drain(..n);
+            conn.body_left -= n;
+            if conn.body_left > 0 {
+                return;
+            }
+        }
+        if conn.input.is_empty() {
+            return;
+        }
+        let mut headers = [httparse::EMPTY_HEADER; 64];
+        let mut req = httparse::Request::new(&mut headers);
+        let head_len = match req.parse(&conn.input) {
+            Ok(httparse::Status::Complete(n)) => n,
+            Ok(httparse::Status::Partial) if conn.input.len() > MAX_HEAD => {
+                respond(
+                    conn,
+                    "431 Request Header Fields Too Large",
+                    "",
+                    false,
+                    false,
+                );
+                return;
+            }
+            Ok(httparse::Status::Partial) => return,
+            Err(_) => {
+                respond(conn, "400 Bad Request", "bad request\n", false, false);
+                return;
+            }
+        };
+        let http11 = req.version == Some(1);
+        let mut keep_alive = http11;
+        let mut body_len = 0usize;
+        let mut chunked = false;
+        for h in req.headers.iter() {
+            if h.name.eq_ignore_ascii_case("connection") {
+                let v = String::from_utf8_lossy(h.value);
+                if v.split(',').any(|t| t.trim().eq_ignore_ascii_case("close")) {
+                    keep_alive = false;
+                } else if v
+                    .split(',')
+                    .any(|t| t.trim().eq_ignore_ascii_case("keep-alive"))
+                {
+                    keep_alive = true;
+                }
+            } else if h.name.eq_ignore_ascii_case("content-length") {
+                match std::str::from_utf8(h.value)
+                    .ok()
+                    .and_then(|v| v.trim().parse().ok())
+                {
+                    Some(n) => body_len = n,
+                    None => {
+                        respond(
+                            conn,
+                            "400 Bad Request",
+                            "bad content-length\n",
+                            false,
+                            false,
+                        );
+                        return;
+                    }
+                }
+            } else if h.name.eq_ignore_ascii_case("transfer-encoding") {
+                chunked = true;
+            }
+        }
+        let head = req.method == Some("HEAD");
+        conn.input.drain(..head_len);
+        if chunked {
+            respond(
+                conn,
+                "501 Not Implemented",
+                "chunked bodies are not supported\n",
+                false,
+                false,
+            );
+            return;
+        }
+        conn.body_left = body_len;
+        respond(conn, "200 OK", body, keep_alive && !stopping, head);
+    }
+}
+
+fn respond(conn: &mut HttpConn, status: &str, body: &str, keep_alive: bool, head: bool) {
+    let connection = if keep_alive { "keep-alive" } else { "close" };
+    let _ = write!(
+        conn.output,
+        "HTTP/1.1 {status}\r\nContent-Type: text/plain\r\nContent-Length: {}\r\nConnection: {connection}\r\n\r\n",
+        body.len()
+    );
+    if !head {
+        conn.output.extend_from_slice(body.as_bytes());
+    }
+    if !keep_alive {
+        conn.closing = true;
+    }
+}

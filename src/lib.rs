@@ -1,0 +1,58 @@
+//! `distributor`: one primary process accepts connections and hands each to
+//! one of N worker processes over a Unix socketpair with `SCM_RIGHTS`,
+//! round-robin, as Node's `cluster` module does; it watches the workers and
+//! replaces those that exit.
+//!
+//! Use it as a command (`distributor --workers 8 -- ./app`), or embed it: one
+//! binary that is both primary and worker, the role decided at start.
+//!
+//! ```no_run
+//! use std::io::Write;
+//! use distributor::{Primary, WorkerListener};
+//!
+//! if distributor::is_primary() {
+//!     // Re-executes this program as each worker.
+//!     Primary::builder().workers(4).build()?.run()?;
+//! } else {
+//!     let mut listener = WorkerListener::from_env()?;
+//!     for conn in listener.incoming() {
+//!         let (mut stream, _peer) = conn?;
+//!         stream.write_all(b"HTTP/1.1 200 OK\r\nContent-Length: 3\r\n\r\nhi\n")?;
+//!     }
+//! }
+//! # Ok::<(), Box<dyn std::error::Error>>(())
+//! ```
+//!
+//! # Layout
+//!
+//! - [`primary`]: the primary's builder, handle and events; its event loop
+//!   (acceptor, dispatcher, ledger, supervisor) lives in `primary::event_loop`.
+//! - [`worker`]: the worker side, [`WorkerListener`].
+//! - [`protocol`]: the versioned worker protocol (see `docs/PROTOCOL.md`).
+//! - [`demo`]: the built-in HTTP demo worker.
+//! - `channel`: one end of a primary–worker `SOCK_SEQPACKET` channel.
+//! - `sys`: every raw system call, and so every `unsafe` block.
+//!
+//! # Portability
+//!
+//! Linux only: it relies on `SOCK_SEQPACKET`, `MSG_CMSG_CLOEXEC` and
+//! `PR_SET_PDEATHSIG`.
+
+#[cfg(not(target_os = "linux"))]
+compile_error!("distributor supports Linux only");
+
+mod channel;
+pub mod demo;
+pub mod primary;
+pub mod protocol;
+mod sys;
+pub mod worker;
+
+pub use primary::{Backoff, Builder, Event, Handle, Primary, PrimaryError, WorkerCommand};
+pub use worker::{Incoming, WorkerError, WorkerEvent, WorkerListener, is_primary, is_worker};
+
+#[doc(hidden)]
+pub mod __private {
+    //! For the crate's own tests only: not a stable interface.
+    pub use crate::sys::is_cloexec;
+}

@@ -1,0 +1,151 @@
+//! The `distributor` command: runs any program (or the built-in demo
+//! worker) as N workers behind one accepting primary.
+
+use std::ffi::OsString;
+use std::io::IsTerminal;
+use std::net::SocketAddr;
+use std::process::ExitCode;
+use std::time::Duration;
+
+use anyhow::Context;
+use clap::Parser;
+use distributor::{Primary, WorkerCommand, WorkerListener};
+
+/// Set by the primary in the environment of the built-in demo workers.
+const DEMO_WORKER_ENV: &str = "DISTRIBUTOR_DEMO_WORKER";
+
+/// One primary accepts connections and hands each, round-robin, to one of N
+/// worker processes over a Unix socketpair (SCM_RIGHTS), as Node's cluster
+/// does; workers that exit are replaced.
+///
+/// The workers run COMMAND, which must speak the distributor worker protocol
+/// (docs/PROTOCOL.md); without COMMAND they run the built-in HTTP demo
+/// worker. Signals: SIGTERM or SIGINT stops gracefully (a second one kills
+/// the workers at once).
+#[derive(Debug, Parser)]
+#[command(name = "distributor", version, max_term_width = 100)]
+struct Cli {
+    /// Number of worker processes [default: available CPUs]
+    #[arg(short, long, value_name = "N", env = "DISTRIBUTOR_WORKERS", value_parser = parse_workers)]
+    workers: Option<usize>,
+
+    /// Address to listen on (IPv4 or [IPv6]; port 0 picks a free port)
+    #[arg(
+        short,
+        long,
+        value_name = "ADDR",
+        default_value = distributor::primary::DEFAULT_LISTEN,
+        env = "DISTRIBUTOR_LISTEN"
+    )]
+    listen: SocketAddr,
+
+    /// How long a graceful stop waits for workers before SIGKILL (e.g. 10s, 500ms)
+    #[arg(
+        long,
+        value_name = "DURATION",
+        default_value = "10s",
+        env = "DISTRIBUTOR_SHUTDOWN_TIMEOUT",
+        value_parser = parse_duration
+    )]
+    shutdown_timeout: Duration,
+
+    /// The worker program and its arguments, after `--`
+    #[arg(last = true, value_name = "COMMAND")]
+    command: Vec<OsString>,
+}
+
+fn parse_workers(s: &str) -> Result<usize, String> {
+    match s.trim().parse::<usize>() {
+        Ok(0) => Err("must be at least 1".into()),
+        Ok(n) if n > 4096 => Err("must be at most 4096".into()),
+        Ok(n) => Ok(n),
+        Err(_) => Err("not a whole number".into()),
+    }
+}
+
+fn parse_duration(s: &str) -> Result<Duration, String> {
+    let s = s.trim();
+    if let Ok(secs) = s.parse::<u64>() {
+        return Ok(Duration::from_secs(secs));
+    }
+    humantime::parse_duration(s).map_err(|e| format!("{e} (try 10s or 500ms)"))
+}
+
+fn main() -> ExitCode {
+    if std::env::var_os(DEMO_WORKER_ENV).is_some() && distributor::is_worker() {
+        return demo_worker();
+    }
+    let cli = match Cli::try_parse() {
+        Ok(cli) => cli,
+        Err(e) => return clap_error(e),
+    };
+    init_logging();
+    match run(cli) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+/// Help and version go to stdout with success; any other parse error is
+/// one line on stderr and exit status 2.
+fn clap_error(e: clap::Error) -> ExitCode {
+    use clap::error::ErrorKind;
+    if matches!(e.kind(), ErrorKind::DisplayHelp | ErrorKind::DisplayVersion) {
+        let _ = e.print();
+        return ExitCode::SUCCESS;
+    }
+    let text = e.to_string();
+    let line = text
+        .lines()
+        .find(|l| !l.trim().is_empty())
+        .unwrap_or("invalid arguments");
+    eprintln!("{line} (see --help)");
+    ExitCode::from(2)
+}
+
+fn init_logging() {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::stderr().is_terminal())
+        .with_target(false)
+        .init();
+}
+
+fn run(cli: Cli) -> anyhow::Result<()> {
+    let command = match cli.command.split_first() {
+        Some((program, args)) => WorkerCommand::new(program, args),
+        None => WorkerCommand::new(
+            std::env::current_exe().context("cannot find this program to run the demo worker")?,
+            Vec::<OsString>::new(),
+        )
+        .env(DEMO_WORKER_ENV, "1"),
+    };
+    let mut builder = Primary::builder()
+        .listen(cli.listen)
+        .command(command)
+        .shutdown_timeout(cli.shutdown_timeout);
+    if let Some(n) = cli.workers {
+        builder = builder.workers(n);
+    }
+    builder.build()?.run()?;
+    Ok(())
+}
+
+fn demo_worker() -> ExitCode {
+    let result = WorkerListener::from_env()
+        .map_err(anyhow::Error::from)
+        .and_then(|l| distributor::demo::run_demo_worker(l).map_err(anyhow::Error::from));
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("distributor demo worker: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}

@@ -1,0 +1,380 @@
+//! The primary: owns the listening socket, starts and watches the workers,
+//! and hands each accepted connection to one of them.
+//!
+//! Build one with [`Primary::builder`], take a [`Handle`] (commands in) and
+//! an event receiver (events out) if you want them, then call
+//! [`Primary::run`], which returns after a graceful shutdown.
+//!
+//! ```no_run
+//! use distributor::{Primary, WorkerCommand};
+//!
+//! let primary = Primary::builder()
+//!     .workers(4)
+//!     .listen("127.0.0.1:8000".parse().unwrap())
+//!     .command(WorkerCommand::new("python3", ["examples/python/hello.py"]))
+//!     .build()?;
+//! println!("serving on {}", primary.local_addr());
+//! primary.run()?;
+//! # Ok::<(), distributor::PrimaryError>(())
+//! ```
+
+mod backoff;
+mod event_loop;
+mod process;
+
+use std::fmt;
+use std::io;
+use std::net::{SocketAddr, TcpListener};
+use std::path::{Path, PathBuf};
+use std::process::ExitStatus;
+use std::sync::Arc;
+use std::time::Duration;
+
+use crossbeam_channel::{Receiver, Sender};
+
+pub use backoff::Backoff;
+pub use process::WorkerCommand;
+
+/// Events the primary reports to the embedding program (Node's
+/// `cluster.on('online' | 'exit' | 'message')`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Event {
+    /// A worker process was started.
+    WorkerStarted { id: u64, pid: u32 },
+    /// A worker said hello and now gets connections.
+    WorkerReady { id: u64, pid: u32 },
+    /// A worker process exited.
+    WorkerExited {
+        id: u64,
+        pid: u32,
+        status: ExitStatus,
+    },
+    /// A worker sent a message (`WorkerListener::send`).
+    Message { id: u64, data: Vec<u8> },
+}
+
+/// Where the workers should be given a message.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) enum Control {
+    Shutdown,
+    Send { id: Option<u64>, data: Vec<u8> },
+}
+
+/// Sends commands to a running primary from any thread. Cloneable.
+#[derive(Debug, Clone)]
+pub struct Handle {
+    tx: Sender<Control>,
+    waker: Arc<mio::Waker>,
+}
+
+impl Handle {
+    fn post(&self, c: Control) -> io::Result<()> {
+        self.tx
+            .send(c)
+            .map_err(|_| io::Error::new(io::ErrorKind::NotConnected, "the primary has stopped"))?;
+        self.waker.wake()
+    }
+
+    /// Starts a graceful shutdown, as SIGTERM does.
+    pub fn shutdown(&self) -> io::Result<()> {
+        self.post(Control::Shutdown)
+    }
+
+    /// Sends an opaque message to worker `id` (Node's `worker.send`).
+    /// A worker that is gone by then is skipped.
+    pub fn send(&self, id: u64, data: Vec<u8>) -> io::Result<()> {
+        self.check_size(&data)?;
+        self.post(Control::Send { id: Some(id), data })
+    }
+
+    /// Sends an opaque message to every worker that is ready.
+    pub fn broadcast(&self, data: Vec<u8>) -> io::Result<()> {
+        self.check_size(&data)?;
+        self.post(Control::Send { id: None, data })
+    }
+
+    fn check_size(&self, data: &[u8]) -> io::Result<()> {
+        if data.len() > crate::protocol::MAX_PAYLOAD {
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidInput,
+                crate::protocol::PayloadTooLarge(data.len()),
+            ));
+        }
+        Ok(())
+    }
+}
+
+/// Why the primary could not start or run.
+#[derive(Debug)]
+pub enum PrimaryError {
+    /// A setting is out of range.
+    Config(String),
+    /// The listening socket could not be bound.
+    Listen { addr: SocketAddr, source: io::Error },
+    /// The worker command cannot be run.
+    Command { program: String, reason: String },
+    /// An unexpected system error.
+    Io(io::Error),
+}
+
+impl fmt::Display for PrimaryError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            PrimaryError::Config(s) => f.write_str(s),
+            PrimaryError::Listen { addr, source } => write!(f, "cannot listen on {addr}: {source}"),
+            PrimaryError::Command { program, reason } => {
+                write!(f, "cannot run worker command `{program}`: {reason}")
+            }
+            PrimaryError::Io(e) => write!(f, "{e}"),
+        }
+    }
+}
+
+impl std::error::Error for PrimaryError {
+    fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+        match self {
+            PrimaryError::Listen { source, .. } => Some(source),
+            PrimaryError::Io(e) => Some(e),
+            _ => None,
+        }
+    }
+}
+
+impl From<io::Error> for PrimaryError {
+    fn from(e: io::Error) -> Self {
+        PrimaryError::Io(e)
+    }
+}
+
+/// Settings for a [`Primary`]; see each method.
+#[derive(Debug)]
+pub struct Builder {
+    workers: usize,
+    listener: Option<TcpListener>,
+    listen: SocketAddr,
+    backlog: i32,
+    command: Option<WorkerCommand>,
+    shutdown_timeout: Duration,
+    hello_timeout: Duration,
+    max_unacked: usize,
+    backoff: Backoff,
+    handle_signals: bool,
+}
+
+/// The default listening address, `0.0.0.0:8000`.
+pub const DEFAULT_LISTEN: &str = "0.0.0.0:8000";
+
+impl Default for Builder {
+    fn default() -> Self {
+        Builder {
+            workers: std::thread::available_parallelism().map_or(1, |n| n.get()),
+            listener: None,
+            listen: DEFAULT_LISTEN.parse().expect("valid default address"),
+            backlog: 1024,
+            command: None,
+            shutdown_timeout: Duration::from_secs(10),
+            hello_timeout: Duration::from_secs(5),
+            max_unacked: 32,
+            backoff: Backoff::default(),
+            handle_signals: true,
+        }
+    }
+}
+
+impl Builder {
+    /// Number of workers (default: available parallelism). At least 1.
+    pub fn workers(mut self, n: usize) -> Self {
+        self.workers = n;
+        self
+    }
+
+    /// Address to bind (default `0.0.0.0:8000`); port 0 picks a free port.
+    pub fn listen(mut self, addr: SocketAddr) -> Self {
+        self.listen = addr;
+        self
+    }
+
+    /// Uses an already-bound listener instead of binding (tests, socket
+    /// activation). It is set non-blocking.
+    pub fn listener(mut self, listener: TcpListener) -> Self {
+        self.listener = Some(listener);
+        self
+    }
+
+    /// The program the workers run (default: this program again, see
+    /// [`WorkerCommand::current_exe`]).
+    pub fn command(mut self, cmd: WorkerCommand) -> Self {
+        self.command = Some(cmd);
+        self
+    }
+
+    /// How long a graceful shutdown waits for workers before SIGKILL
+    /// (default 10 s). Workers get the stop message at once and SIGTERM at
+    /// half this time.
+    pub fn shutdown_timeout(mut self, t: Duration) -> Self {
+        self.shutdown_timeout = t;
+        self
+    }
+
+    /// After how long a worker that has not said hello is reported in the
+    /// log (default 5 s). It keeps running; it only gets no connections.
+    pub fn hello_timeout(mut self, t: Duration) -> Self {
+        self.hello_timeout = t;
+        self
+    }
+
+    /// The most connections one worker may hold unacknowledged (default 32).
+    pub fn max_unacked(mut self, n: usize) -> Self {
+        self.max_unacked = n.max(1);
+        self
+    }
+
+    /// The restart policy for workers that die young.
+    pub fn backoff(mut self, b: Backoff) -> Self {
+        self.backoff = b;
+        self
+    }
+
+    /// Whether SIGTERM and SIGINT start a graceful shutdown (default true).
+    /// Without, use [`Handle::shutdown`]. SIGCHLD is always watched.
+    pub fn handle_signals(mut self, on: bool) -> Self {
+        self.handle_signals = on;
+        self
+    }
+
+    /// Binds (unless given a listener), checks the worker command, and
+    /// prepares the event loop. Starts no process yet.
+    ///
+    /// # Errors
+    /// [`PrimaryError::Config`] for zero workers, [`PrimaryError::Listen`]
+    /// when binding fails, [`PrimaryError::Command`] when the program is
+    /// not found or not executable.
+    pub fn build(self) -> Result<Primary, PrimaryError> {
+        if self.workers == 0 {
+            return Err(PrimaryError::Config(
+                "the number of workers must be at least 1".into(),
+            ));
+        }
+        let command = match self.command {
+            Some(c) => c,
+            None => WorkerCommand::current_exe()?,
+        };
+        check_program(&command)?;
+        let listener = match self.listener {
+            Some(l) => l,
+            None => bind(self.listen, self.backlog).map_err(|source| PrimaryError::Listen {
+                addr: self.listen,
+                source,
+            })?,
+        };
+        listener.set_nonblocking(true)?;
+        let settings = event_loop::Settings {
+            workers: self.workers,
+            command,
+            shutdown_timeout: self.shutdown_timeout,
+            hello_timeout: self.hello_timeout,
+            max_unacked: self.max_unacked,
+            backoff: self.backoff,
+            handle_signals: self.handle_signals,
+        };
+        let inner = event_loop::EventLoop::new(listener, settings)?;
+        Ok(Primary { inner })
+    }
+}
+
+/// Binds a listening TCP socket with `SO_REUSEADDR`, close-on-exec.
+fn bind(addr: SocketAddr, backlog: i32) -> io::Result<TcpListener> {
+    use socket2::{Domain, Socket, Type};
+    let socket = Socket::new(Domain::for_address(addr), Type::STREAM, None)?;
+    socket.set_reuse_address(true)?;
+    socket.bind(&addr.into())?;
+    socket.listen(backlog)?;
+    Ok(socket.into())
+}
+
+/// Finds the program as `exec` would (a path, or a name on `PATH`) and
+/// checks that it is an executable file, so that a typo is one clear error
+/// at start rather than a restart loop.
+fn check_program(cmd: &WorkerCommand) -> Result<(), PrimaryError> {
+    let program = Path::new(&cmd.program);
+    let fail = |reason: &str| PrimaryError::Command {
+        program: program.display().to_string(),
+        reason: reason.to_string(),
+    };
+    if cmd.program.is_empty() {
+        return Err(fail("empty program name"));
+    }
+    let candidates: Vec<PathBuf> = if program.as_os_str().as_encoded_bytes().contains(&b'/') {
+        vec![program.to_path_buf()]
+    } else {
+        let path = std::env::var_os("PATH").unwrap_or_default();
+        std::env::split_paths(&path)
+            .map(|d| d.join(program))
+            .collect()
+    };
+    let mut seen_not_executable = false;
+    for c in &candidates {
+        match std::fs::metadata(c) {
+            Ok(m) if m.is_file() => {
+                if nix::unistd::access(c.as_path(), nix::unistd::AccessFlags::X_OK).is_ok() {
+                    return Ok(());
+                }
+                seen_not_executable = true;
+            }
+            Ok(_) => seen_not_executable = true,
+            Err(_) => {}
+        }
+    }
+    if seen_not_executable {
+        Err(fail("not an executable file"))
+    } else if candidates.len() == 1 {
+        Err(fail("no such file"))
+    } else {
+        Err(fail("not found on PATH"))
+    }
+}
+
+/// A primary ready to run; see the module docs.
+pub struct Primary {
+    inner: event_loop::EventLoop,
+}
+
+impl fmt::Debug for Primary {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Primary")
+            .field("local_addr", &self.local_addr())
+            .finish_non_exhaustive()
+    }
+}
+
+impl Primary {
+    /// Settings with their defaults.
+    pub fn builder() -> Builder {
+        Builder::default()
+    }
+
+    /// The address the listener is bound to (the real port if 0 was asked).
+    pub fn local_addr(&self) -> SocketAddr {
+        self.inner.local_addr()
+    }
+
+    /// A handle for commands from other threads.
+    pub fn handle(&self) -> Handle {
+        self.inner.handle()
+    }
+
+    /// A receiver of [`Event`]s. Events are dropped, never queued without
+    /// bound, if the receiver falls more than 1024 behind.
+    pub fn events(&mut self) -> Receiver<Event> {
+        self.inner.events()
+    }
+
+    /// Starts the workers and serves until a graceful shutdown completes.
+    ///
+    /// # Errors
+    /// Only for failures of the primary itself (its event loop); worker
+    /// failures are logged, reported as events, and repaired.
+    pub fn run(self) -> Result<(), PrimaryError> {
+        self.inner.run().map_err(PrimaryError::Io)
+    }
+}

@@ -1,0 +1,166 @@
+//! One worker process as the primary sees it: the child, its channel, its
+//! state, the connections it has not acknowledged, and its timers.
+
+use std::collections::HashMap;
+use std::ffi::OsString;
+use std::io;
+use std::net::SocketAddr;
+use std::os::fd::{AsFd, AsRawFd, OwnedFd};
+use std::os::unix::process::CommandExt;
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::time::Instant;
+
+use nix::sys::signal::{Signal, kill};
+use nix::unistd::Pid;
+
+use crate::channel::Channel;
+use crate::protocol;
+use crate::sys;
+
+/// How workers are started: a program, its arguments and extra environment.
+#[derive(Debug, Clone)]
+pub struct WorkerCommand {
+    pub(crate) program: OsString,
+    pub(crate) args: Vec<OsString>,
+    pub(crate) env: Vec<(OsString, OsString)>,
+}
+
+impl WorkerCommand {
+    /// Runs `program` with `args` as each worker.
+    pub fn new<P, I, A>(program: P, args: I) -> WorkerCommand
+    where
+        P: Into<OsString>,
+        I: IntoIterator<Item = A>,
+        A: Into<OsString>,
+    {
+        WorkerCommand {
+            program: program.into(),
+            args: args.into_iter().map(Into::into).collect(),
+            env: Vec::new(),
+        }
+    }
+
+    /// Re-executes this very program with the same arguments, as Node's
+    /// `cluster.fork()` does: the worker finds itself a worker through
+    /// [`crate::is_worker`].
+    pub fn current_exe() -> io::Result<WorkerCommand> {
+        Ok(WorkerCommand::new(
+            std::env::current_exe()?,
+            std::env::args_os().skip(1),
+        ))
+    }
+
+    /// Adds an environment variable for the workers.
+    pub fn env(mut self, key: impl Into<OsString>, value: impl Into<OsString>) -> Self {
+        self.env.push((key.into(), value.into()));
+        self
+    }
+
+    /// The program, for messages.
+    pub fn program(&self) -> &OsString {
+        &self.program
+    }
+}
+
+/// A connection the primary accepted and still owns a copy of.
+#[derive(Debug)]
+pub(crate) struct Conn {
+    pub id: u64,
+    pub fd: OwnedFd,
+    pub peer: SocketAddr,
+}
+
+/// A running worker process.
+#[derive(Debug)]
+pub(crate) struct WorkerProc {
+    pub id: u64,
+    pub pid: u32,
+    child: Child,
+    /// `None` once the channel closed or was closed by the primary.
+    pub channel: Option<Channel>,
+    /// Said hello: may get connections.
+    pub ready: bool,
+    /// Asked to stop: gets no more connections.
+    pub stopping: bool,
+    /// The last send found the channel's buffer full; cleared on writable.
+    pub channel_full: bool,
+    pub started: Instant,
+    /// When to say that this worker has not said hello (once).
+    pub hello_warn_at: Option<Instant>,
+    /// When to send SIGTERM, and when SIGKILL.
+    pub term_at: Option<Instant>,
+    pub kill_at: Option<Instant>,
+    /// Connections sent and not yet acknowledged, by connection id.
+    pub unacked: HashMap<u64, Conn>,
+    /// Connections this worker acknowledged.
+    pub taken: u64,
+}
+
+impl WorkerProc {
+    /// Starts one worker with a fresh channel.
+    pub fn spawn(cmd: &WorkerCommand, id: u64, now: Instant) -> io::Result<WorkerProc> {
+        let (ours, theirs) = Channel::pair()?;
+        sys::set_nonblocking(ours.as_fd(), true)?;
+        let mut command = Command::new(&cmd.program);
+        command
+            .args(&cmd.args)
+            .envs(cmd.env.iter().map(|(k, v)| (k, v)))
+            .env(protocol::ENV_FD, theirs.as_raw_fd().to_string())
+            .env(protocol::ENV_PROTOCOL, protocol::VERSION.to_string())
+            .env(protocol::ENV_WORKER_ID, id.to_string())
+            .stdin(Stdio::null())
+            .process_group(0);
+        sys::configure_worker_command(&mut command, theirs.as_raw_fd());
+        let child = command.spawn()?;
+        drop(theirs);
+        Ok(WorkerProc {
+            id,
+            pid: child.id(),
+            child,
+            channel: Some(ours),
+            ready: false,
+            stopping: false,
+            channel_full: false,
+            started: now,
+            hello_warn_at: None,
+            term_at: None,
+            kill_at: None,
+            unacked: HashMap::new(),
+            taken: 0,
+        })
+    }
+
+    /// Reaps the process if it has exited.
+    pub fn try_wait(&mut self) -> io::Result<Option<ExitStatus>> {
+        self.child.try_wait()
+    }
+
+    /// Sends `signal`; a process already gone (but not yet reaped) is fine.
+    pub fn signal(&self, signal: Signal) {
+        let _ = kill(Pid::from_raw(self.pid as i32), signal);
+    }
+
+    /// Whether the primary may send it a connection now.
+    pub fn can_take(&self, max_unacked: usize) -> bool {
+        self.ready
+            && !self.stopping
+            && !self.channel_full
+            && self.channel.is_some()
+            && self.unacked.len() < max_unacked
+    }
+}
+
+/// Describes an exit status for the log: "status 1" or "signal 9 (SIGKILL)".
+pub(crate) fn describe_exit(status: &ExitStatus) -> String {
+    use std::os::unix::process::ExitStatusExt;
+    if let Some(code) = status.code() {
+        format!("status {code}")
+    } else if let Some(sig) = status.signal() {
+        match Signal::try_from(sig) {
+            Ok(s) => format!("signal {sig} ({})", s.as_str()),
+            Err(_) => format!("signal {sig}"),
+        }
+    } else {
+        format!("{status}")
+    }
+}

@@ -1,0 +1,243 @@
+//! Every raw system call of the crate, and so every `unsafe` block.
+//!
+//! Each function turns a `-1` into an [`io::Error`] and wraps each new fd in
+//! an [`OwnedFd`] in the same statement that receives it, before anything
+//! else can fail. Fds are created close-on-exec; the only fd deliberately
+//! inherited (a worker's end of its channel) has the flag cleared in the
+//! child alone, after `fork` and before `exec`.
+
+use std::io;
+use std::mem;
+use std::os::fd::{AsRawFd, BorrowedFd, FromRawFd, OwnedFd, RawFd};
+use std::os::unix::process::CommandExt;
+use std::process::Command;
+
+/// Turns the `-1` of a libc call into the thread's `errno`.
+fn cvt<T: PartialEq + From<i8>>(res: T) -> io::Result<T> {
+    if res == T::from(-1) {
+        Err(io::Error::last_os_error())
+    } else {
+        Ok(res)
+    }
+}
+
+/// Room for the control message of [`crate::protocol::MAX_FDS`] fds:
+/// `CMSG_SPACE(64 * 4)` is 272 bytes on 64-bit Linux; aligned for `cmsghdr`.
+#[repr(C, align(8))]
+struct CmsgBuf([u8; 512]);
+
+/// Creates a connected `AF_UNIX`/`SOCK_SEQPACKET` pair, both ends
+/// close-on-exec and blocking. Corresponds to `socketpair(2)`.
+pub fn seqpacket_pair() -> io::Result<(OwnedFd, OwnedFd)> {
+    let mut fds = [-1 as libc::c_int; 2];
+    // SAFETY: `fds` is a valid array of two ints for socketpair to fill.
+    cvt(unsafe {
+        libc::socketpair(
+            libc::AF_UNIX,
+            libc::SOCK_SEQPACKET | libc::SOCK_CLOEXEC,
+            0,
+            fds.as_mut_ptr(),
+        )
+    })?;
+    // SAFETY: socketpair succeeded, so both fds are open and owned by nobody else.
+    Ok(unsafe { (OwnedFd::from_raw_fd(fds[0]), OwnedFd::from_raw_fd(fds[1])) })
+}
+
+/// Sets or clears `O_NONBLOCK` on `fd`'s open file description.
+pub fn set_nonblocking(fd: BorrowedFd<'_>, on: bool) -> io::Result<()> {
+    // SAFETY: F_GETFL on a borrowed, open fd reads flags only.
+    let flags = cvt(unsafe { libc::fcntl(fd.as_raw_fd(), libc::F_GETFL) })?;
+    let new = if on {
+        flags | libc::O_NONBLOCK
+    } else {
+        flags & !libc::O_NONBLOCK
+    };
+    if new != flags {
+        // SAFETY: F_SETFL with file status flags on a borrowed, open fd.
+        cvt(unsafe { libc::fcntl(fd.as_raw_fd(), libc::F_SETFL, new) })?;
+    }
+    Ok(())
+}
+
+/// Sets or clears `FD_CLOEXEC` on `fd`.
+pub fn set_cloexec(fd: BorrowedFd<'_>, on: bool) -> io::Result<()> {
+    let flag = if on { libc::FD_CLOEXEC } else { 0 };
+    // SAFETY: F_SETFD with a valid flag on a borrowed, open fd.
+    cvt(unsafe { libc::fcntl(fd.as_raw_fd(), libc::F_SETFD, flag) })?;
+    Ok(())
+}
+
+/// Reports whether `FD_CLOEXEC` is set on `fd`.
+pub fn is_cloexec(fd: BorrowedFd<'_>) -> io::Result<bool> {
+    // SAFETY: F_GETFD on a borrowed, open fd reads flags only.
+    let flags = cvt(unsafe { libc::fcntl(fd.as_raw_fd(), libc::F_GETFD) })?;
+    Ok(flags & libc::FD_CLOEXEC != 0)
+}
+
+/// Sends one datagram with `fds` attached as `SCM_RIGHTS`. With `dontwait`
+/// a full socket buffer is `WouldBlock` instead of a wait. `MSG_NOSIGNAL`
+/// always: a peer that is gone is `EPIPE`, never `SIGPIPE`.
+/// Corresponds to `sendmsg(2)`.
+pub fn send_with_fds(
+    sock: BorrowedFd<'_>,
+    data: &[u8],
+    fds: &[BorrowedFd<'_>],
+    dontwait: bool,
+) -> io::Result<usize> {
+    let mut iov = libc::iovec {
+        iov_base: data.as_ptr() as *mut libc::c_void,
+        iov_len: data.len(),
+    };
+    let mut cmsg = CmsgBuf([0; 512]);
+    // SAFETY: an all-zero msghdr is a valid empty header.
+    let mut msg: libc::msghdr = unsafe { mem::zeroed() };
+    msg.msg_iov = &mut iov;
+    msg.msg_iovlen = 1;
+    if !fds.is_empty() {
+        let payload = mem::size_of_val(fds) as libc::c_uint;
+        // SAFETY: CMSG_SPACE is pure arithmetic.
+        let space = unsafe { libc::CMSG_SPACE(payload) } as usize;
+        if space > cmsg.0.len() {
+            return Err(io::Error::new(io::ErrorKind::InvalidInput, "too many fds"));
+        }
+        msg.msg_control = cmsg.0.as_mut_ptr().cast();
+        msg.msg_controllen = space as _;
+        // SAFETY: msg_control points at `space` zeroed, aligned bytes, so the
+        // first header exists and its data has room for `fds`; BorrowedFd is
+        // repr(transparent) over a RawFd.
+        unsafe {
+            let hdr = libc::CMSG_FIRSTHDR(&msg);
+            (*hdr).cmsg_level = libc::SOL_SOCKET;
+            (*hdr).cmsg_type = libc::SCM_RIGHTS;
+            (*hdr).cmsg_len = libc::CMSG_LEN(payload) as _;
+            std::ptr::copy_nonoverlapping(
+                fds.as_ptr().cast::<u8>(),
+                libc::CMSG_DATA(hdr),
+                payload as usize,
+            );
+        }
+    }
+    let flags = libc::MSG_NOSIGNAL | if dontwait { libc::MSG_DONTWAIT } else { 0 };
+    // SAFETY: msg and everything it points to live across the call.
+    let n = cvt(unsafe { libc::sendmsg(sock.as_raw_fd(), &msg, flags) })?;
+    Ok(n as usize)
+}
+
+/// What [`recv_with_fds`] got.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Received {
+    /// Bytes of the datagram; 0 with no fds means the peer closed.
+    pub len: usize,
+    /// The datagram or its fds did not fit (`MSG_TRUNC`/`MSG_CTRUNC`).
+    pub truncated: bool,
+}
+
+/// Receives one datagram into `buf`, pushing any fds that came with it onto
+/// `fds` as owned, close-on-exec fds (`MSG_CMSG_CLOEXEC`). With `dontwait`
+/// an empty socket is `WouldBlock`. Corresponds to `recvmsg(2)`.
+pub fn recv_with_fds(
+    sock: BorrowedFd<'_>,
+    buf: &mut [u8],
+    fds: &mut Vec<OwnedFd>,
+    dontwait: bool,
+) -> io::Result<Received> {
+    let mut iov = libc::iovec {
+        iov_base: buf.as_mut_ptr().cast(),
+        iov_len: buf.len(),
+    };
+    let mut cmsg = CmsgBuf([0; 512]);
+    // SAFETY: an all-zero msghdr is a valid empty header.
+    let mut msg: libc::msghdr = unsafe { mem::zeroed() };
+    msg.msg_iov = &mut iov;
+    msg.msg_iovlen = 1;
+    msg.msg_control = cmsg.0.as_mut_ptr().cast();
+    msg.msg_controllen = cmsg.0.len() as _;
+    let flags = libc::MSG_CMSG_CLOEXEC | if dontwait { libc::MSG_DONTWAIT } else { 0 };
+    // SAFETY: msg points at live buffers of the lengths it states.
+    let n = cvt(unsafe { libc::recvmsg(sock.as_raw_fd(), &mut msg, flags) })? as usize;
+    // SAFETY: after a successful recvmsg the kernel has written well-formed
+    // control headers within msg_controllen; CMSG_* walk only those. Each fd
+    // in an SCM_RIGHTS payload is new in this process and owned by nobody,
+    // so it is wrapped at once.
+    unsafe {
+        let mut hdr = libc::CMSG_FIRSTHDR(&msg);
+        while !hdr.is_null() {
+            if (*hdr).cmsg_level == libc::SOL_SOCKET && (*hdr).cmsg_type == libc::SCM_RIGHTS {
+                let data = libc::CMSG_DATA(hdr);
+                let bytes = (*hdr).cmsg_len as usize - libc::CMSG_LEN(0) as usize;
+                for i in 0..bytes / mem::size_of::<RawFd>() {
+                    let raw = data
+                        .add(i * mem::size_of::<RawFd>())
+                        .cast::<RawFd>()
+                        .read_unaligned();
+                    fds.push(OwnedFd::from_raw_fd(raw));
+                }
+            }
+            hdr = libc::CMSG_NXTHDR(&msg, hdr);
+        }
+    }
+    Ok(Received {
+        len: n,
+        truncated: msg.msg_flags & (libc::MSG_TRUNC | libc::MSG_CTRUNC) != 0,
+    })
+}
+
+/// Prepares `cmd` so that its child, between `fork` and `exec`:
+/// - is killed with `SIGKILL` when the primary's spawning thread dies
+///   (`PR_SET_PDEATHSIG`), and exits at once if the primary died before the
+///   request took effect;
+/// - inherits `channel` (its close-on-exec flag is cleared in the child only).
+pub fn configure_worker_command(cmd: &mut Command, channel: RawFd) {
+    // SAFETY: getpid is always safe.
+    let parent = unsafe { libc::getpid() };
+    let setup = move || -> io::Result<()> {
+        // SAFETY: prctl, getppid and fcntl are async-signal-safe, allocate
+        // nothing and touch only this child's own state.
+        unsafe {
+            cvt(libc::prctl(
+                libc::PR_SET_PDEATHSIG,
+                libc::SIGKILL as libc::c_ulong,
+                0,
+                0,
+                0,
+            ))?;
+            if libc::getppid() != parent {
+                libc::_exit(1);
+            }
+            cvt(libc::fcntl(channel, libc::F_SETFD, 0))?;
+        }
+        Ok(())
+    };
+    // SAFETY: the closure above is async-signal-safe (see its own SAFETY).
+    unsafe {
+        cmd.pre_exec(setup);
+    }
+}
+
+/// Takes ownership of an inherited fd named by the environment, after
+/// checking that it is open and a `SOCK_SEQPACKET` socket. The caller makes
+/// sure this happens at most once per fd.
+pub fn take_inherited_seqpacket(raw: RawFd) -> io::Result<OwnedFd> {
+    let mut kind: libc::c_int = 0;
+    let mut len = mem::size_of::<libc::c_int>() as libc::socklen_t;
+    // SAFETY: getsockopt writes at most `len` bytes into `kind`; a bad fd is
+    // an error (EBADF/ENOTSOCK), not undefined behaviour.
+    cvt(unsafe {
+        libc::getsockopt(
+            raw,
+            libc::SOL_SOCKET,
+            libc::SO_TYPE,
+            (&mut kind as *mut libc::c_int).cast(),
+            &mut len,
+        )
+    })?;
+    if kind != libc::SOCK_SEQPACKET {
+        return Err(io::Error::new(
+            io::ErrorKind::InvalidInput,
+            format!("fd {raw} is not a SOCK_SEQPACKET socket"),
+        ));
+    }
+    // SAFETY: the fd is open (getsockopt succeeded), it was inherited for
+    // this process to own, and the caller takes it only once.
+    Ok(unsafe { OwnedFd::from_raw_fd(raw) })
+}

@@ -1,0 +1,363 @@
+//! The worker side: a listener-like [`WorkerListener`] whose `accept` gives
+//! the connections the primary hands over.
+//!
+//! A worker process finds its channel through the environment
+//! ([`crate::protocol::ENV_FD`]), says hello (ready) once, then receives
+//! connections, user messages and the stop request. Each connection is
+//! acknowledged as soon as it is received, before the caller sees it, so the
+//! primary can hand it elsewhere only while this worker never had it.
+//!
+//! # Blocking, mio and tokio
+//!
+//! By default `accept` blocks like [`std::net::TcpListener::accept`]. After
+//! [`WorkerListener::set_nonblocking`] it returns `WouldBlock` instead, and
+//! the listener can be registered with mio (it implements
+//! [`mio::event::Source`]) or wrapped in tokio's `AsyncFd` (it implements
+//! [`AsRawFd`]). Only receives are non-blocking: acknowledgements and user
+//! messages are sent blocking, which waits only while the primary's receive
+//! buffer is full.
+//!
+//! The streams handed out are blocking `std::net::TcpStream`s, as from
+//! `accept(2)`; set them non-blocking (or convert them) for an event loop.
+
+use std::collections::VecDeque;
+use std::fmt;
+use std::io;
+use std::net::{SocketAddr, TcpStream};
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd, RawFd};
+use std::sync::atomic::{AtomicBool, Ordering};
+
+use crate::channel::{Channel, Recv};
+use crate::protocol::{self, Encoder, ToWorker};
+use crate::sys;
+
+/// Set once the channel fd named by the environment has been taken.
+static TAKEN: AtomicBool = AtomicBool::new(false);
+
+/// Whether this process was started as a worker by a distributor primary
+/// (its environment names a channel). The library's analogue of Node's
+/// `cluster.isWorker`.
+pub fn is_worker() -> bool {
+    std::env::var_os(protocol::ENV_FD).is_some()
+}
+
+/// Whether this process is a primary: not started as a worker. The
+/// analogue of Node's `cluster.isPrimary`.
+pub fn is_primary() -> bool {
+    !is_worker()
+}
+
+/// Why [`WorkerListener::from_env`] failed.
+#[derive(Debug)]
+pub enum WorkerError {
+    /// The environment names no channel: this process is not a worker.
+    NotAWorker,
+    /// The channel was already taken by an earlier `from_env`.
+    AlreadyTaken,
+    /// An environment variable has a value that makes no sense.
+    BadEnvironment { var: &'static str, value: String },
+    /// The protocol version offered is not one this crate speaks.
+    Version(String),
+    /// The fd named is not usable as a channel.
+    Io(io::Error),
+}
+
+impl fmt::Display for WorkerError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            WorkerError::NotAWorker => write!(
+                f,
+                "not started by distributor ({} is unset)",
+                protocol::ENV_FD
+            ),
+            WorkerError::AlreadyTaken => write!(f, "the worker channel was already taken"),
+            WorkerError::BadEnvironment { var, value } => write!(f, "{var}={value:?} is not valid"),
+            WorkerError::Version(v) => write!(
+                f,
+                "the primary speaks protocol version {v}, this worker speaks {}",
+                protocol::VERSION
+            ),
+            WorkerError::Io(e) => write!(f, "worker channel unusable: {e}"),
+        }
+    }
+}
+
+impl std::error::Error for WorkerError {
+    fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+        match self {
+            WorkerError::Io(e) => Some(e),
+            _ => None,
+        }
+    }
+}
+
+/// Something the primary sent, as returned by [`WorkerListener::next_event`].
+#[derive(Debug)]
+pub enum WorkerEvent {
+    /// A connection, already acknowledged, with its peer's address.
+    Connection(TcpStream, SocketAddr),
+    /// An opaque message from the primary's application.
+    Message(Vec<u8>),
+    /// Graceful stop: no more connections will come; finish and exit.
+    Stop,
+}
+
+/// The worker's end of its channel to the primary, used like a listener.
+#[derive(Debug)]
+pub struct WorkerListener {
+    channel: Channel,
+    id: u64,
+    nonblocking: bool,
+    said_hello: bool,
+    stopping: bool,
+    /// Events received but not yet returned (a CONNECTION can carry several).
+    pending: VecDeque<WorkerEvent>,
+    /// User messages set aside by `accept`.
+    messages: VecDeque<Vec<u8>>,
+    buf: Box<[u8]>,
+    fds: Vec<OwnedFd>,
+}
+
+fn env_var(var: &'static str) -> Result<String, WorkerError> {
+    std::env::var(var).map_err(|_| WorkerError::BadEnvironment {
+        var,
+        value: std::env::var_os(var)
+            .map(|v| v.to_string_lossy().into_owned())
+            .unwrap_or_default(),
+    })
+}
+
+impl WorkerListener {
+    /// Takes the channel the primary left in this process's environment.
+    /// Sets it close-on-exec again so this worker's own children do not
+    /// inherit it. Can succeed once per process.
+    ///
+    /// # Errors
+    /// [`WorkerError::NotAWorker`] when the process was not started as a
+    /// worker; the other variants when the environment is inconsistent.
+    pub fn from_env() -> Result<WorkerListener, WorkerError> {
+        if !is_worker() {
+            return Err(WorkerError::NotAWorker);
+        }
+        let fd_text = env_var(protocol::ENV_FD)?;
+        let raw: RawFd =
+            fd_text
+                .parse()
+                .ok()
+                .filter(|fd| *fd >= 0)
+                .ok_or(WorkerError::BadEnvironment {
+                    var: protocol::ENV_FD,
+                    value: fd_text.clone(),
+                })?;
+        let id_text = env_var(protocol::ENV_WORKER_ID)?;
+        let id: u64 = id_text.parse().map_err(|_| WorkerError::BadEnvironment {
+            var: protocol::ENV_WORKER_ID,
+            value: id_text.clone(),
+        })?;
+        let version = env_var(protocol::ENV_PROTOCOL)?;
+        if version != protocol::VERSION.to_string() {
+            return Err(WorkerError::Version(version));
+        }
+        if TAKEN.swap(true, Ordering::SeqCst) {
+            return Err(WorkerError::AlreadyTaken);
+        }
+        let fd = sys::take_inherited_seqpacket(raw).map_err(WorkerError::Io)?;
+        sys::set_cloexec(fd.as_fd(), true).map_err(WorkerError::Io)?;
+        Ok(WorkerListener {
+            channel: Channel::from_fd(fd),
+            id,
+            nonblocking: false,
+            said_hello: false,
+            stopping: false,
+            pending: VecDeque::new(),
+            messages: VecDeque::new(),
+            buf: vec![0; protocol::MAX_MESSAGE].into_boxed_slice(),
+            fds: Vec::with_capacity(protocol::MAX_FDS),
+        })
+    }
+
+    /// This worker's id: 1, 2, 3, ... a new one for every worker started
+    /// (Node's `worker.id`).
+    pub fn id(&self) -> u64 {
+        self.id
+    }
+
+    /// Tells the primary this worker is ready for connections. Called by the
+    /// first `accept`, `next_event` or mio registration if not called
+    /// before; call it yourself to say ready earlier. Idempotent.
+    pub fn ready(&mut self) -> io::Result<()> {
+        if !self.said_hello {
+            let mut enc = Encoder::default();
+            self.channel.send(enc.hello().as_bytes(), &[], false)?;
+            self.said_hello = true;
+        }
+        Ok(())
+    }
+
+    /// Chooses whether receiving waits (the default) or returns `WouldBlock`.
+    pub fn set_nonblocking(&mut self, nonblocking: bool) {
+        self.nonblocking = nonblocking;
+    }
+
+    /// Whether the primary has asked this worker to stop.
+    pub fn is_stopping(&self) -> bool {
+        self.stopping
+    }
+
+    /// Sends an opaque message to the primary's application (Node's
+    /// `process.send`). At most [`protocol::MAX_PAYLOAD`] bytes.
+    pub fn send(&mut self, payload: &[u8]) -> io::Result<()> {
+        let msg = protocol::encode_message(false, payload)
+            .map_err(|e| io::Error::new(io::ErrorKind::InvalidInput, e))?;
+        self.channel.send(&msg, &[], false)
+    }
+
+    /// A user message that `accept` set aside, oldest first.
+    pub fn take_message(&mut self) -> Option<Vec<u8>> {
+        self.messages.pop_front()
+    }
+
+    /// The next thing the primary sent: a connection, a message or stop.
+    ///
+    /// # Errors
+    /// `WouldBlock` in non-blocking mode when nothing is there;
+    /// `UnexpectedEof` once the primary has closed the channel (it is gone:
+    /// exit); `InvalidData` for a message that breaks the protocol.
+    pub fn next_event(&mut self) -> io::Result<WorkerEvent> {
+        self.ready()?;
+        loop {
+            if let Some(event) = self.pending.pop_front() {
+                return Ok(event);
+            }
+            self.receive()?;
+        }
+    }
+
+    /// Accepts the next connection, like [`std::net::TcpListener::accept`].
+    /// User messages that arrive meanwhile are kept for
+    /// [`WorkerListener::take_message`].
+    ///
+    /// # Errors
+    /// As [`WorkerListener::next_event`], and `ConnectionAborted` once the
+    /// primary has asked this worker to stop ([`WorkerListener::is_stopping`]).
+    pub fn accept(&mut self) -> io::Result<(TcpStream, SocketAddr)> {
+        loop {
+            if self.stopping && self.pending.is_empty() {
+                return Err(io::Error::new(
+                    io::ErrorKind::ConnectionAborted,
+                    "the primary asked this worker to stop",
+                ));
+            }
+            match self.next_event()? {
+                WorkerEvent::Connection(stream, peer) => return Ok((stream, peer)),
+                WorkerEvent::Message(m) => self.messages.push_back(m),
+                WorkerEvent::Stop => {}
+            }
+        }
+    }
+
+    /// An iterator over connections that ends when the primary asks this
+    /// worker to stop, or has gone.
+    pub fn incoming(&mut self) -> Incoming<'_> {
+        Incoming { listener: self }
+    }
+
+    /// Receives one datagram and turns it into pending events.
+    fn receive(&mut self) -> io::Result<()> {
+        self.fds.clear();
+        let len = match self
+            .channel
+            .recv(&mut self.buf, &mut self.fds, self.nonblocking)?
+        {
+            Recv::Closed => {
+                return Err(io::Error::new(
+                    io::ErrorKind::UnexpectedEof,
+                    "the primary closed the channel",
+                ));
+            }
+            Recv::Message(len) => len,
+        };
+        let msg = ToWorker::decode(&self.buf[..len], self.fds.len())
+            .map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e))?;
+        match msg {
+            ToWorker::Connection(entries) => {
+                let mut enc = Encoder::default();
+                enc.ack(entries.clone().map(|(id, _)| id));
+                self.channel.send(enc.as_bytes(), &[], false)?;
+                for ((_, peer), fd) in entries.zip(self.fds.drain(..)) {
+                    self.pending
+                        .push_back(WorkerEvent::Connection(TcpStream::from(fd), peer));
+                }
+            }
+            ToWorker::Stop => {
+                self.stopping = true;
+                self.pending.push_back(WorkerEvent::Stop);
+            }
+            ToWorker::Message(m) => self.pending.push_back(WorkerEvent::Message(m.to_vec())),
+            ToWorker::Unknown(_) => {}
+        }
+        Ok(())
+    }
+}
+
+/// Connections until stop; see [`WorkerListener::incoming`].
+#[derive(Debug)]
+pub struct Incoming<'a> {
+    listener: &'a mut WorkerListener,
+}
+
+impl Iterator for Incoming<'_> {
+    type Item = io::Result<(TcpStream, SocketAddr)>;
+    fn next(&mut self) -> Option<Self::Item> {
+        match self.listener.accept() {
+            Err(e)
+                if matches!(
+                    e.kind(),
+                    io::ErrorKind::ConnectionAborted | io::ErrorKind::UnexpectedEof
+                ) =>
+            {
+                None
+            }
+            other => Some(other),
+        }
+    }
+}
+
+impl AsFd for WorkerListener {
+    fn as_fd(&self) -> BorrowedFd<'_> {
+        self.channel.as_fd()
+    }
+}
+
+impl AsRawFd for WorkerListener {
+    fn as_raw_fd(&self) -> RawFd {
+        self.channel.as_fd().as_raw_fd()
+    }
+}
+
+/// Registers the channel for readable events; says ready if not done yet.
+/// Call `accept` or `next_event` until `WouldBlock` on each event.
+impl mio::event::Source for WorkerListener {
+    fn register(
+        &mut self,
+        registry: &mio::Registry,
+        token: mio::Token,
+        interests: mio::Interest,
+    ) -> io::Result<()> {
+        self.ready()?;
+        mio::unix::SourceFd(&self.as_raw_fd()).register(registry, token, interests)
+    }
+
+    fn reregister(
+        &mut self,
+        registry: &mio::Registry,
+        token: mio::Token,
+        interests: mio::Interest,
+    ) -> io::Result<()> {
+        mio::unix::SourceFd(&self.as_raw_fd()).reregister(registry, token, interests)
+    }
+
+    fn deregister(&mut self, registry: &mio::Registry) -> io::Result<()> {
+        mio::unix::SourceFd(&self.as_raw_fd()).deregister(registry)
+    }
+}

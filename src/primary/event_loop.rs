@@ -625,6 +625,7 @@ impl EventLoop {
                 w.signal(Signal::SIGTERM);
             }
             w.stopping = true;
+            w.hello_warn_at = None;
             w.term_at = asked.then(|| now + timeout / 2);
             w.kill_at = Some(now + timeout);
         }

@@ -1,0 +1,130 @@
+//! One binary that is both primary and worker, like Node's
+//!
+//! ```js
+//! if (cluster.isPrimary) {
+//!   for (let i = 0; i < numCPUs; i++) cluster.fork();
+//!   cluster.on('exit', (worker, code, signal) => console.log(`worker ${worker.process.pid} died`));
+//! } else {
+//!   http.createServer((req, res) => { res.writeHead(200); res.end('hello world\n'); }).listen(8000);
+//! }
+//! ```
+//!
+//! The primary re-executes this program for each worker (as Node's
+//! `cluster.fork()` does); the worker knows itself by `distributor::is_worker`.
+//! Messages go both ways: the primary greets each worker when it is ready
+//! (`worker.send`), and each worker tells the primary about every connection
+//! it takes (`process.send`).
+//!
+//! ```text
+//! cargo run --example cluster -- --listen 127.0.0.1:8000 --workers 4
+//! curl http://127.0.0.1:8000/     # Howdy from worker 2 (pid 12345)
+//! ```
+
+use std::io::{self, BufRead, BufReader, Write};
+use std::net::{SocketAddr, TcpStream};
+use std::sync::{Arc, Mutex};
+use std::thread;
+
+use distributor::{Event, Primary, WorkerEvent, WorkerListener};
+
+fn main() -> Result<(), Box<dyn std::error::Error>> {
+    if distributor::is_primary() {
+        primary()
+    } else {
+        worker()
+    }
+}
+
+fn primary() -> Result<(), Box<dyn std::error::Error>> {
+    let mut listen: SocketAddr = "127.0.0.1:8000".parse()?;
+    let mut workers = thread::available_parallelism().map_or(2, |n| n.get());
+    let mut args = std::env::args().skip(1);
+    while let Some(arg) = args.next() {
+        let value = args.next().ok_or(format!("{arg} needs a value"))?;
+        match arg.as_str() {
+            "--listen" => listen = value.parse()?,
+            "--workers" => workers = value.parse()?,
+            _ => return Err(format!("unknown option {arg}").into()),
+        }
+    }
+    let mut primary = Primary::builder().workers(workers).listen(listen).build()?;
+    println!("listening on {}", primary.local_addr());
+    let events = primary.events();
+    let handle = primary.handle();
+    thread::spawn(move || {
+        for event in events {
+            match event {
+                Event::WorkerReady { id, .. } => {
+                    let _ = handle.send(id, b"greeting=Howdy".to_vec());
+                }
+                Event::Message { id, data } => {
+                    println!("worker {id} says: {}", String::from_utf8_lossy(&data));
+                }
+                Event::WorkerExited { id, pid, status } => {
+                    println!("worker {id} (pid {pid}) died ({status})");
+                }
+                Event::WorkerStarted { .. } => {}
+            }
+        }
+    });
+    primary.run()?;
+    Ok(())
+}
+
+fn worker() -> Result<(), Box<dyn std::error::Error>> {
+    let mut listener = WorkerListener::from_env()?;
+    let id = listener.id();
+    let greeting = Arc::new(Mutex::new(String::from("Hello")));
+    loop {
+        match listener.next_event() {
+            Ok(WorkerEvent::Connection(stream, peer)) => {
+                listener.send(format!("took a connection from {peer}").as_bytes())?;
+                let greeting = Arc::clone(&greeting);
+                thread::spawn(move || serve(stream, id, &greeting));
+            }
+            Ok(WorkerEvent::Message(m)) => {
+                if let Some(g) = String::from_utf8_lossy(&m).strip_prefix("greeting=") {
+                    *greeting.lock().unwrap() = g.to_string();
+                }
+            }
+            Ok(WorkerEvent::Stop) => return Ok(()),
+            Err(e) if e.kind() == io::ErrorKind::UnexpectedEof => return Ok(()),
+            Err(e) => return Err(e.into()),
+        }
+    }
+}
+
+/// A minimal HTTP/1.1 responder: keep-alive unless the client says close.
+fn serve(stream: TcpStream, id: u64, greeting: &Mutex<String>) {
+    let mut reader = BufReader::new(&stream);
+    let mut writer = &stream;
+    loop {
+        let mut close = false;
+        let mut line = String::new();
+        match reader.read_line(&mut line) {
+            Ok(0) | Err(_) => return,
+            Ok(_) => {}
+        }
+        loop {
+            let mut header = String::new();
+            match reader.read_line(&mut header) {
+                Ok(0) | Err(_) => return,
+                Ok(_) if header.trim().is_empty() => break,
+                Ok(_) => close |= header.to_ascii_lowercase().starts_with("connection: close"),
+            }
+        }
+        let body = format!(
+            "{} from worker {id} (pid {})\n",
+            greeting.lock().unwrap(),
+            std::process::id()
+        );
+        let response = format!(
+            "HTTP/1.1 200 OK\r\nContent-Length: {}\r\nConnection: {}\r\n\r\n{body}",
+            body.len(),
+            if close { "close" } else { "keep-alive" }
+        );
+        if writer.write_all(response.as_bytes()).is_err() || close {
+            return;
+        }
+    }
+}

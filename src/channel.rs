@@ -64,6 +64,8 @@ impl Channel {
         loop {
             let got = match sys::recv_with_fds(self.fd.as_fd(), buf, fds, dontwait) {
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                // The peer closed with messages of ours unread: closed too.
+                Err(e) if e.kind() == io::ErrorKind::ConnectionReset => return Ok(Recv::Closed),
                 other => other?,
             };
             if got.truncated {

@@ -9,10 +9,14 @@
 //! answered in order. Request bodies (`Content-Length`) are read and
 //! discarded; a chunked body is refused with 501.
 //!
-//! On the stop message it closes idle connections at once, answers the
-//! requests in flight with `Connection: close`, and returns when none is left.
+//! On the stop message it drains: the next request on each kept-alive
+//! connection is answered with `Connection: close` and the connection closed
+//! only then, never under a request in flight; connections still idle
+//! [`DRAIN_IDLE_GRACE`] after the stop are closed. It returns when none is
+//! left.
 
 use std::io::{self, Read, Write};
+use std::time::{Duration, Instant};
 
 use mio::net::TcpStream;
 use mio::{Events, Interest, Poll, Token};
@@ -22,6 +26,9 @@ use crate::worker::{WorkerEvent, WorkerListener};
 const CHANNEL: Token = Token(usize::MAX);
 /// The largest request head accepted; a longer one gets 431.
 const MAX_HEAD: usize = 64 * 1024;
+/// After a stop, how long an idle kept-alive connection may still bring
+/// its next request (answered with `Connection: close`) before it is closed.
+pub const DRAIN_IDLE_GRACE: Duration = Duration::from_secs(1);
 
 struct HttpConn {
     stream: TcpStream,
@@ -57,12 +64,24 @@ pub fn run_demo_worker(mut listener: WorkerListener) -> io::Result<()> {
     let mut conns: Vec<Option<HttpConn>> = Vec::new();
     let mut free: Vec<usize> = Vec::new();
     let mut stopping = false;
+    let mut close_idle_at: Option<Instant> = None;
     let mut events = Events::with_capacity(256);
     loop {
         if stopping && conns.iter().all(Option::is_none) {
             return Ok(());
         }
-        if let Err(e) = poll.poll(&mut events, None) {
+        if close_idle_at.is_some_and(|t| t <= Instant::now()) {
+            close_idle_at = None;
+            for (i, slot) in conns.iter_mut().enumerate() {
+                if slot.as_ref().is_some_and(HttpConn::idle) {
+                    *slot = None;
+                    free.push(i);
+                }
+            }
+            continue;
+        }
+        let timeout = close_idle_at.map(|t| t.saturating_duration_since(Instant::now()));
+        if let Err(e) = poll.poll(&mut events, timeout) {
             if e.kind() == io::ErrorKind::Interrupted {
                 continue;
             }
@@ -97,12 +116,7 @@ pub fn run_demo_worker(mut listener: WorkerListener) -> io::Result<()> {
                         Ok(WorkerEvent::Message(_)) => {}
                         Ok(WorkerEvent::Stop) => {
                             stopping = true;
-                            for (i, slot) in conns.iter_mut().enumerate() {
-                                if slot.as_ref().is_some_and(HttpConn::idle) {
-                                    *slot = None;
-                                    free.push(i);
-                                }
-                            }
+                            close_idle_at = Some(Instant::now() + DRAIN_IDLE_GRACE);
                         }
                         Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
                         Err(e) if e.kind() == io::ErrorKind::UnexpectedEof => return Ok(()),
@@ -161,7 +175,7 @@ fn serve(conn: &mut HttpConn, body: &str, stopping: bool) -> io::Result<bool> {
     }
     conn.output.clear();
     conn.written = 0;
-    if conn.closing || eof || (stopping && conn.idle()) {
+    if conn.closing || eof {
         return Ok(false);
     }
     Ok(true)

@@ -20,8 +20,11 @@ const DEMO_WORKER_ENV: &str = "DISTRIBUTOR_DEMO_WORKER";
 ///
 /// The workers run COMMAND, which must speak the distributor worker protocol
 /// (docs/PROTOCOL.md); without COMMAND they run the built-in HTTP demo
-/// worker. Signals: SIGTERM or SIGINT stops gracefully (a second one kills
-/// the workers at once).
+/// worker.
+///
+/// Signals: SIGTERM or SIGINT stops gracefully (a second one kills the
+/// workers at once); SIGHUP replaces the workers one by one (rolling reload,
+/// no request lost); SIGTTIN adds a worker, SIGTTOU removes one.
 #[derive(Debug, Parser)]
 #[command(name = "distributor", version, max_term_width = 100)]
 struct Cli {
@@ -49,6 +52,28 @@ struct Cli {
     )]
     shutdown_timeout: Duration,
 
+    /// Stop and replace a ready worker that sends nothing (no acknowledgement,
+    /// no heartbeat answer) for this long; 0 turns hang detection off
+    #[arg(
+        long,
+        value_name = "DURATION",
+        default_value = "30s",
+        env = "DISTRIBUTOR_WORKER_TIMEOUT",
+        value_parser = parse_duration
+    )]
+    worker_timeout: Duration,
+
+    /// The most connections a worker may hold unacknowledged; when every
+    /// worker is at it, the primary stops accepting (the kernel backlog waits)
+    #[arg(
+        long,
+        value_name = "N",
+        default_value_t = distributor::primary::DEFAULT_MAX_UNACKED,
+        env = "DISTRIBUTOR_MAX_UNACKED",
+        value_parser = parse_max_unacked
+    )]
+    max_unacked: usize,
+
     /// The worker program and its arguments, after `--`
     #[arg(last = true, value_name = "COMMAND")]
     command: Vec<OsString>,
@@ -58,6 +83,15 @@ fn parse_workers(s: &str) -> Result<usize, String> {
     match s.trim().parse::<usize>() {
         Ok(0) => Err("must be at least 1".into()),
         Ok(n) if n > 4096 => Err("must be at most 4096".into()),
+        Ok(n) => Ok(n),
+        Err(_) => Err("not a whole number".into()),
+    }
+}
+
+fn parse_max_unacked(s: &str) -> Result<usize, String> {
+    match s.trim().parse::<usize>() {
+        Ok(0) => Err("must be at least 1".into()),
+        Ok(n) if n > distributor::protocol::MAX_FDS * 16 => Err("must be at most 1024".into()),
         Ok(n) => Ok(n),
         Err(_) => Err("not a whole number".into()),
     }
@@ -129,7 +163,9 @@ fn run(cli: Cli) -> anyhow::Result<()> {
     let mut builder = Primary::builder()
         .listen(cli.listen)
         .command(command)
-        .shutdown_timeout(cli.shutdown_timeout);
+        .shutdown_timeout(cli.shutdown_timeout)
+        .worker_timeout(Some(cli.worker_timeout))
+        .max_unacked(cli.max_unacked);
     if let Some(n) = cli.workers {
         builder = builder.workers(n);
     }

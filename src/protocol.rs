@@ -34,10 +34,12 @@ pub const ENV_WORKER_ID: &str = "DISTRIBUTOR_WORKER_ID";
 pub(crate) const T_CONNECTION: u8 = 0x01;
 pub(crate) const T_STOP: u8 = 0x02;
 pub(crate) const T_MESSAGE_TO_WORKER: u8 = 0x03;
+pub(crate) const T_PING: u8 = 0x04;
 /// Message types, worker to primary.
 pub(crate) const T_HELLO: u8 = 0x80;
 pub(crate) const T_ACK: u8 = 0x81;
 pub(crate) const T_MESSAGE_TO_PRIMARY: u8 = 0x83;
+pub(crate) const T_PONG: u8 = 0x84;
 
 const ENTRY_V4: usize = 8 + 1 + 2 + 4;
 const ENTRY_V6: usize = 8 + 1 + 2 + 16;
@@ -86,6 +88,8 @@ pub enum ToPrimary<'a> {
     Ack(AckIds<'a>),
     /// An opaque message for the primary's application.
     Message(&'a [u8]),
+    /// The answer to a heartbeat, echoing its number.
+    Pong(u64),
 }
 
 /// The connection ids of an ACK message.
@@ -129,6 +133,7 @@ impl<'a> ToPrimary<'a> {
                 Ok(ToPrimary::Ack(AckIds(body)))
             }
             T_MESSAGE_TO_PRIMARY => Ok(ToPrimary::Message(body)),
+            T_PONG => Ok(ToPrimary::Pong(u64_body("PONG", buf)?)),
             other => Err(DecodeError::UnknownType(other)),
         }
     }
@@ -143,6 +148,8 @@ pub enum ToWorker<'a> {
     Stop,
     /// An opaque message from the primary's application.
     Message(&'a [u8]),
+    /// A heartbeat: answer with PONG and the same number.
+    Ping(u64),
     /// A type this version does not know: ignored, for forward compatibility.
     Unknown(u8),
 }
@@ -196,7 +203,7 @@ impl<'a> ToWorker<'a> {
     /// formed, one per fd), so iterating its [`Entries`] cannot fail.
     pub fn decode(buf: &'a [u8], fds: usize) -> Result<Self, DecodeError> {
         let (&kind, body) = buf.split_first().ok_or(DecodeError::Empty)?;
-        if matches!(kind, T_STOP | T_MESSAGE_TO_WORKER) && fds != 0 {
+        if matches!(kind, T_STOP | T_MESSAGE_TO_WORKER | T_PING) && fds != 0 {
             return Err(DecodeError::FdCount { entries: 0, fds });
         }
         match kind {
@@ -218,9 +225,19 @@ impl<'a> ToWorker<'a> {
                 len: buf.len(),
             }),
             T_MESSAGE_TO_WORKER => Ok(ToWorker::Message(body)),
+            T_PING => Ok(ToWorker::Ping(u64_body("PING", buf)?)),
             other => Ok(ToWorker::Unknown(other)),
         }
     }
+}
+
+/// The body of a message that is exactly one `u64` after the type byte.
+fn u64_body(kind: &'static str, buf: &[u8]) -> Result<u64, DecodeError> {
+    let body: [u8; 8] = buf[1..].try_into().map_err(|_| DecodeError::BadLength {
+        kind,
+        len: buf.len(),
+    })?;
+    Ok(u64::from_be_bytes(body))
 }
 
 /// A fixed-size buffer a message is written into without allocating.
@@ -301,6 +318,22 @@ impl Encoder {
     pub fn stop(&mut self) -> &mut Self {
         self.len = 0;
         self.put(&[T_STOP]);
+        self
+    }
+
+    /// A PING (heartbeat) with its number.
+    pub fn ping(&mut self, n: u64) -> &mut Self {
+        self.len = 0;
+        self.put(&[T_PING]);
+        self.put(&n.to_be_bytes());
+        self
+    }
+
+    /// A PONG answering PING `n`.
+    pub fn pong(&mut self, n: u64) -> &mut Self {
+        self.len = 0;
+        self.put(&[T_PONG]);
+        self.put(&n.to_be_bytes());
         self
     }
 }
@@ -461,6 +494,17 @@ mod tests {
         );
         assert_eq!(ToWorker::decode(&[T_STOP], 0), Ok(ToWorker::Stop));
         assert!(ToWorker::decode(&[T_STOP, 0], 0).is_err());
+    }
+
+    #[test]
+    fn ping_pong_round_trip() {
+        let mut e = Encoder::default();
+        assert_eq!(e.ping(258).as_bytes(), &[0x04, 0, 0, 0, 0, 0, 0, 1, 2]);
+        assert_eq!(ToWorker::decode(e.as_bytes(), 0), Ok(ToWorker::Ping(258)));
+        e.pong(258);
+        assert_eq!(ToPrimary::decode(e.as_bytes(), 0), Ok(ToPrimary::Pong(258)));
+        assert!(ToPrimary::decode(&e.as_bytes()[..5], 0).is_err());
+        assert!(ToWorker::decode(&[0x04, 1], 0).is_err());
     }
 
     #[test]

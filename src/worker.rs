@@ -19,6 +19,14 @@
 //!
 //! The streams handed out are blocking `std::net::TcpStream`s, as from
 //! `accept(2)`; set them non-blocking (or convert them) for an event loop.
+//!
+//! # Liveness
+//!
+//! The primary pings ready workers; `accept` and `next_event` answer the
+//! pings they read. A worker that does not read its channel for the
+//! primary's worker timeout (default 30 s) is taken for hung and replaced,
+//! so a worker that serves on the accepting thread must keep each request
+//! shorter than that (or serve on other threads, as most do).
 
 use std::collections::VecDeque;
 use std::fmt;
@@ -294,6 +302,10 @@ impl WorkerListener {
                 self.pending.push_back(WorkerEvent::Stop);
             }
             ToWorker::Message(m) => self.pending.push_back(WorkerEvent::Message(m.to_vec())),
+            ToWorker::Ping(n) => {
+                let mut enc = Encoder::default();
+                self.channel.send(enc.pong(n).as_bytes(), &[], false)?;
+            }
             ToWorker::Unknown(_) => {}
         }
         Ok(())

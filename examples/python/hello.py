@@ -10,7 +10,8 @@ Every HTTP/1.1 request is answered with ``200 OK`` and the body
 
 The worker protocol is described in docs/PROTOCOL.md.  In short: read the
 channel fd from DISTRIBUTOR_FD, send HELLO, then loop over messages from the
-primary: CONNECTION -> ACK, then serve; STOP -> drain, exit 0; EOF -> exit 0.
+primary: CONNECTION -> ACK, then serve; PING -> PONG; STOP -> drain, exit 0;
+EOF -> exit 0.
 """
 
 import http.server
@@ -19,6 +20,7 @@ import socket
 import struct
 import sys
 import threading
+import time
 
 PROG = "hello.py"
 
@@ -26,13 +28,16 @@ PROG = "hello.py"
 CONNECTION = 0x01
 STOP = 0x02
 MESSAGE = 0x03
+PING = 0x04
 HELLO = 0x80
 ACK = 0x81
+PONG = 0x84
 
 MAX_MESSAGE = 65536  # bytes per datagram
 MAX_FDS = 64  # ancillary room, in fds
 ENTRY_HEAD = struct.Struct(">QBH")  # connection id, family, peer port
 DRAIN_TIMEOUT = 10.0  # seconds to wait for requests in flight after STOP
+IDLE_GRACE = 1.0  # seconds an idle keep-alive connection may still send one request after STOP
 
 WORKER_ID = os.environ.get("DISTRIBUTOR_WORKER_ID", "?")
 
@@ -59,6 +64,10 @@ class InFlight:
             self._active -= 1
             if self._active == 0:
                 self._cond.notify_all()
+
+    def begin_stop(self):
+        with self._cond:
+            self.stopping = True
 
     def stop_and_drain(self, timeout):
         """Mark stopping; wait until nothing is in flight. False on timeout."""
@@ -267,8 +276,15 @@ def main():
                     continue
                 srv.process_request(sock, addr)  # serves it on a new thread
 
+        elif kind == PING and len(data) == 9 and not fds:
+            send_msg(chan, bytes([PONG]) + data[1:])  # echo the number
+
         elif kind == STOP:
             close_fds(fds)
+            # Requests from now on are answered with Connection: close; an
+            # idle kept-alive connection may still bring one for a moment.
+            inflight.begin_stop()
+            time.sleep(IDLE_GRACE)
             if not inflight.stop_and_drain(DRAIN_TIMEOUT):
                 print(f"{PROG}: requests still in flight after "
                       f"{DRAIN_TIMEOUT:g}s, exiting anyway", file=sys.stderr)

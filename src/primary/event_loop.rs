@@ -1,25 +1,26 @@
-//! The primary's one event loop: acceptor, dispatcher, ledger, supervisor
-//! and control, on one thread, never blocking and never spinning.
+//! The primary's one event loop: acceptor, dispatcher, ledger and control,
+//! on one thread, never blocking and never spinning. The supervisor (worker
+//! lifecycle, timers) is in `supervisor.rs`, as more methods of the same
+//! [`EventLoop`].
 //!
 //! - **Acceptor.** The listener is registered edge-triggered; on an event
 //!   the loop accepts until `WouldBlock`, but only while some worker can
 //!   take a connection. Otherwise it leaves connections in the kernel's
 //!   backlog (and notes that it did) and resumes when a worker has room.
-//!   Accept errors such as `EMFILE` pause accepting for a short timer.
-//! - **Dispatcher.** Round-robin over the slots, skipping workers that are
+//!   Accept errors such as `EMFILE` pause accepting until an fd is freed
+//!   (an acknowledgement closes the primary's copy) or a short timer fires.
+//! - **Dispatcher.** Round-robin over the workers, skipping those that are
 //!   not ready, stopping, at their unacknowledged limit, or whose channel
 //!   buffer is full. A connection no worker can take now is held in
-//!   `pending` (at most a few, since accepting stops first).
+//!   `pending` (at most a few: accepting stops first).
 //! - **Ledger.** The primary keeps its copy of every connection until the
-//!   worker acknowledges it; when a worker's channel closes, its
-//!   unacknowledged connections return to `pending` and go to another
-//!   worker.
-//! - **Supervisor.** SIGCHLD arrives through signal-hook's self-pipe; the
-//!   loop then reaps each worker with `waitpid(pid, WNOHANG)` (never
-//!   `waitpid(-1)`, which would steal an embedding program's children) and
-//!   restarts the slot with backoff.
-//! - **Timers** (restart, hello warning, SIGTERM, SIGKILL, accept retry)
-//!   are deadlines; the poll timeout is the nearest one.
+//!   worker acknowledges it; when a worker's channel closes (it died, broke
+//!   the protocol, or hung), its unacknowledged connections return to
+//!   `pending` and go to another worker. A connection is acknowledged by
+//!   one worker only, so none is served twice.
+//! - **Fairness between workers.** At most [`MAX_READS_PER_WAKE`] messages
+//!   are read from one channel per turn; a chatty worker is read again on
+//!   the next turn, after the others.
 
 use std::collections::VecDeque;
 use std::io;
@@ -32,12 +33,12 @@ use crossbeam_channel::{Receiver, Sender, TrySendError};
 use mio::unix::SourceFd;
 use mio::{Events, Interest, Poll, Token, Waker};
 use nix::sys::signal::Signal;
-use signal_hook::consts::{SIGCHLD, SIGINT, SIGTERM};
+use signal_hook::consts::{SIGCHLD, SIGHUP, SIGINT, SIGTERM, SIGTTIN, SIGTTOU};
 use signal_hook_mio::v1_0::Signals;
 use tracing::{debug, error, info, warn};
 
 use super::backoff::Backoff;
-use super::process::{Conn, WorkerCommand, WorkerProc, describe_exit};
+use super::process::{Conn, Role, WorkerCommand, WorkerProc};
 use super::{Control, Event, Handle};
 use crate::channel::Recv;
 use crate::protocol::{self, Encoder, ToPrimary};
@@ -45,32 +46,47 @@ use crate::protocol::{self, Encoder, ToPrimary};
 const LISTENER: Token = Token(0);
 const WAKER: Token = Token(1);
 const SIGNALS: Token = Token(2);
-const FIRST_SLOT: usize = 3;
+pub(super) const FIRST_WORKER: usize = 3;
 
-/// How long accepting pauses after an error such as `EMFILE`.
+/// How long accepting pauses after an error such as `EMFILE`, unless an fd
+/// is freed sooner.
 const ACCEPT_RETRY: Duration = Duration::from_millis(100);
+/// The most messages read from one channel before the others get a turn.
+pub(super) const MAX_READS_PER_WAKE: usize = 64;
 
 pub(crate) struct Settings {
     pub workers: usize,
     pub command: WorkerCommand,
     pub shutdown_timeout: Duration,
     pub hello_timeout: Duration,
+    pub worker_timeout: Option<Duration>,
     pub max_unacked: usize,
     pub backoff: Backoff,
     pub handle_signals: bool,
 }
 
-/// A place for one worker: the worker running there, or when the next one
-/// starts.
+/// A place for one worker. Slots give restarts their backoff and rolling
+/// reloads their order; a slot is inactive after a scale-down.
 #[derive(Debug, Default)]
-struct Slot {
-    worker: Option<WorkerProc>,
-    restart_at: Option<Instant>,
-    quick_exits: u32,
+pub(super) struct Slot {
+    pub active: bool,
+    /// Index in `workers` of the slot's current worker.
+    pub current: Option<usize>,
+    pub restart_at: Option<Instant>,
+    pub quick_exits: u32,
+}
+
+/// A rolling reload in progress: the slots still to replace, and the new
+/// worker being waited for.
+#[derive(Debug, Default)]
+pub(super) struct Reload {
+    pub queue: VecDeque<usize>,
+    pub candidate: Option<usize>,
+    pub retry_at: Option<Instant>,
 }
 
 pub(crate) struct EventLoop {
-    poll: Poll,
+    pub(super) poll: Poll,
     listener: Option<TcpListener>,
     local_addr: SocketAddr,
     signals: Signals,
@@ -79,22 +95,31 @@ pub(crate) struct EventLoop {
     control_rx: Receiver<Control>,
     events_tx: Option<Sender<Event>>,
     events_dropped: u64,
-    settings: Settings,
-    slots: Vec<Slot>,
-    next_worker_id: u64,
+    pub(super) settings: Settings,
+    pub(super) slots: Vec<Slot>,
+    /// Every worker process alive, by index; the index is its token.
+    pub(super) workers: Vec<Option<WorkerProc>>,
+    pub(super) free: Vec<usize>,
+    pub(super) next_worker_id: u64,
     next_conn_id: u64,
-    /// Round-robin position: the slot to try first.
+    pub(super) next_ping: u64,
+    /// Round-robin position: the worker index to try first.
     cursor: usize,
     /// Connections accepted that no worker holds.
     pending: VecDeque<Conn>,
     /// Connections may wait in the backlog that the loop chose not to accept.
-    backlog_waiting: bool,
-    accept_retry_at: Option<Instant>,
-    shutdown_at: Option<Instant>,
-    ready_count: usize,
+    pub(super) backlog_waiting: bool,
+    /// Accepting paused after an accept error, until then.
+    pub(super) accept_paused_until: Option<Instant>,
+    pub(super) reload: Reload,
+    pub(super) shutdown_at: Option<Instant>,
+    /// The time after the last poll; timers and liveness use it.
+    pub(super) now: Instant,
+    /// Channels with more to read than one turn allows.
+    readable_again: Vec<usize>,
     buf: Box<[u8]>,
     fds: Vec<OwnedFd>,
-    enc: Encoder,
+    pub(super) enc: Encoder,
 }
 
 impl EventLoop {
@@ -109,13 +134,12 @@ impl EventLoop {
         let waker = Arc::new(Waker::new(poll.registry(), WAKER)?);
         let mut wanted = vec![SIGCHLD];
         if settings.handle_signals {
-            wanted.extend([SIGTERM, SIGINT]);
+            wanted.extend([SIGTERM, SIGINT, SIGHUP, SIGTTIN, SIGTTOU]);
         }
         let mut signals = Signals::new(&wanted)?;
         poll.registry()
             .register(&mut signals, SIGNALS, Interest::READABLE)?;
         let (control_tx, control_rx) = crossbeam_channel::unbounded();
-        let slots = (0..settings.workers).map(|_| Slot::default()).collect();
         Ok(EventLoop {
             poll,
             listener: Some(listener),
@@ -127,15 +151,20 @@ impl EventLoop {
             events_tx: None,
             events_dropped: 0,
             settings,
-            slots,
+            slots: Vec::new(),
+            workers: Vec::new(),
+            free: Vec::new(),
             next_worker_id: 1,
             next_conn_id: 1,
+            next_ping: 1,
             cursor: 0,
             pending: VecDeque::new(),
             backlog_waiting: false,
-            accept_retry_at: None,
+            accept_paused_until: None,
+            reload: Reload::default(),
             shutdown_at: None,
-            ready_count: 0,
+            now: Instant::now(),
+            readable_again: Vec::new(),
             buf: vec![0; protocol::MAX_MESSAGE].into_boxed_slice(),
             fds: Vec::with_capacity(protocol::MAX_FDS),
             enc: Encoder::default(),
@@ -166,36 +195,42 @@ impl EventLoop {
             self.settings.workers,
             self.settings.command.program().to_string_lossy()
         );
-        let now = Instant::now();
-        for i in 0..self.slots.len() {
+        for s in 0..self.settings.workers {
+            self.slots.push(Slot {
+                active: true,
+                ..Slot::default()
+            });
             // A command that cannot start at all is an error of the
             // primary's start, not a restart loop.
-            let worker = self.start_worker(i, now)?;
-            self.slots[i].worker = Some(worker);
+            self.start_worker(s, Role::Current)?;
         }
         let mut events = Events::with_capacity(256);
         loop {
-            if self.shutdown_at.is_some() && self.slots.iter().all(|s| s.worker.is_none()) {
+            if self.shutdown_at.is_some() && self.workers.iter().all(Option::is_none) {
                 break;
             }
-            let timeout = self
-                .next_deadline()
-                .map(|d| d.saturating_duration_since(Instant::now()));
+            let timeout = if self.readable_again.is_empty() {
+                self.next_deadline()
+                    .map(|d| d.saturating_duration_since(Instant::now()))
+            } else {
+                Some(Duration::ZERO)
+            };
             if let Err(e) = self.poll.poll(&mut events, timeout) {
                 if e.kind() == io::ErrorKind::Interrupted {
                     continue;
                 }
                 return Err(e);
             }
+            self.now = Instant::now();
             for event in events.iter() {
                 match event.token() {
                     LISTENER => self.backlog_waiting = true,
                     WAKER => self.on_control(),
                     SIGNALS => self.on_signals(),
                     Token(t) => {
-                        let i = t - FIRST_SLOT;
+                        let i = t - FIRST_WORKER;
                         if event.is_writable() {
-                            if let Some(w) = self.slots.get_mut(i).and_then(|s| s.worker.as_mut()) {
+                            if let Some(w) = self.worker_mut(i) {
                                 w.channel_full = false;
                             }
                         }
@@ -205,7 +240,10 @@ impl EventLoop {
                     }
                 }
             }
-            self.on_timers(Instant::now());
+            for i in std::mem::take(&mut self.readable_again) {
+                self.read_channel(i);
+            }
+            self.on_timers();
             self.pump();
         }
         if !self.pending.is_empty() {
@@ -224,62 +262,11 @@ impl EventLoop {
         Ok(())
     }
 
-    /// Spawns a worker for slot `i` and registers its channel.
-    fn start_worker(&mut self, i: usize, now: Instant) -> io::Result<WorkerProc> {
-        let id = self.next_worker_id;
-        self.next_worker_id += 1;
-        let mut w = WorkerProc::spawn(&self.settings.command, id, now)?;
-        let channel = w.channel.as_ref().expect("a new worker has a channel");
-        self.poll.registry().register(
-            &mut SourceFd(&channel.as_fd().as_raw_fd()),
-            Token(FIRST_SLOT + i),
-            Interest::READABLE | Interest::WRITABLE,
-        )?;
-        w.hello_warn_at = Some(now + self.settings.hello_timeout);
-        info!(
-            worker = id,
-            pid = w.pid,
-            "worker {id} started (pid {})",
-            w.pid
-        );
-        self.emit(Event::WorkerStarted { id, pid: w.pid });
-        Ok(w)
+    pub(super) fn worker_mut(&mut self, i: usize) -> Option<&mut WorkerProc> {
+        self.workers.get_mut(i).and_then(Option::as_mut)
     }
 
-    /// Starts slot `i` again after a backoff, or schedules another try.
-    fn restart_slot(&mut self, i: usize, now: Instant) {
-        self.slots[i].restart_at = None;
-        match self.start_worker(i, now) {
-            Ok(w) => self.slots[i].worker = Some(w),
-            Err(e) => {
-                error!("cannot start a worker: {e}");
-                self.schedule_restart(i, Duration::ZERO, now);
-            }
-        }
-    }
-
-    fn schedule_restart(&mut self, i: usize, uptime: Duration, now: Instant) {
-        let slot = &mut self.slots[i];
-        let (delay, quick) = self.settings.backoff.next(uptime, slot.quick_exits);
-        slot.quick_exits = quick;
-        if quick >= 3 {
-            warn!(
-                "worker slot {} is crash-looping: {quick} exits in a row within {:?} of starting; next start in {delay:.1?} (backoff caps at {:?})",
-                i + 1,
-                self.settings.backoff.reset_after,
-                self.settings.backoff.max
-            );
-        } else if !delay.is_zero() {
-            info!("restarting worker slot {} in {delay:.1?}", i + 1);
-        }
-        if delay.is_zero() {
-            self.restart_slot(i, now);
-        } else {
-            self.slots[i].restart_at = Some(now + delay);
-        }
-    }
-
-    fn emit(&mut self, event: Event) {
+    pub(super) fn emit(&mut self, event: Event) {
         if let Some(tx) = &self.events_tx {
             match tx.try_send(event) {
                 Ok(()) => {}
@@ -290,14 +277,14 @@ impl EventLoop {
     }
 
     /// Hands held connections to workers, then accepts while workers have room.
-    fn pump(&mut self) {
+    pub(super) fn pump(&mut self) {
         while let Some(conn) = self.pending.pop_front() {
             if let Err(conn) = self.dispatch(conn) {
                 self.pending.push_front(conn);
                 return;
             }
         }
-        if self.backlog_waiting && self.accept_retry_at.is_none() && self.shutdown_at.is_none() {
+        if self.backlog_waiting && self.accept_paused_until.is_none() {
             self.accept_loop();
         }
     }
@@ -332,8 +319,10 @@ impl EventLoop {
                         debug!("accept: {e}")
                     }
                     _ => {
-                        warn!("accept failed: {e}; pausing accepts for {ACCEPT_RETRY:?}");
-                        self.accept_retry_at = Some(Instant::now() + ACCEPT_RETRY);
+                        warn!(
+                            "accept failed: {e}; pausing accepts until an fd is freed or {ACCEPT_RETRY:?} pass"
+                        );
+                        self.accept_paused_until = Some(self.now + ACCEPT_RETRY);
                         return;
                     }
                 },
@@ -341,12 +330,11 @@ impl EventLoop {
         }
     }
 
-    /// The slot that round-robin would give the next connection to.
+    /// The worker that round-robin would give the next connection to.
     fn pick(&self) -> Option<usize> {
-        let n = self.slots.len();
+        let n = self.workers.len();
         (0..n).map(|step| (self.cursor + step) % n).find(|&i| {
-            self.slots[i]
-                .worker
+            self.workers[i]
                 .as_ref()
                 .is_some_and(|w| w.can_take(self.settings.max_unacked))
         })
@@ -356,31 +344,30 @@ impl EventLoop {
     fn dispatch(&mut self, conn: Conn) -> Result<(), Conn> {
         while let Some(i) = self.pick() {
             self.enc.connection().entry(conn.id, conn.peer);
-            let w = self.slots[i]
-                .worker
-                .as_mut()
-                .expect("picked slots hold a worker");
+            let w = self.workers[i].as_mut().expect("picked workers exist");
             let channel = w.channel.as_ref().expect("picked workers have a channel");
             match channel.send(self.enc.as_bytes(), &[conn.fd.as_fd()], true) {
                 Ok(()) => {
                     w.unacked.insert(conn.id, conn);
-                    self.cursor = (i + 1) % self.slots.len();
+                    self.cursor = (i + 1) % self.workers.len();
                     return Ok(());
                 }
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => w.channel_full = true,
                 Err(e) => {
                     warn!(worker = w.id, "cannot send to worker {}: {e}", w.id);
-                    self.disconnect(i);
+                    self.cut_off(i);
                 }
             }
         }
         Err(conn)
     }
 
-    /// Closes slot `i`'s channel: its unacknowledged connections go back to
-    /// `pending`; the worker, unless already stopping, is stopped.
-    fn disconnect(&mut self, i: usize) {
-        let Some(w) = self.slots[i].worker.as_mut() else {
+    /// Closes worker `i`'s channel: its unacknowledged connections go back
+    /// to `pending`; the worker, unless already stopping, gets SIGTERM and,
+    /// after `grace`, SIGKILL.
+    pub(super) fn disconnect(&mut self, i: usize, grace: Duration) {
+        let now = self.now;
+        let Some(w) = self.workers.get_mut(i).and_then(Option::as_mut) else {
             return;
         };
         if let Some(channel) = w.channel.take() {
@@ -389,6 +376,8 @@ impl EventLoop {
                 .registry()
                 .deregister(&mut SourceFd(&channel.as_fd().as_raw_fd()));
         }
+        w.ready = false;
+        w.ping_at = None;
         if !w.unacked.is_empty() {
             info!(
                 worker = w.id,
@@ -400,21 +389,20 @@ impl EventLoop {
             held.sort_unstable_by_key(|c| c.id);
             self.pending.extend(held);
         }
-        if w.ready {
-            w.ready = false;
-            self.ready_count -= 1;
-        }
         if !w.stopping {
             w.stopping = true;
             w.signal(Signal::SIGTERM);
-            w.kill_at = Some(Instant::now() + self.settings.shutdown_timeout);
+            w.kill_at = Some(now + grace);
         }
     }
 
-    /// Reads every message waiting on slot `i`'s channel.
+    /// Reads the messages waiting on worker `i`'s channel, up to a turn's worth.
     fn read_channel(&mut self, i: usize) {
         let mut buf = std::mem::take(&mut self.buf);
-        while let Some(w) = self.slots.get_mut(i).and_then(|s| s.worker.as_mut()) {
+        for _ in 0..MAX_READS_PER_WAKE {
+            let Some(w) = self.workers.get_mut(i).and_then(Option::as_mut) else {
+                break;
+            };
             let Some(channel) = w.channel.as_ref() else {
                 break;
             };
@@ -431,21 +419,28 @@ impl EventLoop {
                             "worker {} (pid {}) closed its channel", w.id, w.pid
                         );
                     }
-                    self.disconnect(i);
+                    self.cut_off(i);
                     break;
                 }
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                    self.fds.clear();
+                    self.buf = buf;
+                    return;
+                }
                 Err(e) => Some(e.to_string()),
             };
             if let Some(problem) = problem {
-                let w = self.slots[i].worker.as_ref().expect("still there");
+                let w = self.workers[i].as_ref().expect("still there");
                 error!(
                     worker = w.id,
                     "worker {} (pid {}) broke the protocol ({problem}); stopping it", w.id, w.pid
                 );
-                self.disconnect(i);
+                self.cut_off(i);
                 break;
             }
+        }
+        if self.worker_mut(i).is_some_and(|w| w.channel.is_some()) {
+            self.readable_again.push(i);
         }
         self.fds.clear();
         self.buf = buf;
@@ -453,8 +448,9 @@ impl EventLoop {
 
     /// Acts on one well-formed message; returns a protocol problem, if any.
     fn on_message(&mut self, i: usize, msg: ToPrimary<'_>) -> Option<String> {
-        let total = self.settings.workers;
-        let w = self.slots[i].worker.as_mut().expect("reading a live slot");
+        let now = self.now;
+        let w = self.workers[i].as_mut().expect("reading a live worker");
+        w.last_seen = now;
         match msg {
             ToPrimary::Hello { version } if version != protocol::VERSION => Some(format!(
                 "it speaks protocol version {version}, this primary speaks {}",
@@ -462,16 +458,7 @@ impl EventLoop {
             )),
             ToPrimary::Hello { .. } if w.ready || w.stopping => None,
             ToPrimary::Hello { .. } => {
-                w.ready = true;
-                w.hello_warn_at = None;
-                self.ready_count += 1;
-                let (id, pid) = (w.id, w.pid);
-                info!(
-                    worker = id,
-                    pid, "worker {id} (pid {pid}) ready, {}/{total} ready", self.ready_count
-                );
-                self.backlog_waiting = true;
-                self.emit(Event::WorkerReady { id, pid });
+                self.on_hello(i);
                 None
             }
             ToPrimary::Ack(ids) => {
@@ -483,7 +470,10 @@ impl EventLoop {
                     }
                     w.taken += 1;
                 }
+                // The primary's copies are closed now: room for more, and
+                // fds for an accept that ran out of them.
                 self.backlog_waiting = true;
+                self.accept_paused_until = None;
                 None
             }
             ToPrimary::Message(data) => {
@@ -494,6 +484,7 @@ impl EventLoop {
                 self.emit(event);
                 None
             }
+            ToPrimary::Pong(_) => None,
         }
     }
 
@@ -507,6 +498,9 @@ impl EventLoop {
                     info!("{name} received");
                     self.begin_shutdown();
                 }
+                SIGHUP => self.begin_reload(),
+                SIGTTIN => self.add_worker(),
+                SIGTTOU => self.remove_worker(),
                 _ => {}
             }
         }
@@ -516,6 +510,9 @@ impl EventLoop {
         while let Ok(c) = self.control_rx.try_recv() {
             match c {
                 Control::Shutdown => self.begin_shutdown(),
+                Control::Reload => self.begin_reload(),
+                Control::AddWorker => self.add_worker(),
+                Control::RemoveWorker => self.remove_worker(),
                 Control::Send { id, data } => self.send_user_message(id, &data),
             }
         }
@@ -525,7 +522,7 @@ impl EventLoop {
         let Ok(msg) = protocol::encode_message(true, data) else {
             return;
         };
-        for w in self.slots.iter_mut().filter_map(|s| s.worker.as_mut()) {
+        for w in self.workers.iter_mut().filter_map(Option::as_mut) {
             let wanted = match target {
                 Some(id) => w.id == id,
                 None => w.ready,
@@ -539,148 +536,15 @@ impl EventLoop {
         }
     }
 
-    /// Reaps every worker that has exited, and replaces it unless shutting down.
-    fn reap(&mut self) {
-        let now = Instant::now();
-        for i in 0..self.slots.len() {
-            let Some(w) = self.slots[i].worker.as_mut() else {
-                continue;
-            };
-            let status = match w.try_wait() {
-                Ok(Some(status)) => status,
-                Ok(None) => continue,
-                Err(e) => {
-                    warn!(worker = w.id, "waitpid on worker {}: {e}", w.id);
-                    continue;
-                }
-            };
-            let expected = w.stopping;
-            w.stopping = true;
-            self.disconnect(i);
-            let w = self.slots[i].worker.take().expect("just reaped");
-            let uptime = now.saturating_duration_since(w.started);
-            let how = describe_exit(&status);
-            if expected {
-                info!(
-                    worker = w.id,
-                    pid = w.pid,
-                    "worker {} (pid {}) exited with {how} after {uptime:.1?}, having taken {} connections",
-                    w.id,
-                    w.pid,
-                    w.taken
-                );
-            } else {
-                warn!(
-                    worker = w.id,
-                    pid = w.pid,
-                    "worker {} (pid {}) exited with {how} after {uptime:.1?}, having taken {} connections",
-                    w.id,
-                    w.pid,
-                    w.taken
-                );
-            }
-            self.emit(Event::WorkerExited {
-                id: w.id,
-                pid: w.pid,
-                status,
-            });
-            if self.shutdown_at.is_none() {
-                self.schedule_restart(i, uptime, now);
-            }
-        }
-    }
-
-    fn begin_shutdown(&mut self) {
-        let now = Instant::now();
-        if self.shutdown_at.is_some() {
-            warn!("second stop request: killing the workers now");
-            for w in self.slots.iter_mut().filter_map(|s| s.worker.as_mut()) {
-                w.signal(Signal::SIGKILL);
-            }
-            return;
-        }
-        let timeout = self.settings.shutdown_timeout;
-        let alive = self.slots.iter().filter(|s| s.worker.is_some()).count();
-        info!("shutting down: stopping {alive} workers (timeout {timeout:?})");
+    /// Stops accepting for good: the listener is closed, so the backlog is
+    /// refused; connections already accepted still go to workers.
+    pub(super) fn close_listener(&mut self) {
         if let Some(listener) = self.listener.take() {
             let _ = self
                 .poll
                 .registry()
                 .deregister(&mut SourceFd(&listener.as_raw_fd()));
         }
-        // Connections already accepted go to workers before they are asked
-        // to stop; the backlog is refused with the listener's close.
         self.pump();
-        self.shutdown_at = Some(now + timeout);
-        for slot in &mut self.slots {
-            slot.restart_at = None;
-            let Some(w) = slot.worker.as_mut() else {
-                continue;
-            };
-            let asked = w.ready
-                && w.channel
-                    .as_ref()
-                    .is_some_and(|c| c.send(self.enc.stop().as_bytes(), &[], true).is_ok());
-            if !asked {
-                w.signal(Signal::SIGTERM);
-            }
-            w.stopping = true;
-            w.hello_warn_at = None;
-            w.term_at = asked.then(|| now + timeout / 2);
-            w.kill_at = Some(now + timeout);
-        }
-    }
-
-    fn on_timers(&mut self, now: Instant) {
-        if self.accept_retry_at.is_some_and(|t| t <= now) {
-            self.accept_retry_at = None;
-            self.backlog_waiting = true;
-        }
-        for i in 0..self.slots.len() {
-            if self.slots[i].restart_at.is_some_and(|t| t <= now) {
-                self.restart_slot(i, now);
-            }
-            let Some(w) = self.slots[i].worker.as_mut() else {
-                continue;
-            };
-            if w.hello_warn_at.is_some_and(|t| t <= now) {
-                w.hello_warn_at = None;
-                warn!(
-                    worker = w.id,
-                    "worker {} (pid {}) has not said hello: does it speak the distributor protocol? see docs/PROTOCOL.md",
-                    w.id,
-                    w.pid
-                );
-            }
-            if w.term_at.is_some_and(|t| t <= now) {
-                w.term_at = None;
-                info!(
-                    worker = w.id,
-                    "worker {} (pid {}) is still running: SIGTERM", w.id, w.pid
-                );
-                w.signal(Signal::SIGTERM);
-            }
-            if w.kill_at.is_some_and(|t| t <= now) {
-                w.kill_at = None;
-                warn!(
-                    worker = w.id,
-                    "worker {} (pid {}) did not stop in time: SIGKILL", w.id, w.pid
-                );
-                w.signal(Signal::SIGKILL);
-            }
-        }
-    }
-
-    fn next_deadline(&self) -> Option<Instant> {
-        let workers = self.slots.iter().flat_map(|s| {
-            let w = s.worker.as_ref();
-            [
-                s.restart_at,
-                w.and_then(|w| w.hello_warn_at),
-                w.and_then(|w| w.term_at),
-                w.and_then(|w| w.kill_at),
-            ]
-        });
-        workers.chain([self.accept_retry_at]).flatten().min()
     }
 }

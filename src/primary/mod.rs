@@ -21,6 +21,7 @@
 mod backoff;
 mod event_loop;
 mod process;
+mod supervisor;
 
 use std::fmt;
 use std::io;
@@ -57,6 +58,9 @@ pub enum Event {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub(crate) enum Control {
     Shutdown,
+    Reload,
+    AddWorker,
+    RemoveWorker,
     Send { id: Option<u64>, data: Vec<u8> },
 }
 
@@ -78,6 +82,23 @@ impl Handle {
     /// Starts a graceful shutdown, as SIGTERM does.
     pub fn shutdown(&self) -> io::Result<()> {
         self.post(Control::Shutdown)
+    }
+
+    /// Starts a rolling reload, as SIGHUP does: each worker is replaced by
+    /// a new one, one at a time, the old one stopping only once the new one
+    /// is ready.
+    pub fn reload(&self) -> io::Result<()> {
+        self.post(Control::Reload)
+    }
+
+    /// Adds a worker, as SIGTTIN does.
+    pub fn add_worker(&self) -> io::Result<()> {
+        self.post(Control::AddWorker)
+    }
+
+    /// Removes a worker gracefully, as SIGTTOU does; the last one stays.
+    pub fn remove_worker(&self) -> io::Result<()> {
+        self.post(Control::RemoveWorker)
     }
 
     /// Sends an opaque message to worker `id` (Node's `worker.send`).
@@ -156,10 +177,14 @@ pub struct Builder {
     command: Option<WorkerCommand>,
     shutdown_timeout: Duration,
     hello_timeout: Duration,
+    worker_timeout: Option<Duration>,
     max_unacked: usize,
     backoff: Backoff,
     handle_signals: bool,
 }
+
+/// The default of [`Builder::max_unacked`].
+pub const DEFAULT_MAX_UNACKED: usize = 16;
 
 /// The default listening address, `0.0.0.0:8000`.
 pub const DEFAULT_LISTEN: &str = "0.0.0.0:8000";
@@ -174,7 +199,8 @@ impl Default for Builder {
             command: None,
             shutdown_timeout: Duration::from_secs(10),
             hello_timeout: Duration::from_secs(5),
-            max_unacked: 32,
+            worker_timeout: Some(Duration::from_secs(30)),
+            max_unacked: DEFAULT_MAX_UNACKED,
             backoff: Backoff::default(),
             handle_signals: true,
         }
@@ -223,7 +249,20 @@ impl Builder {
         self
     }
 
-    /// The most connections one worker may hold unacknowledged (default 32).
+    /// A ready worker that sends nothing (no acknowledgement, no answer to
+    /// the primary's heartbeat) for this long is hung: it is stopped
+    /// (SIGTERM, then SIGKILL) and replaced, and its unacknowledged
+    /// connections go to other workers. Default 30 s; `None` turns hang
+    /// detection off. Like gunicorn's `timeout`, a worker that reads its
+    /// channel only between requests must finish each within it.
+    pub fn worker_timeout(mut self, t: Option<Duration>) -> Self {
+        self.worker_timeout = t.filter(|t| !t.is_zero());
+        self
+    }
+
+    /// The most connections one worker may hold unacknowledged (default 16).
+    /// When every worker is at its limit the primary stops accepting and
+    /// the kernel's backlog holds the wait.
     pub fn max_unacked(mut self, n: usize) -> Self {
         self.max_unacked = n.max(1);
         self
@@ -235,8 +274,10 @@ impl Builder {
         self
     }
 
-    /// Whether SIGTERM and SIGINT start a graceful shutdown (default true).
-    /// Without, use [`Handle::shutdown`]. SIGCHLD is always watched.
+    /// Whether the primary handles signals (default true): SIGTERM and
+    /// SIGINT start a graceful shutdown, SIGHUP a rolling reload, SIGTTIN
+    /// adds a worker and SIGTTOU removes one. Without, use the [`Handle`].
+    /// SIGCHLD is always watched.
     pub fn handle_signals(mut self, on: bool) -> Self {
         self.handle_signals = on;
         self
@@ -273,6 +314,7 @@ impl Builder {
             command,
             shutdown_timeout: self.shutdown_timeout,
             hello_timeout: self.hello_timeout,
+            worker_timeout: self.worker_timeout,
             max_unacked: self.max_unacked,
             backoff: self.backoff,
             handle_signals: self.handle_signals,

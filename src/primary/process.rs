@@ -70,11 +70,26 @@ pub(crate) struct Conn {
     pub peer: SocketAddr,
 }
 
+/// What a worker is for, which decides what its exit means.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Role {
+    /// Its slot's worker: replaced when it exits.
+    Current,
+    /// Started by a rolling reload to replace its slot's current worker
+    /// once it says hello.
+    Candidate,
+    /// Asked to stop (reload, scale-down, shutdown): not replaced.
+    Retiring,
+}
+
 /// A running worker process.
 #[derive(Debug)]
 pub(crate) struct WorkerProc {
     pub id: u64,
     pub pid: u32,
+    /// The slot it belongs to.
+    pub slot: usize,
+    pub role: Role,
     child: Child,
     /// `None` once the channel closed or was closed by the primary.
     pub channel: Option<Channel>,
@@ -94,11 +109,21 @@ pub(crate) struct WorkerProc {
     pub unacked: HashMap<u64, Conn>,
     /// Connections this worker acknowledged.
     pub taken: u64,
+    /// When the worker last sent anything (hang detection).
+    pub last_seen: Instant,
+    /// When to send the next heartbeat.
+    pub ping_at: Option<Instant>,
 }
 
 impl WorkerProc {
     /// Starts one worker with a fresh channel.
-    pub fn spawn(cmd: &WorkerCommand, id: u64, now: Instant) -> io::Result<WorkerProc> {
+    pub fn spawn(
+        cmd: &WorkerCommand,
+        id: u64,
+        slot: usize,
+        role: Role,
+        now: Instant,
+    ) -> io::Result<WorkerProc> {
         let (ours, theirs) = Channel::pair()?;
         sys::set_nonblocking(ours.as_fd(), true)?;
         let mut command = Command::new(&cmd.program);
@@ -116,6 +141,8 @@ impl WorkerProc {
         Ok(WorkerProc {
             id,
             pid: child.id(),
+            slot,
+            role,
             child,
             channel: Some(ours),
             ready: false,
@@ -127,6 +154,8 @@ impl WorkerProc {
             kill_at: None,
             unacked: HashMap::new(),
             taken: 0,
+            last_seen: now,
+            ping_at: None,
         })
     }
 
@@ -138,6 +167,11 @@ impl WorkerProc {
     /// Sends `signal`; a process already gone (but not yet reaped) is fine.
     pub fn signal(&self, signal: Signal) {
         let _ = kill(Pid::from_raw(self.pid as i32), signal);
+    }
+
+    /// The deadlines of this worker's timers.
+    pub fn deadlines(&self) -> [Option<Instant>; 4] {
+        [self.hello_warn_at, self.term_at, self.kill_at, self.ping_at]
     }
 
     /// Whether the primary may send it a connection now.

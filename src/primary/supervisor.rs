@@ -1,0 +1,471 @@
+//! The supervisor half of the event loop: starting, reaping and replacing
+//! workers, rolling reloads, scaling, hang detection, graceful shutdown,
+//! and the timers that drive them.
+//!
+//! - **Exits.** SIGCHLD arrives through signal-hook's self-pipe; each worker
+//!   is then reaped with `waitpid(pid, WNOHANG)` (never `waitpid(-1)`,
+//!   which would steal an embedding program's children). A slot's current
+//!   worker is replaced, with backoff if it died young.
+//! - **Rolling reload** (SIGHUP, [`crate::Handle::reload`]): slot by slot,
+//!   a *candidate* worker is started; once it says hello it becomes the
+//!   slot's current worker and the old one is asked to stop. Capacity never
+//!   drops below the number of slots, and a candidate that cannot start
+//!   leaves the old worker serving while it is retried with backoff.
+//! - **Hang detection** (`worker_timeout`): a ready worker is pinged; one
+//!   that sends nothing (no acknowledgement, no heartbeat answer) for the
+//!   timeout is stopped, and its unacknowledged connections go elsewhere.
+//! - **Timers** are deadlines; the poll timeout is the nearest one.
+
+use std::process::ExitStatus;
+use std::time::{Duration, Instant};
+
+use mio::Interest;
+use mio::unix::SourceFd;
+use nix::sys::signal::Signal;
+use std::os::fd::{AsFd, AsRawFd};
+use tracing::{error, info, warn};
+
+use super::Event;
+use super::event_loop::{EventLoop, FIRST_WORKER, Slot};
+use super::process::{Role, WorkerProc, describe_exit};
+
+/// The longest wait before SIGKILL for a worker stopped because it hung or
+/// broke the protocol.
+const BROKEN_WORKER_GRACE: Duration = Duration::from_secs(5);
+
+impl EventLoop {
+    /// Spawns a worker for `slot` and registers its channel.
+    pub(super) fn start_worker(&mut self, slot: usize, role: Role) -> std::io::Result<usize> {
+        let id = self.next_worker_id;
+        self.next_worker_id += 1;
+        let now = self.now;
+        let mut w = WorkerProc::spawn(&self.settings.command, id, slot, role, now)?;
+        let i = self.free.pop().unwrap_or_else(|| {
+            self.workers.push(None);
+            self.workers.len() - 1
+        });
+        let channel = w.channel.as_ref().expect("a new worker has a channel");
+        if let Err(e) = self.poll.registry().register(
+            &mut SourceFd(&channel.as_fd().as_raw_fd()),
+            mio::Token(FIRST_WORKER + i),
+            Interest::READABLE | Interest::WRITABLE,
+        ) {
+            self.free.push(i);
+            w.signal(Signal::SIGKILL);
+            return Err(e);
+        }
+        w.hello_warn_at = Some(now + self.settings.hello_timeout);
+        info!(
+            worker = id,
+            pid = w.pid,
+            "worker {id} started (pid {})",
+            w.pid
+        );
+        self.emit(Event::WorkerStarted { id, pid: w.pid });
+        self.workers[i] = Some(w);
+        if role == Role::Current {
+            self.slots[slot].current = Some(i);
+        }
+        Ok(i)
+    }
+
+    /// Cuts off a live worker that is of no more use (it closed its
+    /// channel, broke the protocol, hung, or its channel failed): its
+    /// connections go to other workers, it gets SIGTERM and then SIGKILL,
+    /// and its slot gets a new worker now (with backoff if it died young)
+    /// rather than when it finally exits.
+    pub(super) fn cut_off(&mut self, i: usize) {
+        let Some(w) = self.workers[i].as_mut() else {
+            return;
+        };
+        let replace = !w.stopping && w.role == Role::Current && self.shutdown_at.is_none();
+        let (slot, uptime) = (w.slot, self.now.saturating_duration_since(w.started));
+        if replace {
+            w.role = Role::Retiring;
+        }
+        let grace = self.settings.shutdown_timeout.min(BROKEN_WORKER_GRACE);
+        self.disconnect(i, grace);
+        if replace && self.slots[slot].current == Some(i) {
+            self.slots[slot].current = None;
+            if self.slots[slot].active {
+                self.schedule_restart(slot, uptime);
+            }
+        }
+    }
+
+    /// Starts `slot`'s current worker again, or schedules another try.
+    fn restart_slot(&mut self, slot: usize) {
+        self.slots[slot].restart_at = None;
+        if !self.slots[slot].active || self.shutdown_at.is_some() {
+            return;
+        }
+        if let Err(e) = self.start_worker(slot, Role::Current) {
+            error!("cannot start a worker: {e}");
+            self.schedule_restart(slot, Duration::ZERO);
+        }
+    }
+
+    fn schedule_restart(&mut self, slot: usize, uptime: Duration) {
+        let backoff = self.settings.backoff;
+        let s = &mut self.slots[slot];
+        let (delay, quick) = backoff.next(uptime, s.quick_exits);
+        s.quick_exits = quick;
+        if quick >= 3 {
+            warn!(
+                "worker slot {} is crash-looping: {quick} exits in a row within {:?} of starting; next start in {delay:.1?} (backoff caps at {:?})",
+                slot + 1,
+                backoff.reset_after,
+                backoff.max
+            );
+        } else if !delay.is_zero() {
+            info!("restarting worker slot {} in {delay:.1?}", slot + 1);
+        }
+        if delay.is_zero() {
+            self.restart_slot(slot);
+        } else {
+            self.slots[slot].restart_at = Some(self.now + delay);
+        }
+    }
+
+    /// Reaps every worker that has exited and decides what its exit means.
+    pub(super) fn reap(&mut self) {
+        for i in 0..self.workers.len() {
+            let Some(w) = self.worker_mut(i) else {
+                continue;
+            };
+            match w.try_wait() {
+                Ok(Some(status)) => self.on_exit(i, status),
+                Ok(None) => {}
+                Err(e) => warn!(worker = w.id, "waitpid on worker {}: {e}", w.id),
+            }
+        }
+    }
+
+    fn on_exit(&mut self, i: usize, status: ExitStatus) {
+        let w = self.workers[i].as_mut().expect("exited worker exists");
+        let expected = w.stopping || self.shutdown_at.is_some();
+        // It is gone: no signal for it, only its connections to hand over.
+        w.stopping = true;
+        self.disconnect(i, Duration::ZERO);
+        let w = self.workers[i].take().expect("exited worker exists");
+        self.free.push(i);
+        let uptime = self.now.saturating_duration_since(w.started);
+        let how = describe_exit(&status);
+        let text = format!(
+            "worker {} (pid {}) exited with {how} after {uptime:.1?}, having taken {} connections",
+            w.id, w.pid, w.taken
+        );
+        if expected {
+            info!(worker = w.id, pid = w.pid, "{text}");
+        } else {
+            warn!(worker = w.id, pid = w.pid, "{text}");
+        }
+        self.emit(Event::WorkerExited {
+            id: w.id,
+            pid: w.pid,
+            status,
+        });
+        if self.shutdown_at.is_some() {
+            return;
+        }
+        match w.role {
+            Role::Current => {
+                let slot = &mut self.slots[w.slot];
+                if slot.current == Some(i) {
+                    slot.current = None;
+                    if slot.active {
+                        self.schedule_restart(w.slot, uptime);
+                    }
+                }
+            }
+            Role::Candidate => {
+                self.reload.candidate = None;
+                let s = &mut self.slots[w.slot];
+                let (delay, quick) = self.settings.backoff.next(uptime, s.quick_exits);
+                s.quick_exits = quick;
+                warn!(
+                    "reload: the new worker for slot {} exited before saying hello; the old one keeps serving; retrying in {delay:.1?}",
+                    w.slot + 1
+                );
+                self.reload.queue.push_front(w.slot);
+                self.reload.retry_at = Some(self.now + delay);
+            }
+            Role::Retiring => {}
+        }
+    }
+
+    /// A worker said hello: it gets connections from now on. A reload's
+    /// candidate takes over its slot, and the slot's old worker retires.
+    pub(super) fn on_hello(&mut self, i: usize) {
+        let w = self.workers[i].as_mut().expect("hello from a live worker");
+        w.ready = true;
+        w.hello_warn_at = None;
+        w.ping_at = self
+            .settings
+            .worker_timeout
+            .map(|t| self.now + ping_interval(t));
+        let (id, pid, slot, role) = (w.id, w.pid, w.slot, w.role);
+        if role == Role::Candidate {
+            w.role = Role::Current;
+            let old = self.slots[slot].current.replace(i);
+            self.slots[slot].restart_at = None;
+            self.reload.candidate = None;
+            if let Some(old) = old {
+                self.retire(old);
+            }
+        }
+        let ready = self
+            .workers
+            .iter()
+            .flatten()
+            .filter(|w| w.ready && w.role == Role::Current)
+            .count();
+        let total = self.slots.iter().filter(|s| s.active).count();
+        info!(
+            worker = id,
+            pid, "worker {id} (pid {pid}) ready, {ready}/{total} ready"
+        );
+        self.backlog_waiting = true;
+        self.emit(Event::WorkerReady { id, pid });
+        if role == Role::Candidate {
+            self.advance_reload();
+        }
+    }
+
+    /// Asks worker `i` to finish and exit; it is not replaced.
+    fn retire(&mut self, i: usize) {
+        let timeout = self.settings.shutdown_timeout;
+        let now = self.now;
+        let Some(w) = self.workers[i].as_mut() else {
+            return;
+        };
+        w.role = Role::Retiring;
+        w.hello_warn_at = None;
+        w.ping_at = None;
+        if w.stopping {
+            return;
+        }
+        w.stopping = true;
+        let asked = w.ready
+            && w.channel
+                .as_ref()
+                .is_some_and(|c| c.send(self.enc.stop().as_bytes(), &[], true).is_ok());
+        if !asked {
+            w.signal(Signal::SIGTERM);
+        }
+        w.term_at = asked.then(|| now + timeout / 2);
+        w.kill_at = Some(now + timeout);
+    }
+
+    pub(super) fn begin_shutdown(&mut self) {
+        if self.shutdown_at.is_some() {
+            warn!("second stop request: killing the workers now");
+            for w in self.workers.iter().flatten() {
+                w.signal(Signal::SIGKILL);
+            }
+            return;
+        }
+        let timeout = self.settings.shutdown_timeout;
+        let alive = self.workers.iter().flatten().count();
+        info!("shutting down: stopping {alive} workers (timeout {timeout:?})");
+        // Connections already accepted go to workers before they are asked
+        // to stop; the backlog is refused with the listener's close.
+        self.close_listener();
+        self.shutdown_at = Some(self.now + timeout);
+        self.reload = Default::default();
+        for slot in &mut self.slots {
+            slot.restart_at = None;
+        }
+        for i in 0..self.workers.len() {
+            self.retire(i);
+        }
+    }
+
+    pub(super) fn begin_reload(&mut self) {
+        if self.shutdown_at.is_some() {
+            return;
+        }
+        let slots: Vec<usize> = (0..self.slots.len())
+            .filter(|&s| self.slots[s].active)
+            .collect();
+        info!("reloading: replacing {} workers one at a time", slots.len());
+        self.reload.queue = slots.into();
+        self.advance_reload();
+    }
+
+    /// Starts the next candidate of a rolling reload, if none is pending.
+    fn advance_reload(&mut self) {
+        if self.shutdown_at.is_some()
+            || self.reload.candidate.is_some()
+            || self.reload.retry_at.is_some()
+        {
+            return;
+        }
+        while let Some(slot) = self.reload.queue.pop_front() {
+            if !self.slots[slot].active {
+                continue;
+            }
+            match self.start_worker(slot, Role::Candidate) {
+                Ok(i) => self.reload.candidate = Some(i),
+                Err(e) => {
+                    error!("reload: cannot start a worker: {e}; retrying");
+                    self.reload.queue.push_front(slot);
+                    self.reload.retry_at = Some(self.now + self.settings.backoff.max);
+                }
+            }
+            return;
+        }
+        info!("reload complete");
+    }
+
+    /// Adds a slot and starts its worker (SIGTTIN).
+    pub(super) fn add_worker(&mut self) {
+        if self.shutdown_at.is_some() {
+            return;
+        }
+        let slot = match self
+            .slots
+            .iter()
+            .position(|s| !s.active && s.current.is_none())
+        {
+            Some(s) => s,
+            None => {
+                self.slots.push(Slot::default());
+                self.slots.len() - 1
+            }
+        };
+        self.slots[slot] = Slot {
+            active: true,
+            ..Slot::default()
+        };
+        let total = self.slots.iter().filter(|s| s.active).count();
+        info!("adding a worker: {total} workers");
+        self.restart_slot(slot);
+    }
+
+    /// Retires the last slot's worker gracefully (SIGTTOU); keeps one.
+    pub(super) fn remove_worker(&mut self) {
+        if self.shutdown_at.is_some() {
+            return;
+        }
+        let active: Vec<usize> = (0..self.slots.len())
+            .filter(|&s| self.slots[s].active)
+            .collect();
+        let Some(&slot) = active.last().filter(|_| active.len() > 1) else {
+            warn!("not removing the last worker");
+            return;
+        };
+        info!("removing a worker: {} workers", active.len() - 1);
+        let s = &mut self.slots[slot];
+        s.active = false;
+        s.restart_at = None;
+        if let Some(i) = s.current.take() {
+            self.retire(i);
+        }
+        if let Some(c) = self.reload.candidate {
+            if self.workers[c].as_ref().is_some_and(|w| w.slot == slot) {
+                self.reload.candidate = None;
+                self.retire(c);
+                self.advance_reload();
+            }
+        }
+    }
+
+    pub(super) fn on_timers(&mut self) {
+        let now = self.now;
+        if self.accept_paused_until.is_some_and(|t| t <= now) {
+            self.accept_paused_until = None;
+            self.backlog_waiting = true;
+        }
+        if self.reload.retry_at.is_some_and(|t| t <= now) {
+            self.reload.retry_at = None;
+            self.advance_reload();
+        }
+        for s in 0..self.slots.len() {
+            if self.slots[s].restart_at.is_some_and(|t| t <= now) {
+                self.restart_slot(s);
+            }
+        }
+        for i in 0..self.workers.len() {
+            self.worker_timers(i, now);
+        }
+    }
+
+    fn worker_timers(&mut self, i: usize, now: Instant) {
+        let worker_timeout = self.settings.worker_timeout;
+        let Some(w) = self.worker_mut(i) else {
+            return;
+        };
+        if w.hello_warn_at.is_some_and(|t| t <= now) {
+            w.hello_warn_at = None;
+            warn!(
+                worker = w.id,
+                "worker {} (pid {}) has not said hello: does it speak the distributor protocol? see docs/PROTOCOL.md",
+                w.id,
+                w.pid
+            );
+        }
+        if w.term_at.is_some_and(|t| t <= now) {
+            w.term_at = None;
+            info!(
+                worker = w.id,
+                "worker {} (pid {}) is still running: SIGTERM", w.id, w.pid
+            );
+            w.signal(Signal::SIGTERM);
+        }
+        if w.kill_at.is_some_and(|t| t <= now) {
+            w.kill_at = None;
+            warn!(
+                worker = w.id,
+                "worker {} (pid {}) did not stop in time: SIGKILL", w.id, w.pid
+            );
+            w.signal(Signal::SIGKILL);
+        }
+        let Some(timeout) = worker_timeout else {
+            return;
+        };
+        if w.ping_at.is_none_or(|t| t > now) {
+            return;
+        }
+        let silent = now.saturating_duration_since(w.last_seen);
+        if silent >= timeout {
+            error!(
+                worker = w.id,
+                "worker {} (pid {}) is hung: no acknowledgement or heartbeat for {silent:.1?}; stopping it",
+                w.id,
+                w.pid
+            );
+            self.cut_off(i);
+            return;
+        }
+        let n = self.next_ping;
+        self.next_ping += 1;
+        let w = self.workers[i].as_mut().expect("checked above");
+        if let Some(channel) = w.channel.as_ref() {
+            // A full channel is no reason to wait: the next turn pings again.
+            let _ = channel.send(self.enc.ping(n).as_bytes(), &[], true);
+        }
+        let next = (now + ping_interval(timeout)).min(w.last_seen + timeout);
+        w.ping_at = Some(next.max(now + Duration::from_millis(1)));
+    }
+
+    pub(super) fn next_deadline(&self) -> Option<Instant> {
+        let slots = self.slots.iter().map(|s| s.restart_at);
+        let workers = self
+            .workers
+            .iter()
+            .flatten()
+            .flat_map(WorkerProc::deadlines);
+        slots
+            .chain(workers)
+            .chain([self.accept_paused_until, self.reload.retry_at])
+            .flatten()
+            .min()
+    }
+}
+
+/// How often a ready worker is pinged: a quarter of the timeout, within
+/// 10 ms and 5 s.
+fn ping_interval(timeout: Duration) -> Duration {
+    (timeout / 4).clamp(Duration::from_millis(10), Duration::from_secs(5))
+}

@@ -22,8 +22,10 @@
 
 use std::io::{self, BufRead, BufReader, Write};
 use std::net::{SocketAddr, TcpStream};
-use std::sync::{Arc, Mutex};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Condvar, Mutex};
 use std::thread;
+use std::time::Duration;
 
 use distributor::{Event, Primary, WorkerEvent, WorkerListener};
 
@@ -60,9 +62,10 @@ fn primary() -> Result<(), Box<dyn std::error::Error>> {
                 Event::Message { id, data } => {
                     println!("worker {id} says: {}", String::from_utf8_lossy(&data));
                 }
-                Event::WorkerExited { id, pid, status } => {
+                Event::WorkerExited { id, pid, status } if !status.success() => {
                     println!("worker {id} (pid {pid}) died ({status})");
                 }
+                Event::WorkerExited { id, pid, .. } => println!("worker {id} (pid {pid}) exited"),
                 Event::WorkerStarted { .. } => {}
             }
         }
@@ -71,60 +74,98 @@ fn primary() -> Result<(), Box<dyn std::error::Error>> {
     Ok(())
 }
 
+/// What a worker's serving threads share.
+#[derive(Default)]
+struct Shared {
+    greeting: Mutex<String>,
+    /// Requests between their first byte and their response.
+    in_flight: Mutex<usize>,
+    idle: Condvar,
+    stopping: AtomicBool,
+}
+
 fn worker() -> Result<(), Box<dyn std::error::Error>> {
     let mut listener = WorkerListener::from_env()?;
     let id = listener.id();
-    let greeting = Arc::new(Mutex::new(String::from("Hello")));
+    let shared = Arc::new(Shared::default());
+    *shared.greeting.lock().unwrap() = "Hello".into();
     loop {
         match listener.next_event() {
             Ok(WorkerEvent::Connection(stream, peer)) => {
                 listener.send(format!("took a connection from {peer}").as_bytes())?;
-                let greeting = Arc::clone(&greeting);
-                thread::spawn(move || serve(stream, id, &greeting));
+                let shared = Arc::clone(&shared);
+                thread::spawn(move || serve(stream, id, &shared));
             }
             Ok(WorkerEvent::Message(m)) => {
                 if let Some(g) = String::from_utf8_lossy(&m).strip_prefix("greeting=") {
-                    *greeting.lock().unwrap() = g.to_string();
+                    *shared.greeting.lock().unwrap() = g.to_string();
                 }
             }
-            Ok(WorkerEvent::Stop) => return Ok(()),
+            Ok(WorkerEvent::Stop) => {
+                // Drain: requests from now on get `Connection: close`; an idle
+                // kept-alive client may still send one for a moment; then
+                // wait (bounded) for the requests in flight.
+                shared.stopping.store(true, Ordering::SeqCst);
+                thread::sleep(Duration::from_secs(1));
+                let in_flight = shared.in_flight.lock().unwrap();
+                let _ = shared
+                    .idle
+                    .wait_timeout_while(in_flight, Duration::from_secs(10), |n| *n > 0);
+                return Ok(());
+            }
             Err(e) if e.kind() == io::ErrorKind::UnexpectedEof => return Ok(()),
             Err(e) => return Err(e.into()),
         }
     }
 }
 
-/// A minimal HTTP/1.1 responder: keep-alive unless the client says close.
-fn serve(stream: TcpStream, id: u64, greeting: &Mutex<String>) {
+/// A minimal HTTP/1.1 responder: keep-alive unless the client says close
+/// or the worker is stopping.
+fn serve(stream: TcpStream, id: u64, shared: &Shared) {
     let mut reader = BufReader::new(&stream);
     let mut writer = &stream;
     loop {
-        let mut close = false;
         let mut line = String::new();
         match reader.read_line(&mut line) {
             Ok(0) | Err(_) => return,
             Ok(_) => {}
         }
-        loop {
-            let mut header = String::new();
-            match reader.read_line(&mut header) {
-                Ok(0) | Err(_) => return,
-                Ok(_) if header.trim().is_empty() => break,
-                Ok(_) => close |= header.to_ascii_lowercase().starts_with("connection: close"),
-            }
-        }
-        let body = format!(
-            "{} from worker {id} (pid {})\n",
-            greeting.lock().unwrap(),
-            std::process::id()
-        );
-        let response = format!(
-            "HTTP/1.1 200 OK\r\nContent-Length: {}\r\nConnection: {}\r\n\r\n{body}",
-            body.len(),
-            if close { "close" } else { "keep-alive" }
-        );
-        if writer.write_all(response.as_bytes()).is_err() || close {
+        *shared.in_flight.lock().unwrap() += 1;
+        let answered = answer(&mut reader, &mut writer, id, shared);
+        *shared.in_flight.lock().unwrap() -= 1;
+        shared.idle.notify_all();
+        if !answered {
             return;
         }
     }
+}
+
+/// Reads the rest of one request head and answers it; false to close.
+fn answer(
+    reader: &mut BufReader<&TcpStream>,
+    writer: &mut &TcpStream,
+    id: u64,
+    shared: &Shared,
+) -> bool {
+    let mut close = false;
+    loop {
+        let mut header = String::new();
+        match reader.read_line(&mut header) {
+            Ok(0) | Err(_) => return false,
+            Ok(_) if header.trim().is_empty() => break,
+            Ok(_) => close |= header.to_ascii_lowercase().starts_with("connection: close"),
+        }
+    }
+    close |= shared.stopping.load(Ordering::SeqCst);
+    let body = format!(
+        "{} from worker {id} (pid {})\n",
+        shared.greeting.lock().unwrap(),
+        std::process::id()
+    );
+    let response = format!(
+        "HTTP/1.1 200 OK\r\nContent-Length: {}\r\nConnection: {}\r\n\r\n{body}",
+        body.len(),
+        if close { "close" } else { "keep-alive" }
+    );
+    writer.write_all(response.as_bytes()).is_ok() && !close
 }

@@ -214,7 +214,7 @@ impl<'a> ToWorker<'a> {
                     rest = &rest[len..];
                     entries += 1;
                 }
-                if entries == 0 || entries != fds {
+                if entries == 0 || entries != fds || entries > MAX_FDS {
                     return Err(DecodeError::FdCount { entries, fds });
                 }
                 Ok(ToWorker::Connection(Entries(body)))

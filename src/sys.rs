@@ -186,13 +186,17 @@ pub fn recv_with_fds(
 /// - is killed with `SIGKILL` when the primary's spawning thread dies
 ///   (`PR_SET_PDEATHSIG`), and exits at once if the primary died before the
 ///   request took effect;
-/// - inherits `channel` (its close-on-exec flag is cleared in the child only).
+/// - inherits stdio and `channel` and nothing else: every other fd, also
+///   one the primary itself inherited without close-on-exec, is marked
+///   close-on-exec (`close_range(CLOSE_RANGE_CLOEXEC)`, or one `fcntl` per
+///   fd on kernels before 5.11), and the channel's flag is cleared.
 pub fn configure_worker_command(cmd: &mut Command, channel: RawFd) {
     // SAFETY: getpid is always safe.
     let parent = unsafe { libc::getpid() };
     let setup = move || -> io::Result<()> {
-        // SAFETY: prctl, getppid and fcntl are async-signal-safe, allocate
-        // nothing and touch only this child's own state.
+        // SAFETY: prctl, getppid, close_range, getrlimit and fcntl are
+        // async-signal-safe, allocate nothing and touch only this child's
+        // own state; `limit` is a valid rlimit to fill.
         unsafe {
             cvt(libc::prctl(
                 libc::PR_SET_PDEATHSIG,
@@ -203,6 +207,16 @@ pub fn configure_worker_command(cmd: &mut Command, channel: RawFd) {
             ))?;
             if libc::getppid() != parent {
                 libc::_exit(1);
+            }
+            let flags = libc::CLOSE_RANGE_CLOEXEC as libc::c_int;
+            if libc::close_range(3, libc::c_uint::MAX, flags) != 0 {
+                let mut limit: libc::rlimit = mem::zeroed();
+                libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit);
+                let top = limit.rlim_cur.min(1 << 20) as RawFd;
+                for fd in 3..top {
+                    // EBADF for fds that are not open is expected.
+                    libc::fcntl(fd, libc::F_SETFD, libc::FD_CLOEXEC);
+                }
             }
             cvt(libc::fcntl(channel, libc::F_SETFD, 0))?;
         }

@@ -95,8 +95,11 @@ pub(crate) struct WorkerProc {
     pub channel: Option<Channel>,
     /// Said hello: may get connections.
     pub ready: bool,
-    /// Asked to stop: gets no more connections.
+    /// Stopping (asked to, or cut off): gets no more connections.
     pub stopping: bool,
+    /// The primary asked it to stop (shutdown, reload, scale-down): its
+    /// exit is expected, not a failure.
+    pub asked_to_stop: bool,
     /// The last send found the channel's buffer full; cleared on writable.
     pub channel_full: bool,
     pub started: Instant,
@@ -147,6 +150,7 @@ impl WorkerProc {
             channel: Some(ours),
             ready: false,
             stopping: false,
+            asked_to_stop: false,
             channel_full: false,
             started: now,
             hello_warn_at: None,

@@ -143,7 +143,7 @@ impl EventLoop {
 
     fn on_exit(&mut self, i: usize, status: ExitStatus) {
         let w = self.workers[i].as_mut().expect("exited worker exists");
-        let expected = w.stopping || self.shutdown_at.is_some();
+        let expected = w.asked_to_stop || self.shutdown_at.is_some();
         // It is gone: no signal for it, only its connections to hand over.
         w.stopping = true;
         self.disconnect(i, Duration::ZERO);
@@ -151,8 +151,9 @@ impl EventLoop {
         self.free.push(i);
         let uptime = self.now.saturating_duration_since(w.started);
         let how = describe_exit(&status);
+        let plural = if w.taken == 1 { "" } else { "s" };
         let text = format!(
-            "worker {} (pid {}) exited with {how} after {uptime:.1?}, having taken {} connections",
+            "worker {} (pid {}) exited with {how} after {uptime:.1?}, having taken {} connection{plural}",
             w.id, w.pid, w.taken
         );
         if expected {
@@ -242,6 +243,7 @@ impl EventLoop {
         w.role = Role::Retiring;
         w.hello_warn_at = None;
         w.ping_at = None;
+        w.asked_to_stop = true;
         if w.stopping {
             return;
         }

@@ -1,0 +1,173 @@
+//! Bad input on the command line: one clear line on stderr, the right exit
+//! status, no panic, and no process left behind.
+
+mod util;
+
+use std::net::TcpListener;
+use std::os::unix::fs::PermissionsExt;
+use std::path::Path;
+use std::process::Command;
+
+use util::{DEADLINE, Proc, TempDir, bin, describe};
+
+/// Runs the binary with `args` in `dir`; returns its exit code and its one
+/// stderr line, after checking that there is exactly one non-empty line,
+/// no panic and nothing on stdout.
+fn fails(args: &[&str], dir: &Path) -> (i32, String) {
+    let mut cmd = Command::new(bin());
+    cmd.args(args)
+        .current_dir(dir)
+        // A panic would show its backtrace: make sure there is none.
+        .env("RUST_BACKTRACE", "1");
+    let mut proc = Proc::spawn(cmd);
+    let status = proc.expect_exit(DEADLINE);
+    // The pipes close at exit; wait for the collectors to see it all.
+    let stderr = collected(&proc.stderr);
+    let stdout = collected(&proc.stdout);
+    let lines: Vec<&String> = stderr.iter().filter(|l| !l.trim().is_empty()).collect();
+    let all = stderr.join("\n");
+    assert!(!all.contains("panicked"), "panic: {all}");
+    assert!(
+        !all.to_lowercase().contains("backtrace"),
+        "backtrace: {all}"
+    );
+    assert_eq!(lines.len(), 1, "expected one line on stderr, got:\n{all}");
+    assert!(stdout.is_empty(), "unexpected stdout: {stdout:?}");
+    let code = status
+        .code()
+        .unwrap_or_else(|| panic!("killed: {}; stderr:\n{all}", describe(status)));
+    (code, lines[0].clone())
+}
+
+/// Every line of a pipe whose writer has exited.
+fn collected(lines: &util::Lines) -> Vec<String> {
+    assert!(lines.wait_closed(DEADLINE), "the pipe stays open");
+    lines.snapshot()
+}
+
+#[test]
+fn zero_workers_is_a_usage_error() {
+    let dir = TempDir::new("cli");
+    let (code, line) = fails(&["--workers", "0", "-l", "127.0.0.1:0"], dir.path());
+    assert_eq!(code, 2, "{line}");
+    assert!(
+        line.starts_with("error: invalid value '0' for '--workers <N>'"),
+        "{line}"
+    );
+    assert!(line.contains("at least 1"), "{line}");
+}
+
+#[test]
+fn an_unparsable_listen_address_is_a_usage_error() {
+    let dir = TempDir::new("cli");
+    let (code, line) = fails(&["-w", "1", "-l", "banana"], dir.path());
+    assert_eq!(code, 2, "{line}");
+    assert!(
+        line.starts_with("error: invalid value 'banana' for '--listen <ADDR>'"),
+        "{line}"
+    );
+}
+
+#[test]
+fn an_unparsable_shutdown_timeout_is_a_usage_error() {
+    let dir = TempDir::new("cli");
+    let (code, line) = fails(
+        &[
+            "-w",
+            "1",
+            "-l",
+            "127.0.0.1:0",
+            "--shutdown-timeout",
+            "banana",
+        ],
+        dir.path(),
+    );
+    assert_eq!(code, 2, "{line}");
+    assert!(
+        line.starts_with("error: invalid value 'banana' for '--shutdown-timeout <DURATION>'"),
+        "{line}"
+    );
+}
+
+#[test]
+fn a_port_in_use_is_an_error() {
+    let dir = TempDir::new("cli");
+    let taken = TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = taken.local_addr().unwrap().to_string();
+    let (code, line) = fails(&["-w", "1", "-l", &addr], dir.path());
+    assert_eq!(code, 1, "{line}");
+    assert!(
+        line.starts_with(&format!("error: cannot listen on {addr}: Address")),
+        "{line}"
+    );
+    assert!(line.contains("in use"), "{line}");
+}
+
+#[test]
+fn a_missing_worker_command_is_an_error() {
+    let dir = TempDir::new("cli");
+    let (code, line) = fails(
+        &["-w", "1", "-l", "127.0.0.1:0", "--", "./nope"],
+        dir.path(),
+    );
+    assert_eq!(code, 1, "{line}");
+    assert_eq!(
+        line,
+        "error: cannot run worker command `./nope`: no such file"
+    );
+
+    let name = format!("distributor-test-no-such-program-{}", std::process::id());
+    let (code, line) = fails(&["-w", "1", "-l", "127.0.0.1:0", "--", &name], dir.path());
+    assert_eq!(code, 1, "{line}");
+    assert_eq!(
+        line,
+        format!("error: cannot run worker command `{name}`: not found on PATH")
+    );
+
+    let script = dir.path().join("not-executable");
+    std::fs::write(&script, "#!/bin/sh\nexit 0\n").unwrap();
+    std::fs::set_permissions(&script, std::fs::Permissions::from_mode(0o644)).unwrap();
+    let args = ["-w", "1", "-l", "127.0.0.1:0", "--", "./not-executable"];
+    let (code, line) = fails(&args, dir.path());
+    assert_eq!(code, 1, "{line}");
+    assert_eq!(
+        line,
+        "error: cannot run worker command `./not-executable`: not an executable file"
+    );
+}
+
+/// `--help` and `--version` print to stdout and succeed.
+#[test]
+fn help_and_version_succeed() {
+    for (arg, expected) in [
+        ("--help", "Usage: distributor"),
+        ("--version", "distributor "),
+    ] {
+        let mut proc = Proc::spawn({
+            let mut cmd = Command::new(bin());
+            cmd.arg(arg);
+            cmd
+        });
+        let status = proc.expect_exit(DEADLINE);
+        assert_eq!(status.code(), Some(0), "{arg}");
+        assert!(proc.stdout.wait_closed(DEADLINE));
+        let out = proc.stdout.dump();
+        assert!(out.contains(expected), "{arg}: {out}");
+        assert!(proc.stderr.wait_closed(DEADLINE));
+        assert!(proc.stderr.is_empty(), "{arg}: {}", proc.stderr.dump());
+    }
+}
+
+/// The settings can come from the environment: `DISTRIBUTOR_WORKERS` and
+/// `DISTRIBUTOR_LISTEN`.
+#[test]
+fn settings_from_the_environment() {
+    let mut cmd = Command::new(bin());
+    cmd.env("DISTRIBUTOR_WORKERS", "3")
+        .env("DISTRIBUTOR_LISTEN", "127.0.0.1:0");
+    let mut primary = util::Primary::start_command(cmd, 3);
+    primary.wait_all_ready();
+    assert_eq!(primary.started().len(), 3, "{}", primary.log().dump());
+    primary.signal(nix::sys::signal::Signal::SIGTERM);
+    assert_eq!(primary.proc.expect_exit(DEADLINE).code(), Some(0));
+}

@@ -1,0 +1,381 @@
+//! Shared helpers for the integration tests: a guard for the processes the
+//! tests start, collectors for their output, a small HTTP/1.1 client, log
+//! line parsers, `/proc` probes and per-test temporary directories.
+//!
+//! Every wait here is bounded: output waits take a timeout, sockets have
+//! read and write timeouts, polling loops have deadlines. Timeouts are
+//! generous (the suite must pass on a busy 2-core machine) and nothing
+//! asserts on speed.
+
+// Each test crate uses a different subset of these helpers.
+#![allow(dead_code, unused_imports)]
+
+mod http;
+mod lines;
+mod procfs;
+
+use std::net::SocketAddr;
+use std::os::unix::process::{CommandExt, ExitStatusExt};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::{Duration, Instant};
+
+use nix::sys::signal::{Signal, kill};
+use nix::unistd::Pid;
+
+pub use http::{HttpConn, Response, get_once, refuses_connections, request};
+pub use lines::Lines;
+pub use procfs::{kill_pid, pid_gone, proc_comm, proc_environ, proc_fds, wait_gone};
+
+/// How long to wait for something that should happen "soon" (a log line,
+/// a process exit). Generous on purpose.
+pub const DEADLINE: Duration = Duration::from_secs(20);
+
+/// Read and write timeout of test clients.
+pub const IO_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Environment variables that would change the binary's behaviour if the
+/// test runner's environment happened to set them: removed from children's
+/// environments unless a test sets them explicitly.
+const CLEARED_ENV: &[&str] = &[
+    "DISTRIBUTOR_WORKERS",
+    "DISTRIBUTOR_LISTEN",
+    "DISTRIBUTOR_SHUTDOWN_TIMEOUT",
+    "DISTRIBUTOR_FD",
+    "DISTRIBUTOR_PROTOCOL",
+    "DISTRIBUTOR_WORKER_ID",
+    "DISTRIBUTOR_DEMO_WORKER",
+    "RUST_LOG",
+];
+
+/// The `distributor` binary under test.
+pub fn bin() -> &'static Path {
+    Path::new(env!("CARGO_BIN_EXE_distributor"))
+}
+
+/// An example binary built by `cargo test` next to the main binary
+/// (`target/<profile>/examples/<name>`).
+pub fn example_bin(name: &str) -> PathBuf {
+    bin()
+        .parent()
+        .expect("the binary lives in a directory")
+        .join("examples")
+        .join(name)
+}
+
+/// A path inside the repository.
+pub fn repo_path(rel: &str) -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join(rel)
+}
+
+// ---------------------------------------------------------------------------
+// Temporary directories
+
+/// A fresh directory under the system temp dir, unique to this test
+/// process and call, removed on drop.
+#[derive(Debug)]
+pub struct TempDir {
+    path: PathBuf,
+}
+
+impl TempDir {
+    pub fn new(tag: &str) -> TempDir {
+        static COUNTER: AtomicUsize = AtomicUsize::new(0);
+        let n = COUNTER.fetch_add(1, Ordering::SeqCst);
+        let path =
+            std::env::temp_dir().join(format!("distributor-test-{}-{n}-{tag}", std::process::id()));
+        std::fs::create_dir_all(&path).expect("create the test's temp dir");
+        TempDir { path }
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+}
+
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.path);
+    }
+}
+
+// ---------------------------------------------------------------------------
+// Processes
+
+/// A child process that is SIGKILLed and reaped when dropped, with its
+/// stdout and stderr collected line by line.
+///
+/// The child starts with only fds 0, 1 and 2 (everything else the test
+/// process has open is made close-on-exec for it), so that what its own
+/// children inherit is what it chose to give them.
+#[derive(Debug)]
+pub struct Proc {
+    child: Child,
+    status: Option<ExitStatus>,
+    pub stdout: Lines,
+    pub stderr: Lines,
+}
+
+impl Proc {
+    pub fn spawn(mut cmd: Command) -> Proc {
+        for var in CLEARED_ENV {
+            // Unless the test set it on purpose.
+            if !cmd.get_envs().any(|(k, v)| k == *var && v.is_some()) {
+                cmd.env_remove(var);
+            }
+        }
+        cmd.stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped());
+        let mut child = cmd
+            .spawn()
+            .unwrap_or_else(|e| panic!("cannot start {cmd:?}: {e}"));
+        let stdout = Lines::collect(child.stdout.take().expect("piped stdout"));
+        let stderr = Lines::collect(child.stderr.take().expect("piped stderr"));
+        Proc {
+            child,
+            status: None,
+            stdout,
+            stderr,
+        }
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    /// Sends `sig` to the process (not to its workers).
+    pub fn signal(&self, sig: Signal) {
+        assert!(self.status.is_none(), "signalling a process already reaped");
+        kill(Pid::from_raw(self.pid() as i32), sig)
+            .unwrap_or_else(|e| panic!("kill({}, {sig}): {e}", self.pid()));
+    }
+
+    /// The exit status if the process has exited by now.
+    pub fn try_status(&mut self) -> Option<ExitStatus> {
+        if self.status.is_none() {
+            self.status = self.child.try_wait().expect("waitpid");
+        }
+        self.status
+    }
+
+    /// Waits up to `timeout` for the process to exit.
+    pub fn wait_timeout(&mut self, timeout: Duration) -> Option<ExitStatus> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            if let Some(status) = self.try_status() {
+                return Some(status);
+            }
+            if Instant::now() >= deadline {
+                return None;
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    }
+
+    /// Waits up to `timeout` for the process to exit; panics with its
+    /// stderr if it does not.
+    pub fn expect_exit(&mut self, timeout: Duration) -> ExitStatus {
+        match self.wait_timeout(timeout) {
+            Some(status) => status,
+            None => panic!(
+                "process {} still running after {timeout:?}; stderr:\n{}",
+                self.pid(),
+                self.stderr.dump()
+            ),
+        }
+    }
+}
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        if self.try_status().is_none() {
+            let _ = self.child.kill();
+            let _ = self.child.wait();
+        }
+    }
+}
+
+/// Describes an exit status for assertion messages.
+pub fn describe(status: ExitStatus) -> String {
+    match (status.code(), status.signal()) {
+        (Some(c), _) => format!("exit status {c}"),
+        (None, Some(s)) => format!("signal {s}"),
+        _ => format!("{status:?}"),
+    }
+}
+
+// ---------------------------------------------------------------------------
+// The distributor binary
+
+/// A running `distributor` primary, killed (with its workers, through
+/// `PR_SET_PDEATHSIG`) when dropped.
+#[derive(Debug)]
+pub struct Primary {
+    pub proc: Proc,
+    pub addr: SocketAddr,
+    pub workers: usize,
+}
+
+impl Primary {
+    /// `distributor -w WORKERS -l 127.0.0.1:0 EXTRA...`; waits for the
+    /// `listening on` line and reads the port from it.
+    pub fn start(workers: usize, extra: &[&str]) -> Primary {
+        Primary::start_on("127.0.0.1:0", workers, extra)
+    }
+
+    /// `distributor -w WORKERS -l LISTEN EXTRA...`.
+    pub fn start_on(listen: &str, workers: usize, extra: &[&str]) -> Primary {
+        let mut cmd = Command::new(bin());
+        cmd.arg("-w")
+            .arg(workers.to_string())
+            .arg("-l")
+            .arg(listen)
+            .args(extra);
+        Primary::start_command(cmd, workers)
+    }
+
+    /// Starts `cmd`, a distributor primary that logs `listening on ADDR`
+    /// on stderr.
+    pub fn start_command(cmd: Command, workers: usize) -> Primary {
+        let proc = Proc::spawn(cmd);
+        let line = proc.stderr.wait_for("listening on ");
+        let addr = parse_listening(&line)
+            .unwrap_or_else(|| panic!("no address in {line:?}; stderr:\n{}", proc.stderr.dump()));
+        Primary {
+            proc,
+            addr,
+            workers,
+        }
+    }
+
+    pub fn log(&self) -> &Lines {
+        &self.proc.stderr
+    }
+
+    /// Waits until all workers have said hello: the log says `N/N ready`.
+    pub fn wait_all_ready(&self) {
+        self.wait_ready_from(0);
+    }
+
+    /// Waits for an `N/N ready` line at log index `from` or later.
+    pub fn wait_ready_from(&self, from: usize) -> usize {
+        let n = self.workers;
+        self.log()
+            .wait_for_from(from, &format!(" ready, {n}/{n} ready"))
+            .0
+    }
+
+    /// The (id, pid) of every worker started so far, in order.
+    pub fn started(&self) -> Vec<(u64, u32)> {
+        self.log()
+            .snapshot()
+            .iter()
+            .filter_map(|l| parse_started(l))
+            .collect()
+    }
+
+    /// Waits for the `worker ID started (pid PID)` line of worker `id`;
+    /// returns its pid.
+    pub fn wait_started(&self, id: u64) -> u32 {
+        let (_, line) = self
+            .log()
+            .wait_from(0, &format!("worker {id} to start"), DEADLINE, |l| {
+                parse_started(l).is_some_and(|(i, _)| i == id)
+            });
+        parse_started(&line).expect("matched").1
+    }
+
+    /// Waits for worker `id`'s `ready` line.
+    pub fn wait_worker_ready(&self, id: u64) -> String {
+        self.log()
+            .wait_from(0, &format!("worker {id} to be ready"), DEADLINE, |l| {
+                l.contains(&format!("worker {id} (pid ")) && l.contains(" ready, ")
+            })
+            .1
+    }
+
+    /// One request on a new connection with `Connection: close`.
+    pub fn get(&self) -> Response {
+        get_once(self.addr).unwrap_or_else(|e| {
+            panic!(
+                "request to {} failed: {e}; primary's log:\n{}",
+                self.addr,
+                self.log().dump()
+            )
+        })
+    }
+
+    pub fn signal(&self, sig: Signal) {
+        self.proc.signal(sig)
+    }
+}
+
+/// The address in `listening on ADDR`.
+pub fn parse_listening(line: &str) -> Option<SocketAddr> {
+    let rest = &line[line.find("listening on ")? + "listening on ".len()..];
+    rest.split_whitespace().next()?.parse().ok()
+}
+
+/// `(id, pid)` from `worker ID started (pid PID)`.
+pub fn parse_started(line: &str) -> Option<(u64, u32)> {
+    let rest = &line[line.find("worker ")? + "worker ".len()..];
+    let (id, rest) = rest.split_once(" started (pid ")?;
+    let (pid, _) = rest.split_once(')')?;
+    Some((id.parse().ok()?, pid.parse().ok()?))
+}
+
+/// `(id, pid)` from any text containing `from worker ID (pid PID)`, as the
+/// demo and example workers answer.
+pub fn parse_worker(text: &str) -> Option<(u64, u32)> {
+    let rest = &text[text.find("from worker ")? + "from worker ".len()..];
+    let (id, rest) = rest.split_once(" (pid ")?;
+    let (pid, _) = rest.split_once(')')?;
+    Some((id.parse().ok()?, pid.parse().ok()?))
+}
+
+/// Waits up to `timeout` for `cond`, polling; returns whether it held.
+pub fn poll_until(timeout: Duration, mut cond: impl FnMut() -> bool) -> bool {
+    let deadline = Instant::now() + timeout;
+    loop {
+        if cond() {
+            return true;
+        }
+        if Instant::now() >= deadline {
+            return false;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// Whether `program` can be run at all (e.g. `python3 --version`), within
+/// [`DEADLINE`].
+pub fn have_program(program: &str, arg: &str) -> bool {
+    let Ok(child) = Command::new(program)
+        .arg(arg)
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+    else {
+        return false;
+    };
+    let mut child = KillOnDrop(child);
+    let mut status = None;
+    poll_until(DEADLINE, || {
+        status = child.0.try_wait().ok().flatten();
+        status.is_some()
+    });
+    status.is_some_and(|s| s.success())
+}
+
+/// A plain child process killed and reaped on drop.
+struct KillOnDrop(Child);
+
+impl Drop for KillOnDrop {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}

@@ -413,6 +413,10 @@ impl Primary {
 
     /// Starts the workers and serves until a graceful shutdown completes.
     ///
+    /// Workers are started from the calling thread and are killed
+    /// (`PR_SET_PDEATHSIG`) when that thread ends; since `run` returns only
+    /// after the workers are gone, any thread will do.
+    ///
     /// # Errors
     /// Only for failures of the primary itself (its event loop); worker
     /// failures are logged, reported as events, and repaired.

@@ -43,12 +43,16 @@ compile_error!("distributor supports Linux only");
 
 mod channel;
 pub mod demo;
+pub mod lab;
 pub mod primary;
 pub mod protocol;
 mod sys;
 pub mod worker;
 
-pub use primary::{Backoff, Builder, Event, Handle, Primary, PrimaryError, WorkerCommand};
+pub use primary::{
+    Backoff, Builder, Event, Handle, Primary, PrimaryError, Sched, Stats, WorkerCommand,
+    WorkerStats,
+};
 pub use worker::{Incoming, WorkerError, WorkerEvent, WorkerListener, is_primary, is_worker};
 
 #[doc(hidden)]

@@ -9,7 +9,7 @@ use std::time::Duration;
 
 use anyhow::Context;
 use clap::Parser;
-use distributor::{Primary, WorkerCommand, WorkerListener};
+use distributor::{Primary, Sched, WorkerCommand, WorkerListener};
 
 /// Set by the primary in the environment of the built-in demo workers.
 const DEMO_WORKER_ENV: &str = "DISTRIBUTOR_DEMO_WORKER";
@@ -31,6 +31,20 @@ struct Cli {
     /// Number of worker processes [default: available CPUs]
     #[arg(short, long, value_name = "N", env = "DISTRIBUTOR_WORKERS", value_parser = parse_workers)]
     workers: Option<usize>,
+
+    /// Who accepts and balances: rr (the primary, round-robin), shared (every
+    /// worker accepts on one socket; alias none), reuseport (one SO_REUSEPORT
+    /// socket per worker). Kernel modes hand the socket over as fd 3 with
+    /// LISTEN_FDS/LISTEN_PID (socket activation), so unmodified apps work
+    #[arg(
+        short,
+        long,
+        value_name = "MODE",
+        default_value = "rr",
+        env = "DISTRIBUTOR_SCHED",
+        value_parser = parse_sched
+    )]
+    sched: Sched,
 
     /// Address to listen on (IPv4 or [IPv6]; port 0 picks a free port)
     #[arg(
@@ -77,6 +91,10 @@ struct Cli {
     /// The worker program and its arguments, after `--`
     #[arg(last = true, value_name = "COMMAND")]
     command: Vec<OsString>,
+}
+
+fn parse_sched(s: &str) -> Result<Sched, String> {
+    s.parse()
 }
 
 fn parse_workers(s: &str) -> Result<usize, String> {
@@ -162,6 +180,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
     };
     let mut builder = Primary::builder()
         .listen(cli.listen)
+        .sched(cli.sched)
         .command(command)
         .shutdown_timeout(cli.shutdown_timeout)
         .worker_timeout(Some(cli.worker_timeout))

@@ -39,7 +39,9 @@ impl EventLoop {
         let id = self.next_worker_id;
         self.next_worker_id += 1;
         let now = self.now;
-        let mut w = WorkerProc::spawn(&self.settings.command, id, slot, role, now)?;
+        self.ensure_slot_listener(slot)?;
+        let listen = self.slot_listener(slot).map(|l| l.as_fd());
+        let mut w = WorkerProc::spawn(&self.settings.command, id, slot, role, listen, now)?;
         let i = self.free.pop().unwrap_or_else(|| {
             self.workers.push(None);
             self.workers.len() - 1
@@ -142,6 +144,8 @@ impl EventLoop {
     }
 
     fn on_exit(&mut self, i: usize, status: ExitStatus) {
+        // Its last messages (a final STATS) may still wait in the channel.
+        self.read_channel(i);
         let w = self.workers[i].as_mut().expect("exited worker exists");
         let expected = w.asked_to_stop || self.shutdown_at.is_some();
         // It is gone: no signal for it, only its connections to hand over.
@@ -149,6 +153,7 @@ impl EventLoop {
         self.disconnect(i, Duration::ZERO);
         let w = self.workers[i].take().expect("exited worker exists");
         self.free.push(i);
+        self.exited_connections += w.taken;
         let uptime = self.now.saturating_duration_since(w.started);
         let how = describe_exit(&status);
         let plural = if w.taken == 1 { "" } else { "s" };
@@ -197,13 +202,16 @@ impl EventLoop {
 
     /// A worker said hello: it gets connections from now on. A reload's
     /// candidate takes over its slot, and the slot's old worker retires.
-    pub(super) fn on_hello(&mut self, i: usize) {
+    /// `spoke`: it said hello; else, in a kernel mode, it is taken as ready
+    /// without (and is not pinged, since it may not speak the protocol).
+    pub(super) fn on_hello(&mut self, i: usize, spoke: bool) {
         let w = self.workers[i].as_mut().expect("hello from a live worker");
         w.ready = true;
         w.hello_warn_at = None;
         w.ping_at = self
             .settings
             .worker_timeout
+            .filter(|_| spoke)
             .map(|t| self.now + ping_interval(t));
         let (id, pid, slot, role) = (w.id, w.pid, w.slot, w.role);
         if role == Role::Candidate {
@@ -358,6 +366,7 @@ impl EventLoop {
             return;
         };
         info!("removing a worker: {} workers", active.len() - 1);
+        self.drop_slot_listener(slot);
         let s = &mut self.slots[slot];
         s.active = false;
         s.restart_at = None;
@@ -395,9 +404,20 @@ impl EventLoop {
 
     fn worker_timers(&mut self, i: usize, now: Instant) {
         let worker_timeout = self.settings.worker_timeout;
+        let sched = self.settings.sched;
         let Some(w) = self.worker_mut(i) else {
             return;
         };
+        if sched.is_kernel() && w.hello_warn_at.is_some_and(|t| t <= now) {
+            info!(
+                worker = w.id,
+                "worker {} (pid {}) has not said hello; in {sched} mode it accepts by itself, so it is taken as ready (without figures or hang detection)",
+                w.id,
+                w.pid
+            );
+            self.on_hello(i, false);
+            return;
+        }
         if w.hello_warn_at.is_some_and(|t| t <= now) {
             w.hello_warn_at = None;
             warn!(

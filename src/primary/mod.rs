@@ -423,7 +423,9 @@ impl Builder {
                 }
             })?,
         };
-        listener.set_nonblocking(true)?;
+        // The primary accepts without waiting in rr; in the kernel modes
+        // workers get the socket as socket activation would, blocking.
+        listener.set_nonblocking(self.sched == Sched::RoundRobin)?;
         let settings = event_loop::Settings {
             workers: self.workers,
             command,

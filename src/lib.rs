@@ -57,6 +57,6 @@ pub use worker::{Incoming, WorkerError, WorkerEvent, WorkerListener, is_primary,
 
 #[doc(hidden)]
 pub mod __private {
-    //! For the crate's own tests only: not a stable interface.
-    pub use crate::sys::is_cloexec;
+    //! For the crate's own tests and benchmarks only: not a stable interface.
+    pub use crate::sys::{is_cloexec, recv_with_fds, send_with_fds, seqpacket_pair};
 }

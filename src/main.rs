@@ -12,8 +12,7 @@ use anyhow::Context;
 use clap::{Args, Parser, Subcommand};
 use distributor::{Primary, Sched, WorkerCommand, WorkerListener};
 
-/// Set by the primary in the environment of the built-in demo workers.
-const DEMO_WORKER_ENV: &str = "DISTRIBUTOR_DEMO_WORKER";
+use distributor::demo::DEMO_WORKER_ENV;
 
 /// One primary accepts connections and hands each, round-robin, to one of N
 /// worker processes over a Unix socketpair (SCM_RIGHTS), as Node's cluster

@@ -68,7 +68,11 @@ pub enum LabError {
     /// The primary could not start (bad command, no port, ...).
     Primary(PrimaryError),
     /// The workers did not become ready in time.
-    NotReady { mode: Sched, ready: usize, wanted: usize },
+    NotReady {
+        mode: Sched,
+        ready: usize,
+        wanted: usize,
+    },
     /// The load generator failed to run at all.
     Io(std::io::Error),
 }

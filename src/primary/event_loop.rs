@@ -355,8 +355,7 @@ impl EventLoop {
 
     /// The worker that round-robin would give the next connection to.
     fn pick(&self) -> Option<usize> {
-        let n = self.workers.len();
-        (0..n).map(|step| (self.cursor + step) % n).find(|&i| {
+        super::policy::round_robin(self.cursor, self.workers.len(), |i| {
             self.workers[i]
                 .as_ref()
                 .is_some_and(|w| w.can_take(self.settings.max_unacked))

@@ -20,6 +20,7 @@
 
 mod backoff;
 mod event_loop;
+pub mod policy;
 mod process;
 mod supervisor;
 

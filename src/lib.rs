@@ -25,11 +25,16 @@
 //!
 //! # Layout
 //!
-//! - [`primary`]: the primary's builder, handle and events; its event loop
-//!   (acceptor, dispatcher, ledger, supervisor) lives in `primary::event_loop`.
+//! - [`primary`]: the primary's builder, handle, events and scheduling
+//!   modes ([`Sched`]); its event loop (acceptor, dispatcher, ledger) lives
+//!   in `primary::event_loop`, the supervisor (exits, reloads, scaling,
+//!   hang detection) in `primary::supervisor`.
 //! - [`worker`]: the worker side, [`WorkerListener`].
 //! - [`protocol`]: the versioned worker protocol (see `docs/PROTOCOL.md`).
 //! - [`demo`]: the built-in HTTP demo worker.
+//! - [`lab`]: `distributor compare`: each scheduling mode under a built-in
+//!   load generator, with throughput, latency and fairness figures.
+//! - [`primary::policy`]: how the next worker is chosen (round-robin).
 //! - `channel`: one end of a primary–worker `SOCK_SEQPACKET` channel.
 //! - `sys`: every raw system call, and so every `unsafe` block.
 //!

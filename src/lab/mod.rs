@@ -14,10 +14,16 @@
 //!
 //! - [`load`]: the load generator (mio, a few threads, keep-alive or one
 //!   request per connection).
-//! - [`report`]: the figures, and the table, JSON and SVG outputs.
+//!   - `driver`: one generator thread, its connections and its `Poll`.
+//!   - `response`: the incremental HTTP/1.1 response parser.
+//! - [`report`]: the figures, and the table and JSON outputs.
+//!   - `svg`: the SVG chart.
 
+mod driver;
 pub mod load;
 pub mod report;
+mod response;
+mod svg;
 
 use std::fmt;
 use std::net::SocketAddr;

@@ -1,5 +1,6 @@
 //! The lab's figures and their three outputs: a plain-text table for the
-//! terminal, a JSON document for scripts, and an SVG chart for people.
+//! terminal, a JSON document for scripts, and an SVG chart for people (drawn
+//! in its own module, re-exported here as [`svg()`]).
 //!
 //! Fairness is shown two ways, because kernel balancing is uneven in ways a
 //! mean hides: each worker's share of the requests (the table gives the
@@ -13,6 +14,8 @@ use std::fmt::Write as _;
 use serde::Serialize;
 
 use super::load::LoadResult;
+
+pub use super::svg::svg;
 
 /// The figures of one run (one scheduling mode).
 #[derive(Debug, Clone, Serialize)]
@@ -170,7 +173,7 @@ pub struct Meta {
 
 impl Meta {
     /// One line naming the settings, shared by the table and the chart.
-    fn settings(&self) -> String {
+    pub(super) fn settings(&self) -> String {
         format!(
             "{} workers, {} connections, {} s per mode, {}, GET {}",
             self.workers,
@@ -300,558 +303,15 @@ pub fn json(meta: &Meta, reports: &[ModeReport]) -> String {
     .expect("plain structs with string keys always serialize")
 }
 
-/// Escapes the five XML special characters, for text and attribute values.
-fn escape(s: &str) -> String {
-    let mut out = String::with_capacity(s.len());
-    for c in s.chars() {
-        match c {
-            '&' => out.push_str("&amp;"),
-            '<' => out.push_str("&lt;"),
-            '>' => out.push_str("&gt;"),
-            '"' => out.push_str("&quot;"),
-            '\'' => out.push_str("&apos;"),
-            c => out.push(c),
-        }
-    }
-    out
-}
-
-/// At most `max` characters of `s`, with `…` when cut.
-fn shorten(s: &str, max: usize) -> String {
-    if s.chars().count() <= max {
-        s.to_string()
-    } else {
-        let mut cut: String = s.chars().take(max.saturating_sub(1)).collect();
-        cut.push('…');
-        cut
-    }
-}
-
-/// A latency in µs, in the unit that suits it.
-fn human_latency(us: f64) -> String {
-    if us < 1000.0 {
-        format!("{us:.0} µs")
-    } else if us < 10_000.0 {
-        format!("{:.2} ms", us / 1000.0)
-    } else if us < 100_000.0 {
-        format!("{:.1} ms", us / 1000.0)
-    } else if us < 1_000_000.0 {
-        format!("{:.0} ms", us / 1000.0)
-    } else {
-        format!("{:.2} s", us / 1_000_000.0)
-    }
-}
-
-/// A power of ten µs as an axis label: `100 µs`, `1 ms`, `10 s`.
-fn decade(us: f64) -> String {
-    if us < 1000.0 {
-        format!("{us:.0} µs")
-    } else if us < 1_000_000.0 {
-        format!("{:.0} ms", us / 1000.0)
-    } else {
-        format!("{:.0} s", us / 1_000_000.0)
-    }
-}
-
-/// A request rate, shortened: `980 req/s`, `12.3 k req/s`.
-fn human_rate(rate: f64) -> String {
-    if rate < 1000.0 {
-        format!("{rate:.0} req/s")
-    } else {
-        format!("{:.1} k req/s", rate / 1000.0)
-    }
-}
-
-/// A step of 1, 2 or 5 times a power of ten giving about `ticks` ticks
-/// up to `max`.
-fn nice_step(max: f64, ticks: f64) -> f64 {
-    let raw = (max / ticks).max(f64::MIN_POSITIVE);
-    let magnitude = 10f64.powf(raw.log10().floor());
-    let step = [1.0, 2.0, 5.0, 10.0]
-        .into_iter()
-        .map(|m| m * magnitude)
-        .find(|&s| s >= raw)
-        .unwrap_or(10.0 * magnitude);
-    step.max(f64::MIN_POSITIVE)
-}
-
-const FONT: &str = "font-family=\"DejaVu Sans, Helvetica, Arial, sans-serif\"";
-const MODE_COLORS: [&str; 8] = [
-    "#4e79a7", "#f28e2b", "#59a14f", "#e15759", "#76b7b2", "#b07aa1", "#9c755f", "#edc948",
-];
-const LATENCY_COLORS: [(&str, &str); 3] =
-    [("p50", "#9ecae1"), ("p99", "#4292c6"), ("p99.9", "#08306b")];
-
-const WIDTH: f64 = 1200.0;
-const HEIGHT: f64 = 570.0;
-const PLOT_TOP: f64 = 120.0;
-const PLOT_BOTTOM: f64 = 460.0;
-/// Worker ids are written under bars at least this wide.
-const ID_LABEL_MIN_BAR: f64 = 14.0;
-
-/// Text anchored at (`x`, `y`).
-fn text(out: &mut String, x: f64, y: f64, size: u32, anchor: &str, extra: &str, content: &str) {
-    let _ = writeln!(
-        out,
-        "<text x=\"{x:.1}\" y=\"{y:.1}\" font-size=\"{size}\" text-anchor=\"{anchor}\" {extra}>{}</text>",
-        escape(content)
-    );
-}
-
-fn rect(out: &mut String, x: f64, y: f64, w: f64, h: f64, fill: &str, title: &str) {
-    let _ = writeln!(
-        out,
-        "<rect x=\"{x:.1}\" y=\"{y:.1}\" width=\"{w:.1}\" height=\"{h:.1}\" fill=\"{fill}\"><title>{}</title></rect>",
-        escape(title)
-    );
-}
-
-fn line(out: &mut String, x1: f64, y1: f64, x2: f64, y2: f64, style: &str) {
-    let _ = writeln!(
-        out,
-        "<line x1=\"{x1:.1}\" y1=\"{y1:.1}\" x2=\"{x2:.1}\" y2=\"{y2:.1}\" {style}/>"
-    );
-}
-
-/// The figures as a self-contained SVG chart: per-worker shares per mode
-/// against the ideal `1/N` (left), latency percentiles per mode on a log
-/// scale (right), the settings in the title. Every bar has a tooltip with
-/// its exact value; all text is XML-escaped.
-pub fn svg(meta: &Meta, reports: &[ModeReport]) -> String {
-    let mut out = String::with_capacity(16 * 1024);
-    let _ = writeln!(
-        out,
-        "<svg xmlns=\"http://www.w3.org/2000/svg\" width=\"{WIDTH}\" height=\"{HEIGHT}\" \
-         viewBox=\"0 0 {WIDTH} {HEIGHT}\" {FONT} fill=\"#222\">"
-    );
-    let _ = writeln!(
-        out,
-        "<title>{}</title>",
-        escape(&format!("distributor compare: {}", meta.settings()))
-    );
-    rect(&mut out, 0.0, 0.0, WIDTH, HEIGHT, "#ffffff", "");
-    let title = format!("distributor compare: {}", shorten(&meta.settings(), 120));
-    // Bold sans glyphs average about 0.62 em: shrink a long title to fit.
-    let fit = (WIDTH - 40.0) / (0.62 * title.chars().count() as f64);
-    text(
-        &mut out,
-        WIDTH / 2.0,
-        34.0,
-        fit.clamp(12.0, 20.0) as u32,
-        "middle",
-        "font-weight=\"bold\"",
-        &title,
-    );
-    text(
-        &mut out,
-        WIDTH / 2.0,
-        58.0,
-        13,
-        "middle",
-        "fill=\"#666\"",
-        &format!(
-            "machine: {}  ·  command: {}",
-            shorten(&meta.machine, 60),
-            shorten(&meta.command, 60)
-        ),
-    );
-    shares_panel(&mut out, reports, 80.0, 560.0);
-    latency_panel(&mut out, reports, 700.0, 1160.0);
-    text(
-        &mut out,
-        WIDTH / 2.0,
-        HEIGHT - 14.0,
-        12,
-        "middle",
-        "fill=\"#666\"",
-        "Share: each worker's part of the requests. Jain's index: 1 = all served as many, \
-         1/N = one served all. Hover a bar for its exact value.",
-    );
-    out.push_str("</svg>\n");
-    out
-}
-
-/// Left panel: one group of bars per mode, one bar per worker.
-fn shares_panel(out: &mut String, reports: &[ModeReport], left: f64, right: f64) {
-    text(
-        out,
-        left,
-        PLOT_TOP - 34.0,
-        15,
-        "start",
-        "font-weight=\"bold\"",
-        "Requests served by each worker (%)",
-    );
-    let legend_x = right - 150.0;
-    line(
-        out,
-        legend_x,
-        PLOT_TOP - 39.0,
-        legend_x + 28.0,
-        PLOT_TOP - 39.0,
-        "stroke=\"#d62728\" stroke-width=\"2\" stroke-dasharray=\"6 4\"",
-    );
-    text(
-        out,
-        legend_x + 34.0,
-        PLOT_TOP - 35.0,
-        12,
-        "start",
-        "",
-        "ideal share (1/N)",
-    );
-    let max_share = reports
-        .iter()
-        .flat_map(|r| {
-            let ideal = if r.per_worker.is_empty() {
-                0.0
-            } else {
-                100.0 / r.per_worker.len() as f64
-            };
-            r.per_worker
-                .iter()
-                .map(|w| w.share_pct)
-                .chain([ideal * 1.5])
-        })
-        .fold(0.0, f64::max)
-        .clamp(1.0, 100.0);
-    let step = nice_step(max_share, 5.0);
-    let top = (max_share / step).ceil() * step;
-    let y_of = |v: f64| PLOT_BOTTOM - v / top * (PLOT_BOTTOM - PLOT_TOP);
-    let mut tick = 0.0;
-    while tick <= top + step / 2.0 {
-        let y = y_of(tick);
-        line(out, left, y, right, y, "stroke=\"#e5e5e5\"");
-        text(
-            out,
-            left - 8.0,
-            y + 4.0,
-            12,
-            "end",
-            "",
-            &format!("{tick:.0}"),
-        );
-        tick += step;
-    }
-    let _ = writeln!(
-        out,
-        "<text transform=\"translate({:.1} {:.1}) rotate(-90)\" font-size=\"13\" text-anchor=\"middle\">share of requests (%)</text>",
-        left - 46.0,
-        (PLOT_TOP + PLOT_BOTTOM) / 2.0
-    );
-    line(
-        out,
-        left,
-        PLOT_BOTTOM,
-        right,
-        PLOT_BOTTOM,
-        "stroke=\"#444\"",
-    );
-    line(out, left, PLOT_TOP, left, PLOT_BOTTOM, "stroke=\"#444\"");
-    if reports.is_empty() {
-        text(
-            out,
-            (left + right) / 2.0,
-            (PLOT_TOP + PLOT_BOTTOM) / 2.0,
-            14,
-            "middle",
-            "",
-            "no runs",
-        );
-        return;
-    }
-    let slot = (right - left) / reports.len() as f64;
-    for (m, r) in reports.iter().enumerate() {
-        let color = MODE_COLORS[m % MODE_COLORS.len()];
-        let x0 = left + slot * m as f64 + slot * 0.08;
-        let inner = slot * 0.84;
-        let center = x0 + inner / 2.0;
-        text(
-            out,
-            center,
-            PLOT_BOTTOM + 38.0,
-            14,
-            "middle",
-            "font-weight=\"bold\"",
-            &r.mode,
-        );
-        if !r.has_shares() {
-            text(
-                out,
-                center,
-                (PLOT_TOP + PLOT_BOTTOM) / 2.0,
-                13,
-                "middle",
-                "fill=\"#888\"",
-                "no per-worker data",
-            );
-            continue;
-        }
-        text(
-            out,
-            center,
-            PLOT_BOTTOM + 56.0,
-            12,
-            "middle",
-            "",
-            &format!("Jain {:.3}", r.jain),
-        );
-        text(
-            out,
-            center,
-            PLOT_BOTTOM + 72.0,
-            12,
-            "middle",
-            "fill=\"#555\"",
-            &format!("{:.1}–{:.1} %", r.share_min_pct, r.share_max_pct),
-        );
-        let n = r.per_worker.len() as f64;
-        let bar = inner / n;
-        // Label the first largest and the first smallest bar only, and
-        // none when they hardly differ (the line below gives both).
-        let labelled = r.share_max_pct - r.share_min_pct >= 1.0;
-        let max_at = r
-            .per_worker
-            .iter()
-            .position(|w| w.share_pct == r.share_max_pct);
-        let min_at = r
-            .per_worker
-            .iter()
-            .position(|w| w.share_pct == r.share_min_pct);
-        for (k, w) in r.per_worker.iter().enumerate() {
-            let x = x0 + bar * k as f64;
-            let y = y_of(w.share_pct);
-            rect(
-                out,
-                x + bar * 0.1,
-                y,
-                bar * 0.8,
-                PLOT_BOTTOM - y,
-                color,
-                &format!(
-                    "{}: worker {}: {} requests, {:.1} %",
-                    r.mode, w.id, w.requests, w.share_pct
-                ),
-            );
-            if bar >= ID_LABEL_MIN_BAR {
-                text(
-                    out,
-                    x + bar / 2.0,
-                    PLOT_BOTTOM + 16.0,
-                    11,
-                    "middle",
-                    "fill=\"#555\"",
-                    &w.id.to_string(),
-                );
-            }
-            if labelled && (Some(k) == max_at || Some(k) == min_at) {
-                let label = if bar >= 22.0 {
-                    format!("{:.1}", w.share_pct)
-                } else {
-                    format!("{:.0}", w.share_pct)
-                };
-                text(
-                    out,
-                    x + bar / 2.0,
-                    y - 5.0,
-                    if bar >= 30.0 { 11 } else { 10 },
-                    "middle",
-                    "",
-                    &label,
-                );
-            }
-        }
-        let ideal = y_of(100.0 / n);
-        line(
-            out,
-            x0,
-            ideal,
-            x0 + inner,
-            ideal,
-            "stroke=\"#d62728\" stroke-width=\"2\" stroke-dasharray=\"6 4\"",
-        );
-    }
-    if reports
-        .iter()
-        .any(|r| r.has_shares() && slot * 0.84 / r.per_worker.len() as f64 >= ID_LABEL_MIN_BAR)
-    {
-        text(
-            out,
-            left + 4.0,
-            PLOT_BOTTOM + 16.0,
-            11,
-            "end",
-            "fill=\"#555\"",
-            "id",
-        );
-    }
-}
-
-/// Right panel: one group per mode, bars for p50, p99 and p99.9 on a log
-/// scale.
-fn latency_panel(out: &mut String, reports: &[ModeReport], left: f64, right: f64) {
-    text(
-        out,
-        left,
-        PLOT_TOP - 34.0,
-        15,
-        "start",
-        "font-weight=\"bold\"",
-        "Latency (log scale)",
-    );
-    for (k, (name, color)) in LATENCY_COLORS.iter().enumerate() {
-        let x = right - 190.0 + 66.0 * k as f64;
-        rect(out, x, PLOT_TOP - 48.0, 14.0, 14.0, color, name);
-        text(out, x + 19.0, PLOT_TOP - 36.0, 12, "start", "", name);
-    }
-    let values: Vec<f64> = reports
-        .iter()
-        .flat_map(|r| [r.p50_us, r.p99_us, r.p999_us])
-        .filter(|&v| v > 0.0)
-        .collect();
-    let lo_exp = values
-        .iter()
-        .fold(f64::INFINITY, |a, &v| a.min(v))
-        .log10()
-        .floor();
-    let hi_exp = values.iter().fold(0.0f64, |a, &v| a.max(v)).log10().ceil();
-    let (lo_exp, hi_exp) = if values.is_empty() {
-        (1.0, 4.0)
-    } else {
-        let lo = lo_exp.max(0.0);
-        (lo, hi_exp.max(lo + 1.0))
-    };
-    let y_of = |us: f64| {
-        let e = us.max(10f64.powf(lo_exp)).log10();
-        PLOT_BOTTOM - (e - lo_exp) / (hi_exp - lo_exp) * (PLOT_BOTTOM - PLOT_TOP)
-    };
-    let mut e = lo_exp;
-    while e <= hi_exp + 0.5 {
-        let v = 10f64.powf(e);
-        let y = y_of(v);
-        line(out, left, y, right, y, "stroke=\"#cccccc\"");
-        text(out, left - 8.0, y + 4.0, 12, "end", "", &decade(v));
-        if e + 0.5 < hi_exp {
-            for m in 2..10 {
-                let y = y_of(v * f64::from(m));
-                line(out, left, y, right, y, "stroke=\"#ebebeb\"");
-            }
-        }
-        e += 1.0;
-    }
-    let _ = writeln!(
-        out,
-        "<text transform=\"translate({:.1} {:.1}) rotate(-90)\" font-size=\"13\" text-anchor=\"middle\">latency per request</text>",
-        left - 62.0,
-        (PLOT_TOP + PLOT_BOTTOM) / 2.0
-    );
-    line(
-        out,
-        left,
-        PLOT_BOTTOM,
-        right,
-        PLOT_BOTTOM,
-        "stroke=\"#444\"",
-    );
-    line(out, left, PLOT_TOP, left, PLOT_BOTTOM, "stroke=\"#444\"");
-    if reports.is_empty() {
-        text(
-            out,
-            (left + right) / 2.0,
-            (PLOT_TOP + PLOT_BOTTOM) / 2.0,
-            14,
-            "middle",
-            "",
-            "no runs",
-        );
-        return;
-    }
-    let slot = (right - left) / reports.len() as f64;
-    for (m, r) in reports.iter().enumerate() {
-        let x0 = left + slot * m as f64 + slot * 0.12;
-        let inner = slot * 0.76;
-        let center = x0 + inner / 2.0;
-        text(
-            out,
-            center,
-            PLOT_BOTTOM + 38.0,
-            14,
-            "middle",
-            "font-weight=\"bold\"",
-            &r.mode,
-        );
-        text(
-            out,
-            center,
-            PLOT_BOTTOM + 56.0,
-            12,
-            "middle",
-            "",
-            &human_rate(r.requests_per_sec),
-        );
-        if r.errors > 0 {
-            text(
-                out,
-                center,
-                PLOT_BOTTOM + 72.0,
-                12,
-                "middle",
-                "fill=\"#c00\"",
-                &format!("{} errors", r.errors),
-            );
-        }
-        if r.requests == 0 {
-            text(
-                out,
-                center,
-                (PLOT_TOP + PLOT_BOTTOM) / 2.0,
-                13,
-                "middle",
-                "fill=\"#888\"",
-                "no requests",
-            );
-            continue;
-        }
-        let bar = inner / 3.0;
-        for (k, ((name, color), us)) in LATENCY_COLORS
-            .iter()
-            .zip([r.p50_us, r.p99_us, r.p999_us])
-            .enumerate()
-        {
-            let x = x0 + bar * k as f64;
-            let y = y_of(us);
-            rect(
-                out,
-                x + bar * 0.08,
-                y,
-                bar * 0.84,
-                PLOT_BOTTOM - y,
-                color,
-                &format!("{}: {name} {}", r.mode, human_latency(us)),
-            );
-            // On narrow bars the middle label goes a line higher, so that
-            // neighbours of about the same height do not overlap.
-            let lift = if bar < 56.0 && k == 1 { 16.0 } else { 5.0 };
-            text(
-                out,
-                x + bar / 2.0,
-                y - lift,
-                if bar >= 44.0 { 11 } else { 10 },
-                "middle",
-                "",
-                &human_latency(us),
-            );
-        }
-    }
-}
-
+/// Sample figures for the tests of the table, the JSON and the chart.
 #[cfg(test)]
-mod tests {
-    use super::*;
+pub(super) mod fixtures {
     use std::collections::BTreeMap;
     use std::time::Duration;
 
-    fn result(per_worker: &[(u64, u64)], latencies: &[u64]) -> LoadResult {
+    use super::{LoadResult, Meta, ModeReport};
+
+    pub(crate) fn result(per_worker: &[(u64, u64)], latencies: &[u64]) -> LoadResult {
         let mut hist = hdrhistogram::Histogram::new_with_max(3_600_000_000, 3).unwrap();
         for &l in latencies {
             hist.record(l).unwrap();
@@ -866,7 +326,7 @@ mod tests {
         }
     }
 
-    fn meta() -> Meta {
+    pub(crate) fn meta() -> Meta {
         Meta {
             machine: "Linux 6.8 <x86_64> & 2 CPUs".to_string(),
             command: "distributor --workers 8".to_string(),
@@ -878,7 +338,7 @@ mod tests {
         }
     }
 
-    fn sample() -> Vec<ModeReport> {
+    pub(crate) fn sample() -> Vec<ModeReport> {
         let ids = [0, 1, 2, 3];
         vec![
             ModeReport::new(
@@ -896,6 +356,12 @@ mod tests {
             ModeReport::new("reuseport", 4, &result(&[], &[]), &ids),
         ]
     }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::fixtures::{meta, result, sample};
+    use super::*;
 
     fn close(a: f64, b: f64) -> bool {
         (a - b).abs() < 1e-9
@@ -1011,85 +477,5 @@ mod tests {
         assert_eq!(modes[1]["per_worker"][2]["id"], 2);
         assert_eq!(modes[1]["per_worker"][2]["requests"], 0);
         assert_eq!(modes[1]["share_max_pct"], 70.0);
-    }
-
-    /// Checks that every tag is closed in order and every `&` starts an
-    /// entity: enough to tell a well-formed document from a broken one here.
-    fn assert_well_formed(doc: &str) {
-        let mut stack: Vec<&str> = Vec::new();
-        let mut rest = doc;
-        while let Some(open) = rest.find('<') {
-            let text = &rest[..open];
-            check_entities(text);
-            let end = rest[open..].find('>').expect("an unclosed tag") + open;
-            let tag = &rest[open + 1..end];
-            rest = &rest[end + 1..];
-            if let Some(name) = tag.strip_prefix('/') {
-                assert_eq!(stack.pop(), Some(name.trim()), "mismatched </{name}>");
-                continue;
-            }
-            assert!(!tag.contains('<'), "'<' in a tag: {tag}");
-            check_entities(tag);
-            let self_closing = tag.ends_with('/');
-            let name = tag
-                .trim_end_matches('/')
-                .split_whitespace()
-                .next()
-                .expect("a tag name");
-            // Attribute quotes balance.
-            assert_eq!(tag.matches('"').count() % 2, 0, "{tag}");
-            if !self_closing {
-                stack.push(name);
-            }
-            if stack.is_empty() {
-                assert!(rest.trim().is_empty(), "content after the root");
-            }
-        }
-        check_entities(rest);
-        assert!(stack.is_empty(), "unclosed: {stack:?}");
-    }
-
-    fn check_entities(s: &str) {
-        for (i, _) in s.match_indices('&') {
-            let after = &s[i..];
-            assert!(
-                ["&amp;", "&lt;", "&gt;", "&quot;", "&apos;"]
-                    .iter()
-                    .any(|e| after.starts_with(e)),
-                "raw & in {s:?}"
-            );
-        }
-        assert!(!s.contains('>') || s.is_empty(), "raw > in {s:?}");
-    }
-
-    #[test]
-    fn svg_is_well_formed_and_escaped() {
-        let doc = svg(&meta(), &sample());
-        assert!(doc.starts_with("<svg "));
-        assert!(doc.trim_end().ends_with("</svg>"));
-        assert_well_formed(&doc);
-        assert_eq!(doc.matches("<text").count(), doc.matches("</text>").count());
-        assert!(doc.contains("&lt;x86_64&gt; &amp; 2 CPUs"));
-        assert!(doc.contains("GET /?a=1&amp;b=&quot;2&quot;"));
-        assert!(!doc.contains("<x86_64>"));
-        assert!(doc.contains("no per-worker data"));
-        assert!(doc.contains("stroke-dasharray"));
-        let empty = svg(&meta(), &[]);
-        assert_well_formed(&empty);
-        assert!(empty.contains("no runs"));
-    }
-
-    #[test]
-    fn escape_covers_the_special_characters() {
-        assert_eq!(escape("a<b>&\"c'"), "a&lt;b&gt;&amp;&quot;c&apos;");
-        assert_eq!(escape("µs – ok"), "µs – ok");
-    }
-
-    #[test]
-    fn the_well_formedness_check_catches_breakage() {
-        for broken in ["<svg><text>a</svg>", "<svg>a & b</svg>", "<svg><g></svg>"] {
-            let caught = std::panic::catch_unwind(|| assert_well_formed(broken)).is_err();
-            assert!(caught, "{broken}");
-        }
     }
 }

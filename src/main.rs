@@ -157,35 +157,30 @@ struct CompareArgs {
     command: Vec<OsString>,
 }
 
-fn parse_connections(s: &str) -> Result<usize, String> {
+/// A whole number from 1 to `max`.
+fn parse_count(s: &str, max: usize) -> Result<usize, String> {
     match s.trim().parse::<usize>() {
         Ok(0) => Err("must be at least 1".into()),
-        Ok(n) if n > 10_000 => Err("must be at most 10000".into()),
+        Ok(n) if n > max => Err(format!("must be at most {max}")),
         Ok(n) => Ok(n),
         Err(_) => Err("not a whole number".into()),
     }
+}
+
+fn parse_connections(s: &str) -> Result<usize, String> {
+    parse_count(s, 10_000)
+}
+
+fn parse_workers(s: &str) -> Result<usize, String> {
+    parse_count(s, 4096)
+}
+
+fn parse_max_unacked(s: &str) -> Result<usize, String> {
+    parse_count(s, 1024)
 }
 
 fn parse_sched(s: &str) -> Result<Sched, String> {
     s.parse()
-}
-
-fn parse_workers(s: &str) -> Result<usize, String> {
-    match s.trim().parse::<usize>() {
-        Ok(0) => Err("must be at least 1".into()),
-        Ok(n) if n > 4096 => Err("must be at most 4096".into()),
-        Ok(n) => Ok(n),
-        Err(_) => Err("not a whole number".into()),
-    }
-}
-
-fn parse_max_unacked(s: &str) -> Result<usize, String> {
-    match s.trim().parse::<usize>() {
-        Ok(0) => Err("must be at least 1".into()),
-        Ok(n) if n > distributor::protocol::MAX_FDS * 16 => Err("must be at most 1024".into()),
-        Ok(n) => Ok(n),
-        Err(_) => Err("not a whole number".into()),
-    }
 }
 
 fn parse_duration(s: &str) -> Result<Duration, String> {

@@ -88,6 +88,15 @@ struct Cli {
     )]
     max_unacked: usize,
 
+    /// Run the primary and the workers as this user once the listening
+    /// socket is bound (so port 80 works when started as root)
+    #[arg(long, value_name = "NAME", env = "DISTRIBUTOR_USER")]
+    user: Option<String>,
+
+    /// Run as this group [default: the user's primary group]
+    #[arg(long, value_name = "NAME", env = "DISTRIBUTOR_GROUP")]
+    group: Option<String>,
+
     /// The worker program and its arguments, after `--`
     #[arg(last = true, value_name = "COMMAND")]
     command: Vec<OsString>,
@@ -335,6 +344,12 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         .max_unacked(cli.max_unacked);
     if let Some(n) = cli.workers {
         builder = builder.workers(n);
+    }
+    if let Some(user) = cli.user {
+        builder = builder.user(user);
+    }
+    if let Some(group) = cli.group {
+        builder = builder.group(group);
     }
     builder.build()?.run()?;
     Ok(())

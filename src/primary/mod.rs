@@ -21,6 +21,7 @@
 mod backoff;
 mod event_loop;
 pub mod policy;
+mod privileges;
 mod process;
 mod supervisor;
 
@@ -278,6 +279,8 @@ pub struct Builder {
     backoff: Backoff,
     handle_signals: bool,
     sched: Sched,
+    user: Option<String>,
+    group: Option<String>,
 }
 
 /// The default of [`Builder::max_unacked`].
@@ -301,6 +304,8 @@ impl Default for Builder {
             backoff: Backoff::default(),
             handle_signals: true,
             sched: Sched::RoundRobin,
+            user: None,
+            group: None,
         }
     }
 }
@@ -389,8 +394,24 @@ impl Builder {
         self
     }
 
-    /// Binds (unless given a listener), checks the worker command, and
-    /// prepares the event loop. Starts no process yet.
+    /// Runs the primary and its workers as this user (a name or a number)
+    /// once the listener is bound: start as root to bind port 80, serve as
+    /// `www-data`. The group is the user's primary group unless
+    /// [`Builder::group`] says otherwise.
+    pub fn user(mut self, user: impl Into<String>) -> Self {
+        self.user = Some(user.into());
+        self
+    }
+
+    /// Runs as this group (a name or a number); see [`Builder::user`].
+    pub fn group(mut self, group: impl Into<String>) -> Self {
+        self.group = Some(group.into());
+        self
+    }
+
+    /// Binds (unless given a listener), switches to the configured user,
+    /// checks the worker command (as that user), and prepares the event
+    /// loop. Starts no process yet.
     ///
     /// # Errors
     /// [`PrimaryError::Config`] for zero workers, [`PrimaryError::Listen`]
@@ -406,7 +427,7 @@ impl Builder {
             Some(c) => c,
             None => WorkerCommand::current_exe()?,
         };
-        check_program(&command)?;
+        let identity = privileges::resolve(self.user.as_deref(), self.group.as_deref())?;
         let reuseport = self.sched == Sched::ReusePort;
         let listener = match self.listener {
             Some(l) => {
@@ -427,6 +448,16 @@ impl Builder {
         // The primary accepts without waiting in rr; in the kernel modes
         // workers get the socket as socket activation would, blocking.
         listener.set_nonblocking(self.sched == Sched::RoundRobin)?;
+        if let Some(id) = &identity {
+            privileges::drop_to(id)?;
+            tracing::info!(
+                "running as user {} (uid {}, gid {})",
+                id.user,
+                id.uid,
+                id.gid
+            );
+        }
+        check_program(&command)?;
         let settings = event_loop::Settings {
             workers: self.workers,
             command,

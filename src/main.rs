@@ -88,6 +88,15 @@ struct Cli {
     )]
     max_unacked: usize,
 
+    /// Let workers write to stdout and stderr directly, without the
+    /// `[worker ID] ` prefix on each line
+    #[arg(long, env = "DISTRIBUTOR_NO_PREFIX")]
+    no_prefix: bool,
+
+    /// Format of the distributor's own log lines on stderr
+    #[arg(long, value_name = "FORMAT", default_value = "text", env = "DISTRIBUTOR_LOG_FORMAT", value_parser = ["text", "json"])]
+    log_format: String,
+
     /// Run the primary and the workers as this user once the listening
     /// socket is bound (so port 80 works when started as root)
     #[arg(long, value_name = "NAME", env = "DISTRIBUTOR_USER")]
@@ -209,7 +218,10 @@ fn main() -> ExitCode {
         Err(e) => return clap_error(e),
     };
     let quiet = matches!(cli.sub, Some(Sub::Compare(_)));
-    init_logging(if quiet { "warn" } else { "info" });
+    init_logging(
+        if quiet { "warn" } else { "info" },
+        cli.log_format == "json",
+    );
     let result = match cli.sub {
         Some(Sub::Compare(args)) => compare(args),
         None => run(cli),
@@ -240,15 +252,18 @@ fn clap_error(e: clap::Error) -> ExitCode {
     ExitCode::from(2)
 }
 
-fn init_logging(default: &str) {
+fn init_logging(default: &str, json: bool) {
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default));
-    tracing_subscriber::fmt()
+    let fmt = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr)
-        .with_ansi(std::io::stderr().is_terminal())
-        .with_target(false)
-        .init();
+        .with_target(false);
+    if json {
+        fmt.json().init();
+    } else {
+        fmt.with_ansi(std::io::stderr().is_terminal()).init();
+    }
 }
 
 /// The workers' command: the one given, or this program as the demo worker.
@@ -345,6 +360,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
     if let Some(n) = cli.workers {
         builder = builder.workers(n);
     }
+    builder = builder.prefix_output(!cli.no_prefix);
     if let Some(user) = cli.user {
         builder = builder.user(user);
     }

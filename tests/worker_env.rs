@@ -80,10 +80,14 @@ fn check_worker(primary: &Primary, id: u64, pid: u32) {
     );
     let target = |fd: i32| fds.iter().find(|f| f.0 == fd).unwrap().1.clone();
     assert_eq!(target(0), "/dev/null");
+    // Output goes through the primary's relay: stdout and stderr are two
+    // distinct pipes that the primary itself does not have as its 1 and 2.
     let primary_fds = proc_fds(primary.proc.pid()).unwrap();
+    assert!(target(1).starts_with("pipe:[") && target(2).starts_with("pipe:["));
+    assert_ne!(target(1), target(2), "stdout and stderr are separate pipes");
     for fd in [1, 2] {
         let theirs = primary_fds.iter().find(|f| f.0 == fd).map(|f| f.1.clone());
-        assert_eq!(Some(target(fd)), theirs, "fd {fd} is not the primary's");
+        assert_ne!(Some(target(fd)), theirs, "fd {fd} is the primary's own");
     }
     let socket = target(channel);
     let inode = socket

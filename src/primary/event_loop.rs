@@ -65,6 +65,7 @@ pub(crate) struct Settings {
     pub handle_signals: bool,
     pub sched: Sched,
     pub backlog: i32,
+    pub prefix_output: bool,
 }
 
 /// A place for one worker. Slots give restarts their backoff and rolling
@@ -128,6 +129,8 @@ pub(crate) struct EventLoop {
     buf: Box<[u8]>,
     fds: Vec<OwnedFd>,
     pub(super) enc: Encoder,
+    /// Relays worker output with a prefix, unless output passes through.
+    pub(super) output: Option<super::output::Relay>,
 }
 
 impl EventLoop {
@@ -150,6 +153,7 @@ impl EventLoop {
         poll.registry()
             .register(&mut signals, SIGNALS, Interest::READABLE)?;
         let (control_tx, control_rx) = crossbeam_channel::unbounded();
+        let settings_prefix = settings.prefix_output;
         Ok(EventLoop {
             poll,
             listener: Some(listener),
@@ -180,6 +184,11 @@ impl EventLoop {
             buf: vec![0; protocol::MAX_MESSAGE].into_boxed_slice(),
             fds: Vec::with_capacity(protocol::MAX_FDS),
             enc: Encoder::default(),
+            output: if settings_prefix {
+                Some(super::output::Relay::start()?)
+            } else {
+                None
+            },
         })
     }
 

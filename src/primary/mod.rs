@@ -20,6 +20,7 @@
 
 mod backoff;
 mod event_loop;
+mod output;
 pub mod policy;
 mod privileges;
 mod process;
@@ -281,6 +282,7 @@ pub struct Builder {
     sched: Sched,
     user: Option<String>,
     group: Option<String>,
+    prefix_output: bool,
 }
 
 /// The default of [`Builder::max_unacked`].
@@ -306,6 +308,7 @@ impl Default for Builder {
             sched: Sched::RoundRobin,
             user: None,
             group: None,
+            prefix_output: true,
         }
     }
 }
@@ -403,6 +406,14 @@ impl Builder {
         self
     }
 
+    /// Whether worker output is relayed line by line with a `[worker ID] `
+    /// prefix (default true); false lets workers write to the primary's
+    /// stdout and stderr directly.
+    pub fn prefix_output(mut self, on: bool) -> Self {
+        self.prefix_output = on;
+        self
+    }
+
     /// Runs as this group (a name or a number); see [`Builder::user`].
     pub fn group(mut self, group: impl Into<String>) -> Self {
         self.group = Some(group.into());
@@ -469,6 +480,7 @@ impl Builder {
             handle_signals: self.handle_signals,
             sched: self.sched,
             backlog: self.backlog,
+            prefix_output: self.prefix_output,
         };
         let inner = event_loop::EventLoop::new(listener, settings)?;
         Ok(Primary { inner })

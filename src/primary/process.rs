@@ -13,6 +13,7 @@ use std::time::Instant;
 use nix::sys::signal::{Signal, kill};
 use nix::unistd::Pid;
 
+use super::output::{Relay, Stream};
 use crate::channel::Channel;
 use crate::protocol;
 use crate::sys;
@@ -135,6 +136,7 @@ impl WorkerProc {
         slot: usize,
         role: Role,
         listen: Option<BorrowedFd<'_>>,
+        output: Option<&Relay>,
         now: Instant,
     ) -> io::Result<WorkerProc> {
         let (ours, theirs) = Channel::pair()?;
@@ -169,7 +171,22 @@ impl WorkerProc {
             listen.map(|l| l.as_raw_fd()),
         );
         command.env(protocol::ENV_FD, child_channel.to_string());
-        let child = command.spawn()?;
+        if output.is_some() {
+            command.stdout(Stdio::piped()).stderr(Stdio::piped());
+        }
+        let mut child = command.spawn()?;
+        if let Some(relay) = output {
+            let pipes = [
+                (Stream::Stdout, child.stdout.take().map(OwnedFd::from)),
+                (Stream::Stderr, child.stderr.take().map(OwnedFd::from)),
+            ];
+            for (stream, pipe) in pipes {
+                if let Some(pipe) = pipe {
+                    sys::set_nonblocking(pipe.as_fd(), true)?;
+                    relay.add(id, stream, pipe);
+                }
+            }
+        }
         drop(theirs);
         Ok(WorkerProc {
             id,

@@ -41,7 +41,15 @@ impl EventLoop {
         let now = self.now;
         self.ensure_slot_listener(slot)?;
         let listen = self.slot_listener(slot).map(|l| l.as_fd());
-        let mut w = WorkerProc::spawn(&self.settings.command, id, slot, role, listen, now)?;
+        let mut w = WorkerProc::spawn(
+            &self.settings.command,
+            id,
+            slot,
+            role,
+            listen,
+            self.output.as_ref(),
+            now,
+        )?;
         let i = self.free.pop().unwrap_or_else(|| {
             self.workers.push(None);
             self.workers.len() - 1

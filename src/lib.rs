@@ -46,6 +46,7 @@
 #[cfg(not(target_os = "linux"))]
 compile_error!("distributor supports Linux only");
 
+pub mod activation;
 mod channel;
 pub mod demo;
 pub mod lab;

@@ -147,27 +147,12 @@ pub struct WorkerListener {
 const REPORT_EVERY: Duration = Duration::from_millis(100);
 
 /// The listening socket of socket activation, if the environment offers
-/// one to this very process (`LISTEN_PID` unset or equal to our pid).
+/// one to this very process; set non-blocking (every worker is the same
+/// program, so the shared flag suits them all).
 fn inherited_listener() -> Result<Option<std::net::TcpListener>, WorkerError> {
-    let Some(count) = std::env::var_os("LISTEN_FDS") else {
+    let Some(listener) = crate::activation::take_listener().map_err(WorkerError::Io)? else {
         return Ok(None);
     };
-    if count
-        .to_str()
-        .and_then(|c| c.parse::<u32>().ok())
-        .unwrap_or(0)
-        == 0
-    {
-        return Ok(None);
-    }
-    if let Some(pid) = std::env::var_os("LISTEN_PID") {
-        if pid.to_str().and_then(|p| p.parse::<u32>().ok()) != Some(std::process::id()) {
-            return Ok(None);
-        }
-    }
-    let fd = sys::take_inherited_listener(sys::LISTEN_FD).map_err(WorkerError::Io)?;
-    sys::set_cloexec(fd.as_fd(), true).map_err(WorkerError::Io)?;
-    let listener = std::net::TcpListener::from(fd);
     listener.set_nonblocking(true).map_err(WorkerError::Io)?;
     Ok(Some(listener))
 }

@@ -20,6 +20,7 @@
 
 mod backoff;
 mod event_loop;
+mod notify;
 mod output;
 pub mod policy;
 mod privileges;

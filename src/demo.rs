@@ -23,6 +23,10 @@ use mio::{Events, Interest, Poll, Token};
 
 use crate::worker::{WorkerEvent, WorkerListener};
 
+/// Set in a worker's environment to make the `distributor` binary run as
+/// this demo worker (what the command does when given no program).
+pub const DEMO_WORKER_ENV: &str = "DISTRIBUTOR_DEMO_WORKER";
+
 const CHANNEL: Token = Token(usize::MAX);
 /// The largest request head accepted; a longer one gets 431.
 const MAX_HEAD: usize = 64 * 1024;

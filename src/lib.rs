@@ -25,11 +25,16 @@
 //!
 //! # Layout
 //!
-//! - [`primary`]: the primary's builder, handle and events; its event loop
-//!   (acceptor, dispatcher, ledger, supervisor) lives in `primary::event_loop`.
+//! - [`primary`]: the primary's builder, handle, events and scheduling
+//!   modes ([`Sched`]); its event loop (acceptor, dispatcher, ledger) lives
+//!   in `primary::event_loop`, the supervisor (exits, reloads, scaling,
+//!   hang detection) in `primary::supervisor`.
 //! - [`worker`]: the worker side, [`WorkerListener`].
 //! - [`protocol`]: the versioned worker protocol (see `docs/PROTOCOL.md`).
 //! - [`demo`]: the built-in HTTP demo worker.
+//! - [`lab`]: `distributor compare`: each scheduling mode under a built-in
+//!   load generator, with throughput, latency and fairness figures.
+//! - [`primary::policy`]: how the next worker is chosen (round-robin).
 //! - `channel`: one end of a primary–worker `SOCK_SEQPACKET` channel.
 //! - `sys`: every raw system call, and so every `unsafe` block.
 //!
@@ -43,16 +48,20 @@ compile_error!("distributor supports Linux only");
 
 mod channel;
 pub mod demo;
+pub mod lab;
 pub mod primary;
 pub mod protocol;
 mod sys;
 pub mod worker;
 
-pub use primary::{Backoff, Builder, Event, Handle, Primary, PrimaryError, WorkerCommand};
+pub use primary::{
+    Backoff, Builder, Event, Handle, Primary, PrimaryError, Sched, Stats, WorkerCommand,
+    WorkerStats,
+};
 pub use worker::{Incoming, WorkerError, WorkerEvent, WorkerListener, is_primary, is_worker};
 
 #[doc(hidden)]
 pub mod __private {
-    //! For the crate's own tests only: not a stable interface.
-    pub use crate::sys::is_cloexec;
+    //! For the crate's own tests and benchmarks only: not a stable interface.
+    pub use crate::sys::{is_cloexec, recv_with_fds, send_with_fds, seqpacket_pair};
 }

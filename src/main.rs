@@ -4,15 +4,15 @@
 use std::ffi::OsString;
 use std::io::IsTerminal;
 use std::net::SocketAddr;
+use std::path::PathBuf;
 use std::process::ExitCode;
 use std::time::Duration;
 
 use anyhow::Context;
-use clap::Parser;
-use distributor::{Primary, WorkerCommand, WorkerListener};
+use clap::{Args, Parser, Subcommand};
+use distributor::{Primary, Sched, WorkerCommand, WorkerListener};
 
-/// Set by the primary in the environment of the built-in demo workers.
-const DEMO_WORKER_ENV: &str = "DISTRIBUTOR_DEMO_WORKER";
+use distributor::demo::DEMO_WORKER_ENV;
 
 /// One primary accepts connections and hands each, round-robin, to one of N
 /// worker processes over a Unix socketpair (SCM_RIGHTS), as Node's cluster
@@ -31,6 +31,20 @@ struct Cli {
     /// Number of worker processes [default: available CPUs]
     #[arg(short, long, value_name = "N", env = "DISTRIBUTOR_WORKERS", value_parser = parse_workers)]
     workers: Option<usize>,
+
+    /// Who accepts and balances: rr (the primary, round-robin), shared (every
+    /// worker accepts on one socket; alias none), reuseport (one SO_REUSEPORT
+    /// socket per worker). Kernel modes hand the socket over as fd 3 with
+    /// LISTEN_FDS/LISTEN_PID (socket activation), so unmodified apps work
+    #[arg(
+        short,
+        long,
+        value_name = "MODE",
+        default_value = "rr",
+        env = "DISTRIBUTOR_SCHED",
+        value_parser = parse_sched
+    )]
+    sched: Sched,
 
     /// Address to listen on (IPv4 or [IPv6]; port 0 picks a free port)
     #[arg(
@@ -77,24 +91,96 @@ struct Cli {
     /// The worker program and its arguments, after `--`
     #[arg(last = true, value_name = "COMMAND")]
     command: Vec<OsString>,
+
+    #[command(subcommand)]
+    sub: Option<Sub>,
+}
+
+#[derive(Debug, Subcommand)]
+enum Sub {
+    /// Compare the primary's round-robin with kernel balancing on an app:
+    /// runs it under each mode in turn on a loopback port, drives it with a
+    /// built-in load generator, and prints requests/s, latency percentiles,
+    /// errors, per-worker share and Jain's fairness index
+    Compare(CompareArgs),
+}
+
+#[derive(Debug, Args)]
+struct CompareArgs {
+    /// Number of worker processes [default: available CPUs]; more workers
+    /// than cores is where kernel imbalance shows
+    #[arg(short, long, value_name = "N", value_parser = parse_workers)]
+    workers: Option<usize>,
+
+    /// Modes to run, comma-separated
+    #[arg(
+        short,
+        long,
+        value_name = "MODES",
+        value_delimiter = ',',
+        default_value = "rr,shared,reuseport",
+        value_parser = parse_sched
+    )]
+    sched: Vec<Sched>,
+
+    /// Measured time per mode (after a short warm-up)
+    #[arg(short, long, value_name = "DURATION", default_value = "2s", value_parser = parse_duration)]
+    duration: Duration,
+
+    /// Concurrent client connections
+    #[arg(short, long, value_name = "N", default_value_t = 64, value_parser = parse_connections)]
+    connections: usize,
+
+    /// Many requests per connection (default: one request per connection,
+    /// where the primary's work per connection shows most)
+    #[arg(short, long)]
+    keepalive: bool,
+
+    /// The path to GET (HTTP/1.1)
+    #[arg(long, value_name = "PATH", default_value = "/")]
+    path: String,
+
+    /// Load generator threads
+    #[arg(long, value_name = "N", default_value_t = 2, value_parser = parse_workers)]
+    threads: usize,
+
+    /// Print one JSON document on stdout instead of the table
+    #[arg(long)]
+    json: bool,
+
+    /// Also draw a chart (per-worker share and latency per mode) to FILE
+    #[arg(long, value_name = "FILE")]
+    svg: Option<PathBuf>,
+
+    /// The app and its arguments, after `--` [default: the built-in demo worker]
+    #[arg(last = true, value_name = "COMMAND")]
+    command: Vec<OsString>,
+}
+
+/// A whole number from 1 to `max`.
+fn parse_count(s: &str, max: usize) -> Result<usize, String> {
+    match s.trim().parse::<usize>() {
+        Ok(0) => Err("must be at least 1".into()),
+        Ok(n) if n > max => Err(format!("must be at most {max}")),
+        Ok(n) => Ok(n),
+        Err(_) => Err("not a whole number".into()),
+    }
+}
+
+fn parse_connections(s: &str) -> Result<usize, String> {
+    parse_count(s, 10_000)
 }
 
 fn parse_workers(s: &str) -> Result<usize, String> {
-    match s.trim().parse::<usize>() {
-        Ok(0) => Err("must be at least 1".into()),
-        Ok(n) if n > 4096 => Err("must be at most 4096".into()),
-        Ok(n) => Ok(n),
-        Err(_) => Err("not a whole number".into()),
-    }
+    parse_count(s, 4096)
 }
 
 fn parse_max_unacked(s: &str) -> Result<usize, String> {
-    match s.trim().parse::<usize>() {
-        Ok(0) => Err("must be at least 1".into()),
-        Ok(n) if n > distributor::protocol::MAX_FDS * 16 => Err("must be at most 1024".into()),
-        Ok(n) => Ok(n),
-        Err(_) => Err("not a whole number".into()),
-    }
+    parse_count(s, 1024)
+}
+
+fn parse_sched(s: &str) -> Result<Sched, String> {
+    s.parse()
 }
 
 fn parse_duration(s: &str) -> Result<Duration, String> {
@@ -113,8 +199,13 @@ fn main() -> ExitCode {
         Ok(cli) => cli,
         Err(e) => return clap_error(e),
     };
-    init_logging();
-    match run(cli) {
+    let quiet = matches!(cli.sub, Some(Sub::Compare(_)));
+    init_logging(if quiet { "warn" } else { "info" });
+    let result = match cli.sub {
+        Some(Sub::Compare(args)) => compare(args),
+        None => run(cli),
+    };
+    match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("error: {e:#}");
@@ -140,9 +231,9 @@ fn clap_error(e: clap::Error) -> ExitCode {
     ExitCode::from(2)
 }
 
-fn init_logging() {
+fn init_logging(default: &str) {
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default));
     tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr)
@@ -151,17 +242,93 @@ fn init_logging() {
         .init();
 }
 
-fn run(cli: Cli) -> anyhow::Result<()> {
-    let command = match cli.command.split_first() {
+/// The workers' command: the one given, or this program as the demo worker.
+fn worker_command(command: &[OsString]) -> anyhow::Result<WorkerCommand> {
+    Ok(match command.split_first() {
         Some((program, args)) => WorkerCommand::new(program, args),
         None => WorkerCommand::new(
             std::env::current_exe().context("cannot find this program to run the demo worker")?,
             Vec::<OsString>::new(),
         )
         .env(DEMO_WORKER_ENV, "1"),
+    })
+}
+
+fn compare(args: CompareArgs) -> anyhow::Result<()> {
+    use distributor::lab::{self, CompareOptions, Progress, report};
+    let command = worker_command(&args.command)?;
+    let shown = if args.command.is_empty() {
+        "the built-in demo worker".to_string()
+    } else {
+        args.command
+            .iter()
+            .map(|a| a.to_string_lossy())
+            .collect::<Vec<_>>()
+            .join(" ")
     };
+    let opts = CompareOptions {
+        workers: args
+            .workers
+            .unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get())),
+        scheds: args.sched,
+        duration: args.duration,
+        connections: args.connections,
+        keepalive: args.keepalive,
+        path: args.path,
+        threads: args.threads,
+        slow: None,
+        command,
+    };
+    let tty = std::io::stderr().is_terminal();
+    let mut progress = |p: Progress<'_>| {
+        if !tty {
+            return;
+        }
+        match p {
+            Progress::Starting { mode } => eprint!("\r\x1b[K{mode}: starting workers"),
+            Progress::Running {
+                mode,
+                elapsed,
+                total,
+                requests,
+            } => eprint!(
+                "\r\x1b[K{mode}: {:.1}/{:.1} s, {requests} requests",
+                elapsed.as_secs_f64(),
+                total.as_secs_f64()
+            ),
+            Progress::Done { report } => eprintln!(
+                "\r\x1b[K{}: {:.0} req/s, {} errors",
+                report.mode, report.requests_per_sec, report.errors
+            ),
+        }
+    };
+    let reports = lab::compare(&opts, &mut progress)?;
+    let meta = report::Meta {
+        machine: lab::machine_description(),
+        command: shown,
+        workers: opts.workers,
+        connections: opts.connections,
+        duration_s: opts.duration.as_secs_f64(),
+        keepalive: opts.keepalive,
+        path: opts.path.clone(),
+    };
+    if args.json {
+        println!("{}", report::json(&meta, &reports));
+    } else {
+        print!("{}", report::table(&meta, &reports));
+    }
+    if let Some(path) = args.svg {
+        std::fs::write(&path, report::svg(&meta, &reports))
+            .with_context(|| format!("cannot write {}", path.display()))?;
+    }
+    Ok(())
+}
+
+fn run(cli: Cli) -> anyhow::Result<()> {
+    let command = worker_command(&cli.command)?;
     let mut builder = Primary::builder()
         .listen(cli.listen)
+        .sched(cli.sched)
         .command(command)
         .shutdown_timeout(cli.shutdown_timeout)
         .worker_timeout(Some(cli.worker_timeout))

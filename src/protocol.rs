@@ -38,6 +38,7 @@ pub(crate) const T_PING: u8 = 0x04;
 /// Message types, worker to primary.
 pub(crate) const T_HELLO: u8 = 0x80;
 pub(crate) const T_ACK: u8 = 0x81;
+pub(crate) const T_STATS: u8 = 0x82;
 pub(crate) const T_MESSAGE_TO_PRIMARY: u8 = 0x83;
 pub(crate) const T_PONG: u8 = 0x84;
 
@@ -90,6 +91,9 @@ pub enum ToPrimary<'a> {
     Message(&'a [u8]),
     /// The answer to a heartbeat, echoing its number.
     Pong(u64),
+    /// In the kernel balancing modes, the connections the worker has
+    /// accepted by itself so far (a running total).
+    Stats(u64),
 }
 
 /// The connection ids of an ACK message.
@@ -134,6 +138,7 @@ impl<'a> ToPrimary<'a> {
             }
             T_MESSAGE_TO_PRIMARY => Ok(ToPrimary::Message(body)),
             T_PONG => Ok(ToPrimary::Pong(u64_body("PONG", buf)?)),
+            T_STATS => Ok(ToPrimary::Stats(u64_body("STATS", buf)?)),
             other => Err(DecodeError::UnknownType(other)),
         }
     }
@@ -329,6 +334,14 @@ impl Encoder {
         self
     }
 
+    /// A STATS report: `accepted` connections so far.
+    pub fn stats(&mut self, accepted: u64) -> &mut Self {
+        self.len = 0;
+        self.put(&[T_STATS]);
+        self.put(&accepted.to_be_bytes());
+        self
+    }
+
     /// A PONG answering PING `n`.
     pub fn pong(&mut self, n: u64) -> &mut Self {
         self.len = 0;
@@ -505,6 +518,12 @@ mod tests {
         assert_eq!(ToPrimary::decode(e.as_bytes(), 0), Ok(ToPrimary::Pong(258)));
         assert!(ToPrimary::decode(&e.as_bytes()[..5], 0).is_err());
         assert!(ToWorker::decode(&[0x04, 1], 0).is_err());
+        e.stats(1 << 33);
+        assert_eq!(
+            ToPrimary::decode(e.as_bytes(), 0),
+            Ok(ToPrimary::Stats(1 << 33))
+        );
+        assert_eq!(e.as_bytes()[0], 0x82);
     }
 
     #[test]

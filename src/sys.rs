@@ -182,21 +182,34 @@ pub fn recv_with_fds(
     })
 }
 
+/// The fd at which a worker in a kernel-balancing mode finds its
+/// listening socket (`SD_LISTEN_FDS_START` of systemd's socket activation).
+pub const LISTEN_FD: RawFd = 3;
+
 /// Prepares `cmd` so that its child, between `fork` and `exec`:
 /// - is killed with `SIGKILL` when the primary's spawning thread dies
 ///   (`PR_SET_PDEATHSIG`), and exits at once if the primary died before the
 ///   request took effect;
-/// - inherits stdio and `channel` and nothing else: every other fd, also
-///   one the primary itself inherited without close-on-exec, is marked
-///   close-on-exec (`close_range(CLOSE_RANGE_CLOEXEC)`, or one `fcntl` per
-///   fd on kernels before 5.11), and the channel's flag is cleared.
-pub fn configure_worker_command(cmd: &mut Command, channel: RawFd) {
+/// - inherits stdio, `channel` and `listen` (if any) and nothing else: every
+///   other fd, also one the primary itself inherited without close-on-exec,
+///   is marked close-on-exec (`close_range(CLOSE_RANGE_CLOEXEC)`, or one
+///   `fcntl` per fd on kernels before 5.11);
+/// - with `listen`, finds it at fd 3 ([`LISTEN_FD`], as socket activation
+///   wants) and the channel at fd 4.
+///
+/// Returns the fd number the child will see its channel at.
+pub fn configure_worker_command(cmd: &mut Command, channel: RawFd, listen: Option<RawFd>) -> RawFd {
     // SAFETY: getpid is always safe.
     let parent = unsafe { libc::getpid() };
+    let child_channel = if listen.is_some() {
+        LISTEN_FD + 1
+    } else {
+        channel
+    };
     let setup = move || -> io::Result<()> {
-        // SAFETY: prctl, getppid, close_range, getrlimit and fcntl are
-        // async-signal-safe, allocate nothing and touch only this child's
-        // own state; `limit` is a valid rlimit to fill.
+        // SAFETY: prctl, getppid, close_range, getrlimit, fcntl, dup2 and
+        // close are async-signal-safe, allocate nothing and touch only this
+        // child's own state; `limit` is a valid rlimit to fill.
         unsafe {
             cvt(libc::prctl(
                 libc::PR_SET_PDEATHSIG,
@@ -218,7 +231,19 @@ pub fn configure_worker_command(cmd: &mut Command, channel: RawFd) {
                     libc::fcntl(fd, libc::F_SETFD, libc::FD_CLOEXEC);
                 }
             }
-            cvt(libc::fcntl(channel, libc::F_SETFD, 0))?;
+            match listen {
+                None => {
+                    cvt(libc::fcntl(channel, libc::F_SETFD, 0))?;
+                }
+                Some(listen) => {
+                    // Move both out of the way first: either may sit at 3 or 4.
+                    let l = cvt(libc::fcntl(listen, libc::F_DUPFD_CLOEXEC, 10))?;
+                    let c = cvt(libc::fcntl(channel, libc::F_DUPFD_CLOEXEC, 10))?;
+                    // dup2 leaves the new fds without close-on-exec.
+                    cvt(libc::dup2(l, LISTEN_FD))?;
+                    cvt(libc::dup2(c, LISTEN_FD + 1))?;
+                }
+            }
         }
         Ok(())
     };
@@ -226,26 +251,73 @@ pub fn configure_worker_command(cmd: &mut Command, channel: RawFd) {
     unsafe {
         cmd.pre_exec(setup);
     }
+    child_channel
+}
+
+/// Reads an integer socket option.
+fn sockopt_int(raw: RawFd, level: libc::c_int, name: libc::c_int) -> io::Result<libc::c_int> {
+    let mut value: libc::c_int = 0;
+    let mut len = mem::size_of::<libc::c_int>() as libc::socklen_t;
+    // SAFETY: getsockopt writes at most `len` bytes into `value`; a bad fd
+    // is an error (EBADF/ENOTSOCK), not undefined behaviour.
+    cvt(unsafe {
+        libc::getsockopt(
+            raw,
+            level,
+            name,
+            (&mut value as *mut libc::c_int).cast(),
+            &mut len,
+        )
+    })?;
+    Ok(value)
+}
+
+/// Takes ownership of an inherited listening TCP socket (socket
+/// activation's fd 3), after checking that it is one. The caller makes sure
+/// this happens at most once per fd.
+pub fn take_inherited_listener(raw: RawFd) -> io::Result<OwnedFd> {
+    let kind = sockopt_int(raw, libc::SOL_SOCKET, libc::SO_TYPE)?;
+    let listening = sockopt_int(raw, libc::SOL_SOCKET, libc::SO_ACCEPTCONN)?;
+    if kind != libc::SOCK_STREAM || listening == 0 {
+        return Err(io::Error::new(
+            io::ErrorKind::InvalidInput,
+            format!("fd {raw} is not a listening stream socket"),
+        ));
+    }
+    // SAFETY: the fd is open (getsockopt succeeded), it was inherited for
+    // this process to own, and the caller takes it only once.
+    Ok(unsafe { OwnedFd::from_raw_fd(raw) })
+}
+
+/// Whether `fd` has data (or a connection, or a hang-up) to read, waiting
+/// at most `timeout` (`None`: forever). Corresponds to `poll(2)`.
+pub fn wait_readable(
+    fds: &[BorrowedFd<'_>],
+    timeout: Option<std::time::Duration>,
+) -> io::Result<()> {
+    let mut polls = [libc::pollfd {
+        fd: -1,
+        events: 0,
+        revents: 0,
+    }; 4];
+    let n = fds.len().min(polls.len());
+    for (p, fd) in polls.iter_mut().zip(fds) {
+        p.fd = fd.as_raw_fd();
+        p.events = libc::POLLIN;
+    }
+    let ms = timeout.map_or(-1, |t| t.as_millis().min(i32::MAX as u128) as libc::c_int);
+    // SAFETY: `polls` holds `n` initialised pollfd entries for the call.
+    match cvt(unsafe { libc::poll(polls.as_mut_ptr(), n as libc::nfds_t, ms) }) {
+        Err(e) if e.kind() == io::ErrorKind::Interrupted => Ok(()),
+        other => other.map(drop),
+    }
 }
 
 /// Takes ownership of an inherited fd named by the environment, after
 /// checking that it is open and a `SOCK_SEQPACKET` socket. The caller makes
 /// sure this happens at most once per fd.
 pub fn take_inherited_seqpacket(raw: RawFd) -> io::Result<OwnedFd> {
-    let mut kind: libc::c_int = 0;
-    let mut len = mem::size_of::<libc::c_int>() as libc::socklen_t;
-    // SAFETY: getsockopt writes at most `len` bytes into `kind`; a bad fd is
-    // an error (EBADF/ENOTSOCK), not undefined behaviour.
-    cvt(unsafe {
-        libc::getsockopt(
-            raw,
-            libc::SOL_SOCKET,
-            libc::SO_TYPE,
-            (&mut kind as *mut libc::c_int).cast(),
-            &mut len,
-        )
-    })?;
-    if kind != libc::SOCK_SEQPACKET {
+    if sockopt_int(raw, libc::SOL_SOCKET, libc::SO_TYPE)? != libc::SOCK_SEQPACKET {
         return Err(io::Error::new(
             io::ErrorKind::InvalidInput,
             format!("fd {raw} is not a SOCK_SEQPACKET socket"),

@@ -20,6 +20,16 @@
 //! The streams handed out are blocking `std::net::TcpStream`s, as from
 //! `accept(2)`; set them non-blocking (or convert them) for an event loop.
 //!
+//! # Kernel balancing modes
+//!
+//! In the `shared` and `reuseport` modes the primary does not accept: the
+//! worker inherits a listening socket by socket activation (fd 3,
+//! `LISTEN_FDS`, `LISTEN_PID`) and this listener accepts on it by itself,
+//! while still reading the channel for stop, messages and heartbeats. The
+//! same worker code runs in every mode. It reports how many connections it
+//! accepted (a STATS message at most every 100 ms, and at stop), so the
+//! primary has per-worker figures in every mode.
+//!
 //! # Liveness
 //!
 //! The primary pings ready workers; `accept` and `next_event` answer the
@@ -34,6 +44,7 @@ use std::io;
 use std::net::{SocketAddr, TcpStream};
 use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd, RawFd};
 use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::{Duration, Instant};
 
 use crate::channel::{Channel, Recv};
 use crate::protocol::{self, Encoder, ToWorker};
@@ -124,6 +135,41 @@ pub struct WorkerListener {
     messages: VecDeque<Vec<u8>>,
     buf: Box<[u8]>,
     fds: Vec<OwnedFd>,
+    /// Kernel modes: the inherited listening socket, non-blocking.
+    listener: Option<std::net::TcpListener>,
+    /// Connections accepted from `listener`, and the total last reported.
+    accepted: u64,
+    reported: u64,
+    last_report: Instant,
+}
+
+/// How often at most a worker in a kernel mode reports its figures.
+const REPORT_EVERY: Duration = Duration::from_millis(100);
+
+/// The listening socket of socket activation, if the environment offers
+/// one to this very process (`LISTEN_PID` unset or equal to our pid).
+fn inherited_listener() -> Result<Option<std::net::TcpListener>, WorkerError> {
+    let Some(count) = std::env::var_os("LISTEN_FDS") else {
+        return Ok(None);
+    };
+    if count
+        .to_str()
+        .and_then(|c| c.parse::<u32>().ok())
+        .unwrap_or(0)
+        == 0
+    {
+        return Ok(None);
+    }
+    if let Some(pid) = std::env::var_os("LISTEN_PID") {
+        if pid.to_str().and_then(|p| p.parse::<u32>().ok()) != Some(std::process::id()) {
+            return Ok(None);
+        }
+    }
+    let fd = sys::take_inherited_listener(sys::LISTEN_FD).map_err(WorkerError::Io)?;
+    sys::set_cloexec(fd.as_fd(), true).map_err(WorkerError::Io)?;
+    let listener = std::net::TcpListener::from(fd);
+    listener.set_nonblocking(true).map_err(WorkerError::Io)?;
+    Ok(Some(listener))
 }
 
 fn env_var(var: &'static str) -> Result<String, WorkerError> {
@@ -171,6 +217,7 @@ impl WorkerListener {
         }
         let fd = sys::take_inherited_seqpacket(raw).map_err(WorkerError::Io)?;
         sys::set_cloexec(fd.as_fd(), true).map_err(WorkerError::Io)?;
+        let listener = inherited_listener()?;
         Ok(WorkerListener {
             channel: Channel::from_fd(fd),
             id,
@@ -181,6 +228,10 @@ impl WorkerListener {
             messages: VecDeque::new(),
             buf: vec![0; protocol::MAX_MESSAGE].into_boxed_slice(),
             fds: Vec::with_capacity(protocol::MAX_FDS),
+            listener,
+            accepted: 0,
+            reported: 0,
+            last_report: Instant::now(),
         })
     }
 
@@ -237,7 +288,7 @@ impl WorkerListener {
             if let Some(event) = self.pending.pop_front() {
                 return Ok(event);
             }
-            self.receive()?;
+            self.fill()?;
         }
     }
 
@@ -270,13 +321,73 @@ impl WorkerListener {
         Incoming { listener: self }
     }
 
+    /// Whether the worker accepts by itself (a kernel balancing mode).
+    pub fn accepts_itself(&self) -> bool {
+        self.listener.is_some()
+    }
+
+    /// Gets at least one pending event: from the channel, or in a kernel
+    /// mode from the listener too, waiting for either unless non-blocking.
+    fn fill(&mut self) -> io::Result<()> {
+        if self.listener.is_none() {
+            return self.receive(self.nonblocking);
+        }
+        loop {
+            match self.receive(true) {
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
+                other => return other,
+            }
+            let listener = self.listener.as_ref().expect("checked above");
+            if !self.stopping {
+                match listener.accept() {
+                    Ok((stream, peer)) => {
+                        self.accepted += 1;
+                        self.pending
+                            .push_back(WorkerEvent::Connection(stream, peer));
+                        if self.last_report.elapsed() >= REPORT_EVERY {
+                            self.report()?;
+                        }
+                        return Ok(());
+                    }
+                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
+                    Err(e)
+                        if matches!(
+                            e.kind(),
+                            io::ErrorKind::ConnectionAborted | io::ErrorKind::Interrupted
+                        ) =>
+                    {
+                        continue;
+                    }
+                    Err(e) => return Err(e),
+                }
+            }
+            if self.nonblocking {
+                return Err(io::ErrorKind::WouldBlock.into());
+            }
+            if self.stopping {
+                sys::wait_readable(&[self.channel.as_fd()], None)?;
+            } else {
+                sys::wait_readable(&[self.channel.as_fd(), listener.as_fd()], None)?;
+            }
+        }
+    }
+
+    /// Sends the running total of connections accepted, if it changed.
+    fn report(&mut self) -> io::Result<()> {
+        if self.listener.is_some() && self.accepted != self.reported {
+            let mut enc = Encoder::default();
+            self.channel
+                .send(enc.stats(self.accepted).as_bytes(), &[], false)?;
+            self.reported = self.accepted;
+            self.last_report = Instant::now();
+        }
+        Ok(())
+    }
+
     /// Receives one datagram and turns it into pending events.
-    fn receive(&mut self) -> io::Result<()> {
+    fn receive(&mut self, dontwait: bool) -> io::Result<()> {
         self.fds.clear();
-        let len = match self
-            .channel
-            .recv(&mut self.buf, &mut self.fds, self.nonblocking)?
-        {
+        let len = match self.channel.recv(&mut self.buf, &mut self.fds, dontwait)? {
             Recv::Closed => {
                 return Err(io::Error::new(
                     io::ErrorKind::UnexpectedEof,
@@ -299,10 +410,12 @@ impl WorkerListener {
             }
             ToWorker::Stop => {
                 self.stopping = true;
+                self.report()?;
                 self.pending.push_back(WorkerEvent::Stop);
             }
             ToWorker::Message(m) => self.pending.push_back(WorkerEvent::Message(m.to_vec())),
             ToWorker::Ping(n) => {
+                self.report()?;
                 let mut enc = Encoder::default();
                 self.channel.send(enc.pong(n).as_bytes(), &[], false)?;
             }
@@ -357,6 +470,9 @@ impl mio::event::Source for WorkerListener {
         interests: mio::Interest,
     ) -> io::Result<()> {
         self.ready()?;
+        if let Some(l) = &self.listener {
+            mio::unix::SourceFd(&l.as_raw_fd()).register(registry, token, interests)?;
+        }
         mio::unix::SourceFd(&self.as_raw_fd()).register(registry, token, interests)
     }
 
@@ -366,10 +482,16 @@ impl mio::event::Source for WorkerListener {
         token: mio::Token,
         interests: mio::Interest,
     ) -> io::Result<()> {
+        if let Some(l) = &self.listener {
+            mio::unix::SourceFd(&l.as_raw_fd()).reregister(registry, token, interests)?;
+        }
         mio::unix::SourceFd(&self.as_raw_fd()).reregister(registry, token, interests)
     }
 
     fn deregister(&mut self, registry: &mio::Registry) -> io::Result<()> {
+        if let Some(l) = &self.listener {
+            mio::unix::SourceFd(&l.as_raw_fd()).deregister(registry)?;
+        }
         mio::unix::SourceFd(&self.as_raw_fd()).deregister(registry)
     }
 }

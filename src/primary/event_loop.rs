@@ -39,7 +39,7 @@ use tracing::{debug, error, info, warn};
 
 use super::backoff::Backoff;
 use super::process::{Conn, Role, WorkerCommand, WorkerProc};
-use super::{Control, Event, Handle};
+use super::{Control, Event, Handle, Sched, Stats, WorkerStats};
 use crate::channel::Recv;
 use crate::protocol::{self, Encoder, ToPrimary};
 
@@ -51,6 +51,8 @@ pub(super) const FIRST_WORKER: usize = 3;
 /// How long accepting pauses after an error such as `EMFILE`, unless an fd
 /// is freed sooner.
 const ACCEPT_RETRY: Duration = Duration::from_millis(100);
+/// How often at most an accept error is logged as a warning.
+const ACCEPT_WARN_EVERY: Duration = Duration::from_secs(10);
 /// The most messages read from one channel before the others get a turn.
 pub(super) const MAX_READS_PER_WAKE: usize = 64;
 
@@ -63,6 +65,8 @@ pub(crate) struct Settings {
     pub max_unacked: usize,
     pub backoff: Backoff,
     pub handle_signals: bool,
+    pub sched: Sched,
+    pub backlog: i32,
 }
 
 /// A place for one worker. Slots give restarts their backoff and rolling
@@ -87,7 +91,13 @@ pub(super) struct Reload {
 
 pub(crate) struct EventLoop {
     pub(super) poll: Poll,
-    listener: Option<TcpListener>,
+    /// The bound listener: accepted from in rr, inherited by every worker
+    /// in shared, slot 1's socket in reuseport.
+    pub(super) listener: Option<TcpListener>,
+    /// Reuseport: the socket of each slot after the first.
+    pub(super) slot_listeners: Vec<Option<TcpListener>>,
+    /// Connections taken by workers that have exited.
+    pub(super) exited_connections: u64,
     local_addr: SocketAddr,
     signals: Signals,
     waker: Arc<Waker>,
@@ -111,6 +121,8 @@ pub(crate) struct EventLoop {
     pub(super) backlog_waiting: bool,
     /// Accepting paused after an accept error, until then.
     pub(super) accept_paused_until: Option<Instant>,
+    /// When an accept error was last logged as a warning.
+    accept_warned_at: Option<Instant>,
     pub(super) reload: Reload,
     pub(super) shutdown_at: Option<Instant>,
     /// The time after the last poll; timers and liveness use it.
@@ -126,11 +138,13 @@ impl EventLoop {
     pub(crate) fn new(listener: TcpListener, settings: Settings) -> io::Result<EventLoop> {
         let poll = Poll::new()?;
         let local_addr = listener.local_addr()?;
-        poll.registry().register(
-            &mut SourceFd(&listener.as_raw_fd()),
-            LISTENER,
-            Interest::READABLE,
-        )?;
+        if settings.sched == Sched::RoundRobin {
+            poll.registry().register(
+                &mut SourceFd(&listener.as_raw_fd()),
+                LISTENER,
+                Interest::READABLE,
+            )?;
+        }
         let waker = Arc::new(Waker::new(poll.registry(), WAKER)?);
         let mut wanted = vec![SIGCHLD];
         if settings.handle_signals {
@@ -143,6 +157,8 @@ impl EventLoop {
         Ok(EventLoop {
             poll,
             listener: Some(listener),
+            slot_listeners: Vec::new(),
+            exited_connections: 0,
             local_addr,
             signals,
             waker,
@@ -161,6 +177,7 @@ impl EventLoop {
             pending: VecDeque::new(),
             backlog_waiting: false,
             accept_paused_until: None,
+            accept_warned_at: None,
             reload: Reload::default(),
             shutdown_at: None,
             now: Instant::now(),
@@ -189,7 +206,15 @@ impl EventLoop {
     }
 
     pub(crate) fn run(mut self) -> io::Result<()> {
-        info!("listening on {}", self.local_addr);
+        info!(
+            "listening on {} ({})",
+            self.local_addr,
+            match self.settings.sched {
+                Sched::RoundRobin => "rr: the primary accepts and hands connections round-robin",
+                Sched::Shared => "shared: every worker accepts on this socket",
+                Sched::ReusePort => "reuseport: one SO_REUSEPORT socket per worker",
+            }
+        );
         info!(
             "starting {} workers: {}",
             self.settings.workers,
@@ -284,7 +309,10 @@ impl EventLoop {
                 return;
             }
         }
-        if self.backlog_waiting && self.accept_paused_until.is_none() {
+        if self.backlog_waiting
+            && self.accept_paused_until.is_none()
+            && self.settings.sched == Sched::RoundRobin
+        {
             self.accept_loop();
         }
     }
@@ -303,6 +331,7 @@ impl EventLoop {
                         id: self.next_conn_id,
                         fd: OwnedFd::from(socket),
                         peer,
+                        sent: self.now,
                     };
                     self.next_conn_id += 1;
                     if let Err(conn) = self.dispatch(conn) {
@@ -319,10 +348,20 @@ impl EventLoop {
                         debug!("accept: {e}")
                     }
                     _ => {
-                        warn!(
-                            "accept failed: {e}; pausing accepts until an fd is freed or {ACCEPT_RETRY:?} pass"
-                        );
-                        self.accept_paused_until = Some(self.now + ACCEPT_RETRY);
+                        // Said once per episode, not on every retry.
+                        let now = self.now;
+                        if self
+                            .accept_warned_at
+                            .is_none_or(|t| now.saturating_duration_since(t) >= ACCEPT_WARN_EVERY)
+                        {
+                            warn!(
+                                "accept failed: {e}; pausing accepts until an fd is freed or {ACCEPT_RETRY:?} pass"
+                            );
+                            self.accept_warned_at = Some(now);
+                        } else {
+                            debug!("accept failed again: {e}");
+                        }
+                        self.accept_paused_until = Some(now + ACCEPT_RETRY);
                         return;
                     }
                 },
@@ -332,8 +371,7 @@ impl EventLoop {
 
     /// The worker that round-robin would give the next connection to.
     fn pick(&self) -> Option<usize> {
-        let n = self.workers.len();
-        (0..n).map(|step| (self.cursor + step) % n).find(|&i| {
+        super::policy::round_robin(self.cursor, self.workers.len(), |i| {
             self.workers[i]
                 .as_ref()
                 .is_some_and(|w| w.can_take(self.settings.max_unacked))
@@ -341,7 +379,8 @@ impl EventLoop {
     }
 
     /// Sends `conn` to the next worker that takes it; gives it back if none can.
-    fn dispatch(&mut self, conn: Conn) -> Result<(), Conn> {
+    fn dispatch(&mut self, mut conn: Conn) -> Result<(), Conn> {
+        conn.sent = self.now;
         while let Some(i) = self.pick() {
             self.enc.connection().entry(conn.id, conn.peer);
             let w = self.workers[i].as_mut().expect("picked workers exist");
@@ -397,7 +436,8 @@ impl EventLoop {
     }
 
     /// Reads the messages waiting on worker `i`'s channel, up to a turn's worth.
-    fn read_channel(&mut self, i: usize) {
+    /// Returns true when it stopped at the turn's limit: more may wait.
+    pub(super) fn read_channel(&mut self, i: usize) -> bool {
         let mut buf = std::mem::take(&mut self.buf);
         for _ in 0..MAX_READS_PER_WAKE {
             let Some(w) = self.workers.get_mut(i).and_then(Option::as_mut) else {
@@ -425,7 +465,7 @@ impl EventLoop {
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
                     self.fds.clear();
                     self.buf = buf;
-                    return;
+                    return false;
                 }
                 Err(e) => Some(e.to_string()),
             };
@@ -439,11 +479,13 @@ impl EventLoop {
                 break;
             }
         }
-        if self.worker_mut(i).is_some_and(|w| w.channel.is_some()) {
+        let more = self.worker_mut(i).is_some_and(|w| w.channel.is_some());
+        if more {
             self.readable_again.push(i);
         }
         self.fds.clear();
         self.buf = buf;
+        more
     }
 
     /// Acts on one well-formed message; returns a protocol problem, if any.
@@ -458,7 +500,7 @@ impl EventLoop {
             )),
             ToPrimary::Hello { .. } if w.ready || w.stopping => None,
             ToPrimary::Hello { .. } => {
-                self.on_hello(i);
+                self.on_hello(i, true);
                 None
             }
             ToPrimary::Ack(ids) => {
@@ -485,6 +527,10 @@ impl EventLoop {
                 None
             }
             ToPrimary::Pong(_) => None,
+            ToPrimary::Stats(n) => {
+                w.taken = w.taken.max(n);
+                None
+            }
         }
     }
 
@@ -514,6 +560,9 @@ impl EventLoop {
                 Control::AddWorker => self.add_worker(),
                 Control::RemoveWorker => self.remove_worker(),
                 Control::Send { id, data } => self.send_user_message(id, &data),
+                Control::Stats(reply) => {
+                    let _ = reply.try_send(self.stats());
+                }
             }
         }
     }
@@ -536,15 +585,81 @@ impl EventLoop {
         }
     }
 
-    /// Stops accepting for good: the listener is closed, so the backlog is
-    /// refused; connections already accepted still go to workers.
+    /// Stops accepting for good: the primary's listeners are closed, so
+    /// the backlog is refused once no worker holds a copy either;
+    /// connections already accepted still go to workers.
     pub(super) fn close_listener(&mut self) {
         if let Some(listener) = self.listener.take() {
-            let _ = self
-                .poll
-                .registry()
-                .deregister(&mut SourceFd(&listener.as_raw_fd()));
+            if self.settings.sched == Sched::RoundRobin {
+                let _ = self
+                    .poll
+                    .registry()
+                    .deregister(&mut SourceFd(&listener.as_raw_fd()));
+            }
         }
+        self.slot_listeners.clear();
         self.pump();
+    }
+
+    /// The listening socket a worker of `slot` inherits: none in rr; the
+    /// shared one; or the slot's own `SO_REUSEPORT` socket, created here
+    /// the first time (slot 1 uses the bound listener).
+    pub(super) fn ensure_slot_listener(&mut self, slot: usize) -> io::Result<()> {
+        if self.settings.sched != Sched::ReusePort || slot == 0 {
+            return Ok(());
+        }
+        if self.slot_listeners.len() < slot {
+            self.slot_listeners.resize_with(slot, || None);
+        }
+        if self.slot_listeners[slot - 1].is_none() {
+            let l = super::bind(self.local_addr, self.settings.backlog, true)?;
+            self.slot_listeners[slot - 1] = Some(l);
+        }
+        Ok(())
+    }
+
+    /// See [`EventLoop::ensure_slot_listener`]; call that first.
+    pub(super) fn slot_listener(&self, slot: usize) -> Option<&TcpListener> {
+        match self.settings.sched {
+            Sched::RoundRobin => None,
+            Sched::Shared => self.listener.as_ref(),
+            Sched::ReusePort if slot == 0 => self.listener.as_ref(),
+            Sched::ReusePort => self.slot_listeners.get(slot - 1).and_then(Option::as_ref),
+        }
+    }
+
+    /// Closes a removed slot's own socket (reuseport); connections queued
+    /// on it are lost once its worker exits too, a limit of `SO_REUSEPORT`.
+    pub(super) fn drop_slot_listener(&mut self, slot: usize) {
+        if slot > 0 {
+            if let Some(l) = self.slot_listeners.get_mut(slot - 1) {
+                *l = None;
+            }
+        }
+    }
+
+    fn stats(&self) -> Stats {
+        let mut workers: Vec<WorkerStats> = self
+            .workers
+            .iter()
+            .flatten()
+            .map(|w| WorkerStats {
+                id: w.id,
+                pid: w.pid,
+                slot: w.slot + 1,
+                ready: w.ready,
+                stopping: w.stopping,
+                connections: w.taken,
+                unacknowledged: w.unacked.len(),
+                uptime: self.now.saturating_duration_since(w.started),
+            })
+            .collect();
+        workers.sort_by_key(|w| (w.slot, w.id));
+        Stats {
+            sched: self.settings.sched,
+            local_addr: self.local_addr,
+            workers,
+            exited_connections: self.exited_connections,
+        }
     }
 }

@@ -20,6 +20,7 @@
 
 mod backoff;
 mod event_loop;
+pub mod policy;
 mod process;
 mod supervisor;
 
@@ -54,13 +55,99 @@ pub enum Event {
     Message { id: u64, data: Vec<u8> },
 }
 
-/// Where the workers should be given a message.
+/// Who accepts connections, and so who balances them.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default)]
+pub enum Sched {
+    /// The primary accepts and hands each connection to the next worker
+    /// (Node's `SCHED_RR`).
+    #[default]
+    RoundRobin,
+    /// Every worker inherits the same listening socket and accepts itself;
+    /// the kernel balances (Node's `SCHED_NONE`).
+    Shared,
+    /// One `SO_REUSEPORT` socket per worker slot, created and kept by the
+    /// primary, so a slot's accept queue outlives its worker; the kernel
+    /// balances by hashing the connection's addresses.
+    ReusePort,
+}
+
+impl Sched {
+    /// Every mode, in the order the lab runs them.
+    pub const ALL: [Sched; 3] = [Sched::RoundRobin, Sched::Shared, Sched::ReusePort];
+
+    /// The mode's name on the command line: `rr`, `shared`, `reuseport`.
+    pub fn name(self) -> &'static str {
+        match self {
+            Sched::RoundRobin => "rr",
+            Sched::Shared => "shared",
+            Sched::ReusePort => "reuseport",
+        }
+    }
+
+    /// Whether the workers accept by themselves (the kernel balances).
+    pub fn is_kernel(self) -> bool {
+        self != Sched::RoundRobin
+    }
+}
+
+impl fmt::Display for Sched {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
+impl std::str::FromStr for Sched {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Sched, String> {
+        match s.trim().to_ascii_lowercase().as_str() {
+            "rr" | "round-robin" | "roundrobin" => Ok(Sched::RoundRobin),
+            "shared" | "none" => Ok(Sched::Shared),
+            "reuseport" | "reuse-port" => Ok(Sched::ReusePort),
+            _ => Err(format!(
+                "unknown scheduling mode `{s}` (rr, shared or reuseport)"
+            )),
+        }
+    }
+}
+
+/// One worker's figures, from [`Handle::stats`].
 #[derive(Debug, Clone, PartialEq, Eq)]
+pub struct WorkerStats {
+    pub id: u64,
+    pub pid: u32,
+    /// The worker's slot, from 1.
+    pub slot: usize,
+    /// Said hello (or, in a kernel mode, was taken as ready).
+    pub ready: bool,
+    /// Asked to stop, or cut off.
+    pub stopping: bool,
+    /// Connections it took: acknowledged (rr), or accepted by itself and
+    /// reported (kernel modes; 0 for programs that do not report).
+    pub connections: u64,
+    /// Connections sent to it and not yet acknowledged.
+    pub unacknowledged: usize,
+    pub uptime: Duration,
+}
+
+/// The primary's figures, from [`Handle::stats`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Stats {
+    pub sched: Sched,
+    pub local_addr: SocketAddr,
+    /// Every worker process alive, by slot then id.
+    pub workers: Vec<WorkerStats>,
+    /// Connections taken by workers that have exited since the start.
+    pub exited_connections: u64,
+}
+
+/// A command from a [`Handle`] to the event loop.
+#[derive(Debug)]
 pub(crate) enum Control {
     Shutdown,
     Reload,
     AddWorker,
     RemoveWorker,
+    Stats(Sender<Stats>),
     Send { id: Option<u64>, data: Vec<u8> },
 }
 
@@ -99,6 +186,15 @@ impl Handle {
     /// Removes a worker gracefully, as SIGTTOU does; the last one stays.
     pub fn remove_worker(&self) -> io::Result<()> {
         self.post(Control::RemoveWorker)
+    }
+
+    /// The primary's current figures: per worker, connections taken, in
+    /// flight, uptime. Waits at most a second for the event loop to answer.
+    pub fn stats(&self) -> io::Result<Stats> {
+        let (tx, rx) = crossbeam_channel::bounded(1);
+        self.post(Control::Stats(tx))?;
+        rx.recv_timeout(Duration::from_secs(1))
+            .map_err(|_| io::Error::new(io::ErrorKind::TimedOut, "the primary did not answer"))
     }
 
     /// Sends an opaque message to worker `id` (Node's `worker.send`).
@@ -181,6 +277,7 @@ pub struct Builder {
     max_unacked: usize,
     backoff: Backoff,
     handle_signals: bool,
+    sched: Sched,
 }
 
 /// The default of [`Builder::max_unacked`].
@@ -203,6 +300,7 @@ impl Default for Builder {
             max_unacked: DEFAULT_MAX_UNACKED,
             backoff: Backoff::default(),
             handle_signals: true,
+            sched: Sched::RoundRobin,
         }
     }
 }
@@ -283,6 +381,14 @@ impl Builder {
         self
     }
 
+    /// Who accepts and balances connections (default round-robin by the
+    /// primary); see [`Sched`]. In the kernel modes each worker gets its
+    /// listening socket by socket activation (fd 3, `LISTEN_FDS`).
+    pub fn sched(mut self, sched: Sched) -> Self {
+        self.sched = sched;
+        self
+    }
+
     /// Binds (unless given a listener), checks the worker command, and
     /// prepares the event loop. Starts no process yet.
     ///
@@ -301,14 +407,26 @@ impl Builder {
             None => WorkerCommand::current_exe()?,
         };
         check_program(&command)?;
+        let reuseport = self.sched == Sched::ReusePort;
         let listener = match self.listener {
-            Some(l) => l,
-            None => bind(self.listen, self.backlog).map_err(|source| PrimaryError::Listen {
-                addr: self.listen,
-                source,
+            Some(l) => {
+                if reuseport && !socket2::SockRef::from(&l).reuse_port()? {
+                    return Err(PrimaryError::Config(
+                        "reuseport mode needs a listener with SO_REUSEPORT set".into(),
+                    ));
+                }
+                l
+            }
+            None => bind(self.listen, self.backlog, reuseport).map_err(|source| {
+                PrimaryError::Listen {
+                    addr: self.listen,
+                    source,
+                }
             })?,
         };
-        listener.set_nonblocking(true)?;
+        // The primary accepts without waiting in rr; in the kernel modes
+        // workers get the socket as socket activation would, blocking.
+        listener.set_nonblocking(self.sched == Sched::RoundRobin)?;
         let settings = event_loop::Settings {
             workers: self.workers,
             command,
@@ -318,17 +436,23 @@ impl Builder {
             max_unacked: self.max_unacked,
             backoff: self.backoff,
             handle_signals: self.handle_signals,
+            sched: self.sched,
+            backlog: self.backlog,
         };
         let inner = event_loop::EventLoop::new(listener, settings)?;
         Ok(Primary { inner })
     }
 }
 
-/// Binds a listening TCP socket with `SO_REUSEADDR`, close-on-exec.
-fn bind(addr: SocketAddr, backlog: i32) -> io::Result<TcpListener> {
+/// Binds a listening TCP socket with `SO_REUSEADDR` (and `SO_REUSEPORT`
+/// if asked), close-on-exec.
+pub(crate) fn bind(addr: SocketAddr, backlog: i32, reuseport: bool) -> io::Result<TcpListener> {
     use socket2::{Domain, Socket, Type};
     let socket = Socket::new(Domain::for_address(addr), Type::STREAM, None)?;
     socket.set_reuse_address(true)?;
+    if reuseport {
+        socket.set_reuse_port(true)?;
+    }
     socket.bind(&addr.into())?;
     socket.listen(backlog)?;
     Ok(socket.into())

@@ -5,7 +5,7 @@ use std::collections::HashMap;
 use std::ffi::OsString;
 use std::io;
 use std::net::SocketAddr;
-use std::os::fd::{AsFd, AsRawFd, OwnedFd};
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd};
 use std::os::unix::process::CommandExt;
 use std::process::{Child, Command, ExitStatus, Stdio};
 use std::time::Instant;
@@ -62,12 +62,18 @@ impl WorkerCommand {
     }
 }
 
+/// Sets `LISTEN_PID` to the shell's own pid, which the program keeps
+/// through `exec`.
+const LISTEN_PID_SHIM: &str = "LISTEN_PID=$$; export LISTEN_PID; exec \"$@\"";
+
 /// A connection the primary accepted and still owns a copy of.
 #[derive(Debug)]
 pub(crate) struct Conn {
     pub id: u64,
     pub fd: OwnedFd,
     pub peer: SocketAddr,
+    /// When it was last sent to a worker (hang detection).
+    pub sent: Instant,
 }
 
 /// What a worker is for, which decides what its exit means.
@@ -116,29 +122,58 @@ pub(crate) struct WorkerProc {
     pub last_seen: Instant,
     /// When to send the next heartbeat.
     pub ping_at: Option<Instant>,
+    /// A reload's new worker that has not said hello by then is stopped
+    /// and the reload retried.
+    pub give_up_at: Option<Instant>,
 }
 
 impl WorkerProc {
     /// Starts one worker with a fresh channel.
+    /// Starts one worker with a fresh channel. With `listen` (the kernel
+    /// balancing modes) the worker also gets that listening socket by
+    /// systemd's socket-activation convention: fd 3, `LISTEN_FDS=1`, and
+    /// `LISTEN_PID` set to its own pid by a `/bin/sh` that then `exec`s the
+    /// program (the pid is not known before the fork).
     pub fn spawn(
         cmd: &WorkerCommand,
         id: u64,
         slot: usize,
         role: Role,
+        listen: Option<BorrowedFd<'_>>,
         now: Instant,
     ) -> io::Result<WorkerProc> {
         let (ours, theirs) = Channel::pair()?;
         sys::set_nonblocking(ours.as_fd(), true)?;
-        let mut command = Command::new(&cmd.program);
+        let mut command = match listen {
+            None => Command::new(&cmd.program),
+            Some(_) => {
+                let mut sh = Command::new("/bin/sh");
+                sh.args(["-c", LISTEN_PID_SHIM, "distributor-worker"])
+                    .arg(&cmd.program);
+                sh
+            }
+        };
         command
             .args(&cmd.args)
             .envs(cmd.env.iter().map(|(k, v)| (k, v)))
-            .env(protocol::ENV_FD, theirs.as_raw_fd().to_string())
+            .env_remove("LISTEN_PID")
+            .env_remove("LISTEN_FDS")
+            .env_remove("LISTEN_FDNAMES")
             .env(protocol::ENV_PROTOCOL, protocol::VERSION.to_string())
             .env(protocol::ENV_WORKER_ID, id.to_string())
             .stdin(Stdio::null())
             .process_group(0);
-        sys::configure_worker_command(&mut command, theirs.as_raw_fd());
+        if listen.is_some() {
+            command
+                .env("LISTEN_FDS", "1")
+                .env("LISTEN_FDNAMES", "distributor");
+        }
+        let child_channel = sys::configure_worker_command(
+            &mut command,
+            theirs.as_raw_fd(),
+            listen.map(|l| l.as_raw_fd()),
+        );
+        command.env(protocol::ENV_FD, child_channel.to_string());
         let child = command.spawn()?;
         drop(theirs);
         Ok(WorkerProc {
@@ -160,6 +195,7 @@ impl WorkerProc {
             taken: 0,
             last_seen: now,
             ping_at: None,
+            give_up_at: None,
         })
     }
 
@@ -174,8 +210,14 @@ impl WorkerProc {
     }
 
     /// The deadlines of this worker's timers.
-    pub fn deadlines(&self) -> [Option<Instant>; 4] {
-        [self.hello_warn_at, self.term_at, self.kill_at, self.ping_at]
+    pub fn deadlines(&self) -> [Option<Instant>; 5] {
+        [
+            self.hello_warn_at,
+            self.term_at,
+            self.kill_at,
+            self.ping_at,
+            self.give_up_at,
+        ]
     }
 
     /// Whether the primary may send it a connection now.

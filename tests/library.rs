@@ -1,0 +1,158 @@
+//! The library API without the command: an already-bound listener, no
+//! signals, a handle to steer it and stats to read, in this process.
+
+mod util;
+
+use std::net::TcpListener;
+use std::thread;
+use std::time::{Duration, Instant};
+
+use distributor::{Event, Primary, Sched, WorkerCommand};
+use util::{get_once, parse_worker};
+
+fn demo() -> WorkerCommand {
+    WorkerCommand::new(util::bin(), Vec::<String>::new())
+        .env(distributor::demo::DEMO_WORKER_ENV, "1")
+}
+
+fn wait_ready(events: &crossbeam_channel::Receiver<Event>, n: usize) {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let mut ready = 0;
+    while ready < n {
+        match events.recv_deadline(deadline) {
+            Ok(Event::WorkerReady { .. }) => ready += 1,
+            Ok(_) => {}
+            Err(e) => panic!("only {ready} of {n} workers ready: {e}"),
+        }
+    }
+}
+
+fn plain_listener() -> TcpListener {
+    TcpListener::bind("127.0.0.1:0").expect("bind")
+}
+
+fn stats_figures(sched: Sched, listener: TcpListener) {
+    let mut primary = Primary::builder()
+        .workers(3)
+        .listener(listener)
+        .sched(sched)
+        .command(demo())
+        .handle_signals(false)
+        .build()
+        .expect("build");
+    let addr = primary.local_addr();
+    let events = primary.events();
+    let handle = primary.handle();
+    let runner = thread::spawn(move || primary.run());
+    wait_ready(&events, 3);
+
+    let mut seen = std::collections::BTreeMap::new();
+    for _ in 0..30 {
+        let r = get_once(addr).expect("request");
+        *seen
+            .entry(parse_worker(&r.body).expect("demo body").0)
+            .or_insert(0u64) += 1;
+    }
+    // Kernel-mode workers report at most every 100 ms, and at stop.
+    let ok = util::poll_until(Duration::from_secs(10), || {
+        let stats = handle.stats().expect("stats");
+        assert_eq!(stats.sched, sched);
+        assert_eq!(stats.local_addr, addr);
+        assert_eq!(stats.workers.len(), 3);
+        stats
+            .workers
+            .iter()
+            .all(|w| w.connections == seen.get(&w.id).copied().unwrap_or(0))
+    });
+    assert!(
+        ok,
+        "stats {:?} never matched what clients saw {seen:?}",
+        handle.stats()
+    );
+    if sched == Sched::RoundRobin {
+        assert!(seen.values().all(|&n| n == 10), "rr is exact: {seen:?}");
+    }
+    handle.shutdown().expect("shutdown");
+    runner
+        .join()
+        .expect("the primary's thread does not panic")
+        .expect("run ends cleanly");
+    assert!(handle.stats().is_err(), "a stopped primary answers no more");
+}
+
+#[test]
+fn stats_count_what_each_worker_took_in_rr() {
+    stats_figures(Sched::RoundRobin, plain_listener());
+}
+
+#[test]
+fn stats_count_what_each_worker_took_in_shared() {
+    stats_figures(Sched::Shared, plain_listener());
+}
+
+#[test]
+fn stats_count_what_each_worker_took_in_reuseport() {
+    let listener =
+        socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None).expect("socket");
+    listener.set_reuse_port(true).expect("SO_REUSEPORT");
+    listener
+        .bind(
+            &"127.0.0.1:0"
+                .parse::<std::net::SocketAddr>()
+                .unwrap()
+                .into(),
+        )
+        .expect("bind");
+    listener.listen(128).expect("listen");
+    let listener: TcpListener = listener.into();
+    // A reuseport primary needs SO_REUSEPORT on a listener it is given;
+    // without it the builder says so.
+    let plain = TcpListener::bind("127.0.0.1:0").expect("bind");
+    let err = Primary::builder()
+        .listener(plain)
+        .sched(Sched::ReusePort)
+        .command(demo())
+        .build()
+        .expect_err("a plain listener is refused in reuseport mode");
+    assert!(err.to_string().contains("SO_REUSEPORT"), "{err}");
+    stats_figures(Sched::ReusePort, listener);
+}
+
+#[test]
+fn handle_scales_and_reloads() {
+    let listener = TcpListener::bind("127.0.0.1:0").expect("bind");
+    let mut primary = Primary::builder()
+        .workers(1)
+        .listener(listener)
+        .command(demo())
+        .handle_signals(false)
+        .build()
+        .expect("build");
+    let addr = primary.local_addr();
+    let events = primary.events();
+    let handle = primary.handle();
+    let runner = thread::spawn(move || primary.run());
+    wait_ready(&events, 1);
+    handle.add_worker().expect("add");
+    wait_ready(&events, 1);
+    let ids = |h: &distributor::Handle| -> Vec<u64> {
+        h.stats()
+            .expect("stats")
+            .workers
+            .iter()
+            .map(|w| w.id)
+            .collect()
+    };
+    assert_eq!(ids(&handle), [1, 2]);
+    handle.reload().expect("reload");
+    // Two new workers, each ready before an old one is stopped.
+    wait_ready(&events, 2);
+    let ok = util::poll_until(Duration::from_secs(20), || ids(&handle) == [3, 4]);
+    assert!(ok, "after the reload: {:?}", ids(&handle));
+    assert_eq!(get_once(addr).expect("request").status, 200);
+    handle.remove_worker().expect("remove");
+    let ok = util::poll_until(Duration::from_secs(20), || ids(&handle).len() == 1);
+    assert!(ok, "after the removal: {:?}", ids(&handle));
+    handle.shutdown().expect("shutdown");
+    runner.join().expect("no panic").expect("clean run");
+}

@@ -218,7 +218,6 @@ fn a_hello_with_another_protocol_version() {
 /// connections it is given. Its clients must not wait for ever: with
 /// `--worker-timeout 1s`, the connection should go to another worker.
 #[test]
-#[ignore = "src bug: a worker that answers PING but never ACKs holds its connections for ever (see report)"]
 fn a_worker_that_answers_heartbeats_but_never_acknowledges() {
     let Some(mut primary) = start("pong_no_ack", &["--worker-timeout", "1s"]) else {
         return;
@@ -277,7 +276,6 @@ fn a_flooding_worker_does_not_starve_the_others() {
 /// worker (which would serve it a second time, or here hold it open so
 /// that the client never sees the end of it).
 #[test]
-#[ignore = "src bug: a worker reaped before its last messages are read has its acknowledged connections handed over again (see report)"]
 fn an_acknowledged_connection_is_not_handed_over_after_the_worker_exits() {
     let marks = TempDir::new("burst-ack-exit");
     let dir = marks.path().to_str().expect("a UTF-8 path");

@@ -182,9 +182,11 @@ fn a_hung_worker_is_detected_replaced_and_killed() {
         "unacknowledged connections of worker 1 to other workers",
     );
     primary.wait_worker_ready(3);
+    // It held connections now given to others: killed at once, so that it
+    // cannot wake up and serve one of them too.
     log.wait_for_from(
         mark,
-        &format!("worker 1 (pid {one}) did not stop in time: SIGKILL"),
+        &format!("worker 1 (pid {one}) still has copies of the connections given to other workers: SIGKILL"),
     );
     assert_eq!(primary.wait_exited(1), "signal 9 (SIGKILL)");
     assert!(answered >= 2);

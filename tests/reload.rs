@@ -150,7 +150,6 @@ fn scaling_up_and_down_with_signals() {
 /// cause is fixed (the marker removed), a second SIGHUP, or the primary's
 /// own retry, must complete a reload, and the new workers serve.
 #[test]
-#[ignore = "src bug: a reload candidate that never says hello blocks every later reload (see report)"]
 fn a_reload_whose_new_worker_hangs_at_start_does_not_wedge_reloads() {
     let marks = util::TempDir::new("hanging-candidate");
     let marker = marks.path().join("hang");

@@ -96,6 +96,12 @@ impl EventLoop {
         self.disconnect(i, grace);
         if handed_over {
             if let Some(w) = self.workers[i].as_ref() {
+                warn!(
+                    worker = w.id,
+                    "worker {} (pid {}) still has copies of the connections given to other workers: SIGKILL, so that none is served twice",
+                    w.id,
+                    w.pid
+                );
                 w.signal(Signal::SIGKILL);
             }
         }

@@ -51,6 +51,8 @@ pub(super) const FIRST_WORKER: usize = 3;
 /// How long accepting pauses after an error such as `EMFILE`, unless an fd
 /// is freed sooner.
 const ACCEPT_RETRY: Duration = Duration::from_millis(100);
+/// How often at most an accept error is logged as a warning.
+const ACCEPT_WARN_EVERY: Duration = Duration::from_secs(10);
 /// The most messages read from one channel before the others get a turn.
 pub(super) const MAX_READS_PER_WAKE: usize = 64;
 
@@ -120,6 +122,8 @@ pub(crate) struct EventLoop {
     pub(super) backlog_waiting: bool,
     /// Accepting paused after an accept error, until then.
     pub(super) accept_paused_until: Option<Instant>,
+    /// When an accept error was last logged as a warning.
+    accept_warned_at: Option<Instant>,
     pub(super) reload: Reload,
     pub(super) shutdown_at: Option<Instant>,
     /// The time after the last poll; timers and liveness use it.
@@ -177,6 +181,7 @@ impl EventLoop {
             pending: VecDeque::new(),
             backlog_waiting: false,
             accept_paused_until: None,
+            accept_warned_at: None,
             reload: Reload::default(),
             shutdown_at: None,
             now: Instant::now(),
@@ -335,6 +340,7 @@ impl EventLoop {
                         id: self.next_conn_id,
                         fd: OwnedFd::from(socket),
                         peer,
+                        sent: self.now,
                     };
                     self.next_conn_id += 1;
                     if let Err(conn) = self.dispatch(conn) {
@@ -351,10 +357,20 @@ impl EventLoop {
                         debug!("accept: {e}")
                     }
                     _ => {
-                        warn!(
-                            "accept failed: {e}; pausing accepts until an fd is freed or {ACCEPT_RETRY:?} pass"
-                        );
-                        self.accept_paused_until = Some(self.now + ACCEPT_RETRY);
+                        // Said once per episode, not on every retry.
+                        let now = self.now;
+                        if self
+                            .accept_warned_at
+                            .is_none_or(|t| now.saturating_duration_since(t) >= ACCEPT_WARN_EVERY)
+                        {
+                            warn!(
+                                "accept failed: {e}; pausing accepts until an fd is freed or {ACCEPT_RETRY:?} pass"
+                            );
+                            self.accept_warned_at = Some(now);
+                        } else {
+                            debug!("accept failed again: {e}");
+                        }
+                        self.accept_paused_until = Some(now + ACCEPT_RETRY);
                         return;
                     }
                 },
@@ -372,7 +388,8 @@ impl EventLoop {
     }
 
     /// Sends `conn` to the next worker that takes it; gives it back if none can.
-    fn dispatch(&mut self, conn: Conn) -> Result<(), Conn> {
+    fn dispatch(&mut self, mut conn: Conn) -> Result<(), Conn> {
+        conn.sent = self.now;
         while let Some(i) = self.pick() {
             self.enc.connection().entry(conn.id, conn.peer);
             let w = self.workers[i].as_mut().expect("picked workers exist");
@@ -428,7 +445,8 @@ impl EventLoop {
     }
 
     /// Reads the messages waiting on worker `i`'s channel, up to a turn's worth.
-    pub(super) fn read_channel(&mut self, i: usize) {
+    /// Returns true when it stopped at the turn's limit: more may wait.
+    pub(super) fn read_channel(&mut self, i: usize) -> bool {
         let mut buf = std::mem::take(&mut self.buf);
         for _ in 0..MAX_READS_PER_WAKE {
             let Some(w) = self.workers.get_mut(i).and_then(Option::as_mut) else {
@@ -456,7 +474,7 @@ impl EventLoop {
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
                     self.fds.clear();
                     self.buf = buf;
-                    return;
+                    return false;
                 }
                 Err(e) => Some(e.to_string()),
             };
@@ -470,11 +488,13 @@ impl EventLoop {
                 break;
             }
         }
-        if self.worker_mut(i).is_some_and(|w| w.channel.is_some()) {
+        let more = self.worker_mut(i).is_some_and(|w| w.channel.is_some());
+        if more {
             self.readable_again.push(i);
         }
         self.fds.clear();
         self.buf = buf;
+        more
     }
 
     /// Acts on one well-formed message; returns a protocol problem, if any.

@@ -73,6 +73,8 @@ pub(crate) struct Conn {
     pub id: u64,
     pub fd: OwnedFd,
     pub peer: SocketAddr,
+    /// When it was last sent to a worker (hang detection).
+    pub sent: Instant,
 }
 
 /// What a worker is for, which decides what its exit means.
@@ -121,6 +123,9 @@ pub(crate) struct WorkerProc {
     pub last_seen: Instant,
     /// When to send the next heartbeat.
     pub ping_at: Option<Instant>,
+    /// A reload's new worker that has not said hello by then is stopped
+    /// and the reload retried.
+    pub give_up_at: Option<Instant>,
 }
 
 impl WorkerProc {
@@ -207,6 +212,7 @@ impl WorkerProc {
             taken: 0,
             last_seen: now,
             ping_at: None,
+            give_up_at: None,
         })
     }
 
@@ -221,8 +227,14 @@ impl WorkerProc {
     }
 
     /// The deadlines of this worker's timers.
-    pub fn deadlines(&self) -> [Option<Instant>; 4] {
-        [self.hello_warn_at, self.term_at, self.kill_at, self.ping_at]
+    pub fn deadlines(&self) -> [Option<Instant>; 5] {
+        [
+            self.hello_warn_at,
+            self.term_at,
+            self.kill_at,
+            self.ping_at,
+            self.give_up_at,
+        ]
     }
 
     /// Whether the primary may send it a connection now.

@@ -65,6 +65,9 @@ impl EventLoop {
             return Err(e);
         }
         w.hello_warn_at = Some(now + self.settings.hello_timeout);
+        if role == Role::Candidate {
+            w.give_up_at = Some(now + self.candidate_timeout());
+        }
         info!(
             worker = id,
             pid = w.pid,
@@ -94,7 +97,22 @@ impl EventLoop {
             w.role = Role::Retiring;
         }
         let grace = self.settings.shutdown_timeout.min(BROKEN_WORKER_GRACE);
+        // Its unacknowledged connections go to other workers, but copies
+        // still wait in its end of the channel: it must not live to read
+        // them, or a connection could be served twice.
+        let handed_over = !w.unacked.is_empty();
         self.disconnect(i, grace);
+        if handed_over {
+            if let Some(w) = self.workers[i].as_ref() {
+                warn!(
+                    worker = w.id,
+                    "worker {} (pid {}) still has copies of the connections given to other workers: SIGKILL, so that none is served twice",
+                    w.id,
+                    w.pid
+                );
+                w.signal(Signal::SIGKILL);
+            }
+        }
         if replace && self.slots[slot].current == Some(i) {
             self.slots[slot].current = None;
             if self.slots[slot].active {
@@ -152,8 +170,10 @@ impl EventLoop {
     }
 
     fn on_exit(&mut self, i: usize, status: ExitStatus) {
-        // Its last messages (a final STATS) may still wait in the channel.
-        self.read_channel(i);
+        // Its last messages (acknowledgements, a final STATS) may still wait
+        // in the channel: read them all, or an acknowledged connection
+        // would be handed to another worker and served twice.
+        while self.read_channel(i) {}
         let w = self.workers[i].as_mut().expect("exited worker exists");
         let expected = w.asked_to_stop || self.shutdown_at.is_some();
         // It is gone: no signal for it, only its connections to hand over.
@@ -216,6 +236,7 @@ impl EventLoop {
         let w = self.workers[i].as_mut().expect("hello from a live worker");
         w.ready = true;
         w.hello_warn_at = None;
+        w.give_up_at = None;
         w.ping_at = self
             .settings
             .worker_timeout
@@ -307,6 +328,16 @@ impl EventLoop {
             .filter(|&s| self.slots[s].active)
             .collect();
         info!("reloading: replacing {} workers one at a time", slots.len());
+        // A new reload starts over; a new worker of the last one that is
+        // not ready yet is stopped (it may be stuck on what was just fixed).
+        if let Some(c) = self.reload.candidate.take() {
+            if self.workers[c].as_ref().is_some_and(|w| !w.ready) {
+                self.retire(c);
+            } else {
+                self.reload.candidate = Some(c);
+            }
+        }
+        self.reload.retry_at = None;
         self.reload.queue = slots.into();
         self.advance_reload();
     }
@@ -410,7 +441,25 @@ impl EventLoop {
         }
     }
 
+    /// How long a reload waits for its new worker's hello: the worker
+    /// timeout, or a minute without one, and never less than twice the
+    /// hello timeout.
+    fn candidate_timeout(&self) -> Duration {
+        let t = self
+            .settings
+            .worker_timeout
+            .unwrap_or(Duration::from_secs(60));
+        t.max(self.settings.hello_timeout * 2)
+    }
+
     fn worker_timers(&mut self, i: usize, now: Instant) {
+        if self.workers[i]
+            .as_ref()
+            .is_some_and(|w| w.give_up_at.is_some_and(|t| t <= now))
+        {
+            self.give_up_candidate(i);
+            return;
+        }
         let worker_timeout = self.settings.worker_timeout;
         let sched = self.settings.sched;
         let Some(w) = self.worker_mut(i) else {
@@ -458,12 +507,21 @@ impl EventLoop {
             return;
         }
         let silent = now.saturating_duration_since(w.last_seen);
-        if silent >= timeout {
+        let oldest_unacked = w.unacked.values().map(|c| c.sent).min();
+        let stuck = oldest_unacked.map(|t| now.saturating_duration_since(t));
+        if silent >= timeout || stuck.is_some_and(|s| s >= timeout) {
+            let why = if silent >= timeout {
+                format!("no acknowledgement or heartbeat for {silent:.1?}")
+            } else {
+                format!(
+                    "{} connections unacknowledged for {:.1?}",
+                    w.unacked.len(),
+                    stuck.unwrap_or_default()
+                )
+            };
             error!(
                 worker = w.id,
-                "worker {} (pid {}) is hung: no acknowledgement or heartbeat for {silent:.1?}; stopping it",
-                w.id,
-                w.pid
+                "worker {} (pid {}) is hung: {why}; stopping it", w.id, w.pid
             );
             self.cut_off(i);
             return;
@@ -477,6 +535,31 @@ impl EventLoop {
         }
         let next = (now + ping_interval(timeout)).min(w.last_seen + timeout);
         w.ping_at = Some(next.max(now + Duration::from_millis(1)));
+    }
+
+    /// A reload's new worker did not say hello in time: stop it, keep the
+    /// old one serving, and retry that slot with backoff.
+    fn give_up_candidate(&mut self, i: usize) {
+        let Some(w) = self.workers[i].as_mut() else {
+            return;
+        };
+        w.give_up_at = None;
+        let (id, pid, slot) = (w.id, w.pid, w.slot);
+        let uptime = self.now.saturating_duration_since(w.started);
+        let s = &mut self.slots[slot];
+        let (delay, quick) = self.settings.backoff.next(Duration::ZERO, s.quick_exits);
+        s.quick_exits = quick;
+        warn!(
+            worker = id,
+            "reload: the new worker {id} (pid {pid}) for slot {} has not said hello in {uptime:.1?}; stopping it, the old one keeps serving; retrying in {delay:.1?}",
+            slot + 1
+        );
+        self.retire(i);
+        if self.reload.candidate == Some(i) {
+            self.reload.candidate = None;
+            self.reload.queue.push_front(slot);
+            self.reload.retry_at = Some(self.now + delay);
+        }
     }
 
     pub(super) fn next_deadline(&self) -> Option<Instant> {

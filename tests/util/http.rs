@@ -3,6 +3,7 @@
 
 use std::io::{self, Read, Write};
 use std::net::{SocketAddr, TcpStream};
+use std::time::Duration;
 
 use super::{IO_TIMEOUT, parse_worker};
 
@@ -38,14 +39,27 @@ pub struct HttpConn {
 
 impl HttpConn {
     pub fn connect(addr: SocketAddr) -> io::Result<HttpConn> {
-        let stream = TcpStream::connect_timeout(&addr, IO_TIMEOUT)?;
-        stream.set_read_timeout(Some(IO_TIMEOUT))?;
-        stream.set_write_timeout(Some(IO_TIMEOUT))?;
+        HttpConn::connect_with_timeout(addr, IO_TIMEOUT)
+    }
+
+    /// As [`HttpConn::connect`], with `timeout` for the connect and for
+    /// every read and write instead of [`IO_TIMEOUT`].
+    pub fn connect_with_timeout(addr: SocketAddr, timeout: Duration) -> io::Result<HttpConn> {
+        let stream = TcpStream::connect_timeout(&addr, timeout)?;
+        stream.set_read_timeout(Some(timeout))?;
+        stream.set_write_timeout(Some(timeout))?;
         stream.set_nodelay(true)?;
         Ok(HttpConn {
             stream,
             buf: Vec::new(),
         })
+    }
+
+    /// Bytes received and not yet consumed as a response: after a failed
+    /// [`HttpConn::read_response`], 0 means that no byte of the response
+    /// came.
+    pub fn buffered(&self) -> usize {
+        self.buf.len()
     }
 
     pub fn send(&mut self, raw: &str) -> io::Result<()> {

@@ -95,7 +95,8 @@ impl Lines {
 
     /// The first line at index `from` or later that satisfies `pred`, and
     /// its index; waits up to `timeout` for it, panicking with `what` and
-    /// every line seen when it does not come.
+    /// every line seen when it does not come. `pred` runs with the lines
+    /// locked: it must not call methods of this `Lines` (that deadlocks).
     pub fn wait_from(
         &self,
         from: usize,

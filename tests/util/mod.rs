@@ -12,6 +12,7 @@
 
 mod http;
 mod lines;
+mod load;
 mod procfs;
 
 use std::net::SocketAddr;
@@ -26,7 +27,11 @@ use nix::unistd::Pid;
 
 pub use http::{HttpConn, Response, get_once, refuses_connections, request};
 pub use lines::Lines;
-pub use procfs::{kill_pid, pid_gone, proc_comm, proc_environ, proc_fds, wait_gone};
+pub use load::{Clients, Load, LoadStats, Mode, spawn_gets};
+pub use procfs::{
+    kill_pid, pid_gone, proc_comm, proc_cpu_ticks, proc_environ, proc_fd_count, proc_fds,
+    proc_ppid, proc_rss_kib, proc_state, signal_child_of, stop_process, wait_gone,
+};
 
 /// How long to wait for something that should happen "soon" (a log line,
 /// a process exit). Generous on purpose.
@@ -310,6 +315,60 @@ impl Primary {
     pub fn signal(&self, sig: Signal) {
         self.proc.signal(sig)
     }
+
+    /// The primary's pid.
+    pub fn pid(&self) -> u32 {
+        self.proc.pid()
+    }
+
+    /// How many fds the primary has open now.
+    pub fn fd_count(&self) -> usize {
+        proc_fd_count(self.pid()).unwrap_or_else(|e| panic!("cannot list the primary's fds: {e}"))
+    }
+
+    /// The workers started and not (yet) logged as exited: (id, pid).
+    pub fn alive_workers(&self) -> Vec<(u64, u32)> {
+        let lines = self.log().snapshot();
+        let exited: Vec<u64> = lines
+            .iter()
+            .filter_map(|l| parse_exited(l))
+            .map(|e| e.0)
+            .collect();
+        lines
+            .iter()
+            .filter_map(|l| parse_started(l))
+            .filter(|(id, _)| !exited.contains(id))
+            .collect()
+    }
+
+    /// Waits for worker `id`'s exit line; returns how it exited
+    /// (`signal 9 (SIGKILL)`, `status 0`...).
+    pub fn wait_exited(&self, id: u64) -> String {
+        let (_, line) = self
+            .log()
+            .wait_from(0, &format!("worker {id} to exit"), DEADLINE, |l| {
+                parse_exited(l).is_some_and(|e| e.0 == id)
+            });
+        parse_exited(&line).expect("matched").2
+    }
+
+    /// Panics if the log (the primary's stderr, which its workers share)
+    /// shows a panic.
+    pub fn assert_no_panic(&self) {
+        let panics = self.log().count("panicked");
+        assert_eq!(panics, 0, "a panic in the log:\n{}", self.log().dump());
+    }
+
+    /// Panics if the primary has exited.
+    pub fn assert_running(&mut self) {
+        if let Some(status) = self.proc.try_status() {
+            panic!(
+                "the primary exited with {}; its log:\n{}",
+                describe(status),
+                self.log().dump()
+            );
+        }
+    }
 }
 
 /// The address in `listening on ADDR`.
@@ -324,6 +383,15 @@ pub fn parse_started(line: &str) -> Option<(u64, u32)> {
     let (id, rest) = rest.split_once(" started (pid ")?;
     let (pid, _) = rest.split_once(')')?;
     Some((id.parse().ok()?, pid.parse().ok()?))
+}
+
+/// `(id, pid, how)` from `worker ID (pid PID) exited with HOW after ...`.
+pub fn parse_exited(line: &str) -> Option<(u64, u32, String)> {
+    let rest = &line[line.find("worker ")? + "worker ".len()..];
+    let (id, rest) = rest.split_once(" (pid ")?;
+    let (pid, rest) = rest.split_once(") exited with ")?;
+    let (how, _) = rest.split_once(" after ")?;
+    Some((id.parse().ok()?, pid.parse().ok()?, how.to_string()))
 }
 
 /// `(id, pid)` from any text containing `from worker ID (pid PID)`, as the

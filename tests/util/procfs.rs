@@ -76,3 +76,69 @@ pub fn proc_comm(pid: u32) -> Option<String> {
         .ok()
         .map(|s| s.trim().to_string())
 }
+
+/// The fields of `/proc/PID/stat` after the command name: index 0 is the
+/// state (field 3 of proc(5)), 1 the parent pid, 11 utime, 12 stime.
+fn stat_fields(pid: u32) -> Option<Vec<String>> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    let rest = &stat[stat.rfind(')')? + 1..];
+    Some(rest.split_whitespace().map(str::to_string).collect())
+}
+
+/// The state letter of process `pid` (`R`, `S`, `T` for stopped, `Z`...).
+pub fn proc_state(pid: u32) -> Option<char> {
+    stat_fields(pid)?.first()?.chars().next()
+}
+
+/// The parent pid of process `pid`.
+pub fn proc_ppid(pid: u32) -> Option<u32> {
+    stat_fields(pid)?.get(1)?.parse().ok()
+}
+
+/// The CPU time process `pid` has used, user plus system, in clock ticks
+/// (`utime + stime` of `/proc/PID/stat`; usually 100 ticks a second).
+pub fn proc_cpu_ticks(pid: u32) -> Option<u64> {
+    let fields = stat_fields(pid)?;
+    let utime: u64 = fields.get(11)?.parse().ok()?;
+    let stime: u64 = fields.get(12)?.parse().ok()?;
+    Some(utime + stime)
+}
+
+/// How many fds process `pid` has open.
+pub fn proc_fd_count(pid: u32) -> io::Result<usize> {
+    Ok(std::fs::read_dir(format!("/proc/{pid}/fd"))?.count())
+}
+
+/// The resident set size of process `pid` in KiB (`VmRSS` of
+/// `/proc/PID/status`).
+pub fn proc_rss_kib(pid: u32) -> Option<u64> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    let line = status.lines().find(|l| l.starts_with("VmRSS:"))?;
+    line.split_whitespace().nth(1)?.parse().ok()
+}
+
+/// Stops process `pid` with SIGSTOP and waits (up to `timeout`) until the
+/// kernel shows it stopped; returns whether it did.
+pub fn stop_process(pid: u32, timeout: Duration) -> bool {
+    kill_pid(pid, Signal::SIGSTOP);
+    let deadline = Instant::now() + timeout;
+    loop {
+        if matches!(proc_state(pid), Some('T' | 't')) {
+            return true;
+        }
+        if Instant::now() >= deadline {
+            return false;
+        }
+        std::thread::sleep(Duration::from_millis(5));
+    }
+}
+
+/// Sends `sig` to `pid` only if it is still a child of `parent` (so that a
+/// pid freed and reused meanwhile is left alone); returns whether it was
+/// sent.
+pub fn signal_child_of(parent: u32, pid: u32, sig: Signal) -> bool {
+    if proc_ppid(pid) != Some(parent) || pid_gone(pid) {
+        return false;
+    }
+    kill(Pid::from_raw(pid as i32), sig).is_ok()
+}

@@ -90,7 +90,8 @@ mod tests {
 
     #[test]
     fn notices_are_parsed_line_by_line() {
-        let got: Vec<_> = parse("READY=1\nSTATUS=warming up\nMAINPID=3\nWATCHDOG=1\nREADY=0").collect();
+        let got: Vec<_> =
+            parse("READY=1\nSTATUS=warming up\nMAINPID=3\nWATCHDOG=1\nREADY=0").collect();
         assert_eq!(
             got,
             [

@@ -56,7 +56,7 @@ mod sys;
 pub mod worker;
 
 pub use primary::{
-    Backoff, Builder, Event, Handle, Primary, PrimaryError, Sched, Stats, WorkerCommand,
+    Backoff, Builder, Event, Handle, Primary, PrimaryError, Ready, Sched, Stats, WorkerCommand,
     WorkerStats,
 };
 pub use worker::{Incoming, WorkerError, WorkerEvent, WorkerListener, is_primary, is_worker};

@@ -10,7 +10,7 @@ use std::time::Duration;
 
 use anyhow::Context;
 use clap::{Args, Parser, Subcommand};
-use distributor::{Primary, Sched, WorkerCommand, WorkerListener};
+use distributor::{Primary, Ready, Sched, WorkerCommand, WorkerListener};
 
 use distributor::demo::DEMO_WORKER_ENV;
 
@@ -87,6 +87,13 @@ struct Cli {
         value_parser = parse_max_unacked
     )]
     max_unacked: usize,
+
+    /// What counts a worker ready: hello (its protocol HELLO), notify
+    /// (READY=1 on the NOTIFY_SOCKET it is given, like systemd's
+    /// Type=notify), start (as soon as it is started, for apps that speak
+    /// neither)
+    #[arg(long, value_name = "WHEN", default_value = "hello", env = "DISTRIBUTOR_READY", value_parser = parse_ready)]
+    ready: Ready,
 
     /// Let workers write to stdout and stderr directly, without the
     /// `[worker ID] ` prefix on each line
@@ -195,6 +202,10 @@ fn parse_workers(s: &str) -> Result<usize, String> {
 
 fn parse_max_unacked(s: &str) -> Result<usize, String> {
     parse_count(s, 1024)
+}
+
+fn parse_ready(s: &str) -> Result<Ready, String> {
+    s.parse()
 }
 
 fn parse_sched(s: &str) -> Result<Sched, String> {
@@ -360,7 +371,13 @@ fn run(cli: Cli) -> anyhow::Result<()> {
     if let Some(n) = cli.workers {
         builder = builder.workers(n);
     }
-    builder = builder.prefix_output(!cli.no_prefix);
+    builder = builder.prefix_output(!cli.no_prefix).ready(cli.ready);
+    // Started by socket activation: serve the socket given, not --listen.
+    if let Some(listener) = distributor::activation::take_listener()
+        .context("the socket-activation fd 3 is not a listening socket")?
+    {
+        builder = builder.listener(listener);
+    }
     if let Some(user) = cli.user {
         builder = builder.user(user);
     }

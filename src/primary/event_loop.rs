@@ -46,6 +46,8 @@ use crate::protocol::{self, Encoder, ToPrimary};
 const LISTENER: Token = Token(0);
 const WAKER: Token = Token(1);
 const SIGNALS: Token = Token(2);
+/// The workers' notify socket: far from the worker and metrics tokens.
+const NOTIFY: Token = Token(usize::MAX - 1);
 pub(super) const FIRST_WORKER: usize = 3;
 
 /// How long accepting pauses after an error such as `EMFILE`, unless an fd
@@ -68,6 +70,7 @@ pub(crate) struct Settings {
     pub sched: Sched,
     pub backlog: i32,
     pub prefix_output: bool,
+    pub ready: super::Ready,
 }
 
 /// A place for one worker. Slots give restarts their backoff and rolling
@@ -133,6 +136,10 @@ pub(crate) struct EventLoop {
     buf: Box<[u8]>,
     fds: Vec<OwnedFd>,
     pub(super) enc: Encoder,
+    /// The workers' `NOTIFY_SOCKET`.
+    pub(super) notify: super::notify::NotifySocket,
+    /// `READY=1` was sent to the primary's own service manager.
+    pub(super) told_systemd_ready: bool,
     /// Relays worker output with a prefix, unless output passes through.
     pub(super) output: Option<super::output::Relay>,
 }
@@ -158,6 +165,9 @@ impl EventLoop {
             .register(&mut signals, SIGNALS, Interest::READABLE)?;
         let (control_tx, control_rx) = crossbeam_channel::unbounded();
         let settings_prefix = settings.prefix_output;
+        let notify = super::notify::NotifySocket::bind()?;
+        poll.registry()
+            .register(&mut SourceFd(&notify.raw_fd()), NOTIFY, Interest::READABLE)?;
         Ok(EventLoop {
             poll,
             listener: Some(listener),
@@ -189,6 +199,8 @@ impl EventLoop {
             buf: vec![0; protocol::MAX_MESSAGE].into_boxed_slice(),
             fds: Vec::with_capacity(protocol::MAX_FDS),
             enc: Encoder::default(),
+            notify,
+            told_systemd_ready: false,
             output: if settings_prefix {
                 Some(super::output::Relay::start()?)
             } else {
@@ -261,6 +273,7 @@ impl EventLoop {
                     LISTENER => self.backlog_waiting = true,
                     WAKER => self.on_control(),
                     SIGNALS => self.on_signals(),
+                    NOTIFY => self.read_notices(),
                     Token(t) => {
                         let i = t - FIRST_WORKER;
                         if event.is_writable() {
@@ -294,6 +307,24 @@ impl EventLoop {
         }
         info!("shutdown complete");
         Ok(())
+    }
+
+    /// Reads every notification waiting on the workers' notify socket.
+    fn read_notices(&mut self) {
+        let mut buf = [0u8; 4096];
+        loop {
+            let (pid, text) = match self.notify.recv(&mut buf) {
+                Ok(Some((pid, text))) => (pid, text.to_string()),
+                Ok(None) => return,
+                Err(e) => {
+                    debug!("notify socket: {e}");
+                    return;
+                }
+            };
+            for notice in crate::activation::parse(&text) {
+                self.on_notice(pid, notice);
+            }
+        }
     }
 
     pub(super) fn worker_mut(&mut self, i: usize) -> Option<&mut WorkerProc> {

@@ -113,6 +113,33 @@ impl std::str::FromStr for Sched {
     }
 }
 
+/// What makes the primary count a worker ready: give it connections, let
+/// a rolling reload move on.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default)]
+pub enum Ready {
+    /// Its protocol HELLO (the default). In the kernel modes a program that
+    /// never says hello is taken as ready after the hello timeout.
+    #[default]
+    Hello,
+    /// `READY=1` on its `NOTIFY_SOCKET`, as systemd's `Type=notify`: for
+    /// apps that already speak the notify protocol.
+    Notify,
+    /// As soon as it is started, for apps that speak neither.
+    Start,
+}
+
+impl std::str::FromStr for Ready {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Ready, String> {
+        match s.trim().to_ascii_lowercase().as_str() {
+            "hello" => Ok(Ready::Hello),
+            "notify" => Ok(Ready::Notify),
+            "start" => Ok(Ready::Start),
+            _ => Err(format!("unknown readiness `{s}` (hello, notify or start)")),
+        }
+    }
+}
+
 /// One worker's figures, from [`Handle::stats`].
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct WorkerStats {
@@ -284,6 +311,7 @@ pub struct Builder {
     user: Option<String>,
     group: Option<String>,
     prefix_output: bool,
+    ready: Ready,
 }
 
 /// The default of [`Builder::max_unacked`].
@@ -310,6 +338,7 @@ impl Default for Builder {
             user: None,
             group: None,
             prefix_output: true,
+            ready: Ready::Hello,
         }
     }
 }
@@ -415,6 +444,15 @@ impl Builder {
         self
     }
 
+    /// What counts a worker ready (default: its protocol hello); see
+    /// [`Ready`]. Every worker gets a `NOTIFY_SOCKET` of the primary's, so
+    /// `STATUS=`, `STOPPING=1` and `WATCHDOG=1` (which feeds hang
+    /// detection) work whatever this is.
+    pub fn ready(mut self, ready: Ready) -> Self {
+        self.ready = ready;
+        self
+    }
+
     /// Runs as this group (a name or a number); see [`Builder::user`].
     pub fn group(mut self, group: impl Into<String>) -> Self {
         self.group = Some(group.into());
@@ -482,6 +520,7 @@ impl Builder {
             sched: self.sched,
             backlog: self.backlog,
             prefix_output: self.prefix_output,
+            ready: self.ready,
         };
         let inner = event_loop::EventLoop::new(listener, settings)?;
         Ok(Primary { inner })

@@ -123,6 +123,10 @@ pub(crate) struct WorkerProc {
     pub last_seen: Instant,
     /// When to send the next heartbeat.
     pub ping_at: Option<Instant>,
+    /// It said hello: it speaks the protocol and answers pings.
+    pub spoke: bool,
+    /// The last `STATUS=` it sent to its notify socket.
+    pub status: Option<String>,
     /// A reload's new worker that has not said hello by then is stopped
     /// and the reload retried.
     pub give_up_at: Option<Instant>,
@@ -213,6 +217,8 @@ impl WorkerProc {
             last_seen: now,
             ping_at: None,
             give_up_at: None,
+            spoke: false,
+            status: None,
         })
     }
 

@@ -23,11 +23,12 @@ use mio::Interest;
 use mio::unix::SourceFd;
 use nix::sys::signal::Signal;
 use std::os::fd::{AsFd, AsRawFd};
-use tracing::{error, info, warn};
+use tracing::{debug, error, info, warn};
 
-use super::Event;
 use super::event_loop::{EventLoop, FIRST_WORKER, Slot};
 use super::process::{Role, WorkerProc, describe_exit};
+use super::{Event, Ready};
+use crate::activation::Notice;
 
 /// The longest wait before SIGKILL for a worker stopped because it hung or
 /// broke the protocol.
@@ -41,15 +42,12 @@ impl EventLoop {
         let now = self.now;
         self.ensure_slot_listener(slot)?;
         let listen = self.slot_listener(slot).map(|l| l.as_fd());
-        let mut w = WorkerProc::spawn(
-            &self.settings.command,
-            id,
-            slot,
-            role,
-            listen,
-            self.output.as_ref(),
-            now,
-        )?;
+        let command = self
+            .settings
+            .command
+            .clone()
+            .env("NOTIFY_SOCKET", self.notify.env_value());
+        let mut w = WorkerProc::spawn(&command, id, slot, role, listen, self.output.as_ref(), now)?;
         let i = self.free.pop().unwrap_or_else(|| {
             self.workers.push(None);
             self.workers.len() - 1
@@ -78,6 +76,9 @@ impl EventLoop {
         self.workers[i] = Some(w);
         if role == Role::Current {
             self.slots[slot].current = Some(i);
+        }
+        if self.settings.ready == Ready::Start {
+            self.become_ready(i);
         }
         Ok(i)
     }
@@ -234,14 +235,69 @@ impl EventLoop {
     /// without (and is not pinged, since it may not speak the protocol).
     pub(super) fn on_hello(&mut self, i: usize, spoke: bool) {
         let w = self.workers[i].as_mut().expect("hello from a live worker");
+        if spoke {
+            // It speaks the protocol: it answers pings from now on.
+            w.spoke = true;
+            w.ping_at = self
+                .settings
+                .worker_timeout
+                .map(|t| self.now + ping_interval(t));
+            if self.settings.ready != Ready::Hello || w.ready {
+                return;
+            }
+        }
+        self.become_ready(i);
+    }
+
+    /// A READY=1 or WATCHDOG=1 (or other notice) on the workers' notify
+    /// socket, from the worker with this pid.
+    pub(super) fn on_notice(&mut self, pid: u32, notice: Notice) {
+        let Some(i) = self
+            .workers
+            .iter()
+            .position(|w| w.as_ref().is_some_and(|w| w.pid == pid))
+        else {
+            return;
+        };
+        let now = self.now;
+        let timeout = self.settings.worker_timeout;
+        let w = self.workers[i].as_mut().expect("found above");
+        match notice {
+            Notice::Ready => {
+                if self.settings.ready == Ready::Notify && !w.ready && !w.stopping {
+                    self.become_ready(i);
+                }
+            }
+            Notice::Watchdog => {
+                // WATCHDOG=1 keeps it alive for hang detection, like systemd's
+                // WatchdogSec; once sent, silence counts.
+                w.last_seen = now;
+                if w.ping_at.is_none() && w.ready && !w.stopping {
+                    w.ping_at = timeout.map(|t| now + ping_interval(t));
+                }
+            }
+            Notice::Stopping => {
+                info!(
+                    worker = w.id,
+                    "worker {} (pid {}) says it is stopping", w.id, w.pid
+                );
+                w.ready = false;
+            }
+            Notice::Status(s) => {
+                debug!(worker = w.id, "worker {} status: {s}", w.id);
+                w.status = Some(s);
+            }
+            Notice::Reloading => {}
+        }
+    }
+
+    /// The worker may get connections from now on (it said hello, sent
+    /// READY=1, or was started, per the readiness setting).
+    fn become_ready(&mut self, i: usize) {
+        let w = self.workers[i].as_mut().expect("a live worker");
         w.ready = true;
         w.hello_warn_at = None;
         w.give_up_at = None;
-        w.ping_at = self
-            .settings
-            .worker_timeout
-            .filter(|_| spoke)
-            .map(|t| self.now + ping_interval(t));
         let (id, pid, slot, role) = (w.id, w.pid, w.slot, w.role);
         if role == Role::Candidate {
             w.role = Role::Current;
@@ -263,6 +319,10 @@ impl EventLoop {
             worker = id,
             pid, "worker {id} (pid {pid}) ready, {ready}/{total} ready"
         );
+        if ready == total && !self.told_systemd_ready {
+            self.told_systemd_ready = true;
+            tell_systemd(&format!("READY=1\nSTATUS={total} workers ready"));
+        }
         self.backlog_waiting = true;
         self.emit(Event::WorkerReady { id, pid });
         if role == Role::Candidate {
@@ -297,6 +357,9 @@ impl EventLoop {
     }
 
     pub(super) fn begin_shutdown(&mut self) {
+        if self.shutdown_at.is_none() {
+            tell_systemd("STOPPING=1\nSTATUS=stopping");
+        }
         if self.shutdown_at.is_some() {
             warn!("second stop request: killing the workers now");
             for w in self.workers.iter().flatten() {
@@ -328,6 +391,10 @@ impl EventLoop {
             .filter(|&s| self.slots[s].active)
             .collect();
         info!("reloading: replacing {} workers one at a time", slots.len());
+        tell_systemd(&format!(
+            "RELOADING=1\nMONOTONIC_USEC={}\nSTATUS=reloading",
+            monotonic_usec()
+        ));
         // A new reload starts over; a new worker of the last one that is
         // not ready yet is stopped (it may be stuck on what was just fixed).
         if let Some(c) = self.reload.candidate.take() {
@@ -365,6 +432,7 @@ impl EventLoop {
             return;
         }
         info!("reload complete");
+        tell_systemd("READY=1\nSTATUS=reload complete");
     }
 
     /// Adds a slot and starts its worker (SIGTTIN).
@@ -462,27 +530,40 @@ impl EventLoop {
         }
         let worker_timeout = self.settings.worker_timeout;
         let sched = self.settings.sched;
+        let ready_mode = self.settings.ready;
         let Some(w) = self.worker_mut(i) else {
             return;
         };
-        if sched.is_kernel() && w.hello_warn_at.is_some_and(|t| t <= now) {
+        if sched.is_kernel()
+            && ready_mode == Ready::Hello
+            && w.hello_warn_at.is_some_and(|t| t <= now)
+        {
             info!(
                 worker = w.id,
                 "worker {} (pid {}) has not said hello; in {sched} mode it accepts by itself, so it is taken as ready (without figures or hang detection)",
                 w.id,
                 w.pid
             );
-            self.on_hello(i, false);
+            self.become_ready(i);
             return;
         }
         if w.hello_warn_at.is_some_and(|t| t <= now) {
             w.hello_warn_at = None;
-            warn!(
-                worker = w.id,
-                "worker {} (pid {}) has not said hello: does it speak the distributor protocol? see docs/PROTOCOL.md",
-                w.id,
-                w.pid
-            );
+            if ready_mode == Ready::Notify {
+                warn!(
+                    worker = w.id,
+                    "worker {} (pid {}) has not sent READY=1 to its NOTIFY_SOCKET (--ready notify)",
+                    w.id,
+                    w.pid
+                );
+            } else {
+                warn!(
+                    worker = w.id,
+                    "worker {} (pid {}) has not said hello: does it speak the distributor protocol? see docs/PROTOCOL.md",
+                    w.id,
+                    w.pid
+                );
+            }
         }
         if w.term_at.is_some_and(|t| t <= now) {
             w.term_at = None;
@@ -529,7 +610,7 @@ impl EventLoop {
         let n = self.next_ping;
         self.next_ping += 1;
         let w = self.workers[i].as_mut().expect("checked above");
-        if let Some(channel) = w.channel.as_ref() {
+        if let Some(channel) = w.channel.as_ref().filter(|_| w.spoke) {
             // A full channel is no reason to wait: the next turn pings again.
             let _ = channel.send(self.enc.ping(n).as_bytes(), &[], true);
         }
@@ -581,4 +662,18 @@ impl EventLoop {
 /// 10 ms and 5 s.
 fn ping_interval(timeout: Duration) -> Duration {
     (timeout / 4).clamp(Duration::from_millis(10), Duration::from_secs(5))
+}
+
+/// Tells the service manager, if the primary runs under one (`NOTIFY_SOCKET`).
+fn tell_systemd(message: &str) {
+    if let Err(e) = crate::activation::notify(message) {
+        warn!("cannot notify the service manager: {e}");
+    }
+}
+
+/// `CLOCK_MONOTONIC` in microseconds, as `RELOADING=1` wants it.
+fn monotonic_usec() -> u64 {
+    nix::time::clock_gettime(nix::time::ClockId::CLOCK_MONOTONIC)
+        .map(|t| t.tv_sec() as u64 * 1_000_000 + t.tv_nsec() as u64 / 1_000)
+        .unwrap_or(0)
 }

@@ -28,7 +28,8 @@
 //! - [`primary`]: the primary's builder, handle, events and scheduling
 //!   modes ([`Sched`]); its event loop (acceptor, dispatcher, ledger) lives
 //!   in `primary::event_loop`, the supervisor (exits, reloads, scaling,
-//!   hang detection) in `primary::supervisor`.
+//!   hang detection) in `primary::supervisor`, the figures ([`Stats`]) in
+//!   `primary::stats`.
 //! - [`worker`]: the worker side, [`WorkerListener`].
 //! - [`protocol`]: the versioned worker protocol (see `docs/PROTOCOL.md`).
 //! - [`demo`]: the built-in HTTP demo worker.
@@ -55,8 +56,8 @@ mod sys;
 pub mod worker;
 
 pub use primary::{
-    Backoff, Builder, Event, Handle, Primary, PrimaryError, Sched, Stats, WorkerCommand,
-    WorkerStats,
+    Backoff, Builder, Event, Handle, Primary, PrimaryError, Sched, SlotStats, Stats, WorkerCommand,
+    WorkerState, WorkerStats,
 };
 pub use worker::{Incoming, WorkerError, WorkerEvent, WorkerListener, is_primary, is_worker};
 

@@ -39,6 +39,7 @@ use tracing::{debug, error, info, warn};
 
 use super::backoff::Backoff;
 use super::process::{Conn, Role, WorkerCommand, WorkerProc};
+use super::stats::{SlotStats, WorkerState};
 use super::{Control, Event, Handle, Sched, Stats, WorkerStats};
 use crate::channel::Recv;
 use crate::protocol::{self, Encoder, ToPrimary};
@@ -76,6 +77,8 @@ pub(super) struct Slot {
     pub current: Option<usize>,
     pub restart_at: Option<Instant>,
     pub quick_exits: u32,
+    /// Replacements after an unexpected exit or cut-off (for the stats).
+    pub restarts: u64,
 }
 
 /// A rolling reload in progress: the slots still to replace, and the new
@@ -97,6 +100,7 @@ pub(crate) struct EventLoop {
     /// Connections taken by workers that have exited.
     pub(super) exited_connections: u64,
     local_addr: SocketAddr,
+    started: Instant,
     signals: Signals,
     waker: Arc<Waker>,
     control_tx: Sender<Control>,
@@ -156,6 +160,7 @@ impl EventLoop {
             slot_listeners: Vec::new(),
             exited_connections: 0,
             local_addr,
+            started: Instant::now(),
             signals,
             waker,
             control_tx,
@@ -629,17 +634,28 @@ impl EventLoop {
                 slot: w.slot + 1,
                 ready: w.ready,
                 stopping: w.stopping,
+                state: WorkerState::of(w.ready, w.stopping),
                 connections: w.taken,
                 unacknowledged: w.unacked.len(),
                 uptime: self.now.saturating_duration_since(w.started),
             })
             .collect();
         workers.sort_by_key(|w| (w.slot, w.id));
+        let slots = self.slots.iter().enumerate();
         Stats {
             sched: self.settings.sched,
             local_addr: self.local_addr,
+            uptime: self.now.saturating_duration_since(self.started),
             workers,
+            slots: slots
+                .map(|(s, slot)| SlotStats {
+                    slot: s + 1,
+                    active: slot.active,
+                    restarts: slot.restarts,
+                })
+                .collect(),
             exited_connections: self.exited_connections,
+            connections_held: self.pending.len(),
         }
     }
 }

@@ -22,6 +22,7 @@ mod backoff;
 mod event_loop;
 pub mod policy;
 mod process;
+mod stats;
 mod supervisor;
 
 use std::fmt;
@@ -36,6 +37,7 @@ use crossbeam_channel::{Receiver, Sender};
 
 pub use backoff::Backoff;
 pub use process::WorkerCommand;
+pub use stats::{SlotStats, Stats, WorkerState, WorkerStats};
 
 /// Events the primary reports to the embedding program (Node's
 /// `cluster.on('online' | 'exit' | 'message')`).
@@ -110,36 +112,6 @@ impl std::str::FromStr for Sched {
     }
 }
 
-/// One worker's figures, from [`Handle::stats`].
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct WorkerStats {
-    pub id: u64,
-    pub pid: u32,
-    /// The worker's slot, from 1.
-    pub slot: usize,
-    /// Said hello (or, in a kernel mode, was taken as ready).
-    pub ready: bool,
-    /// Asked to stop, or cut off.
-    pub stopping: bool,
-    /// Connections it took: acknowledged (rr), or accepted by itself and
-    /// reported (kernel modes; 0 for programs that do not report).
-    pub connections: u64,
-    /// Connections sent to it and not yet acknowledged.
-    pub unacknowledged: usize,
-    pub uptime: Duration,
-}
-
-/// The primary's figures, from [`Handle::stats`].
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Stats {
-    pub sched: Sched,
-    pub local_addr: SocketAddr,
-    /// Every worker process alive, by slot then id.
-    pub workers: Vec<WorkerStats>,
-    /// Connections taken by workers that have exited since the start.
-    pub exited_connections: u64,
-}
-
 /// A command from a [`Handle`] to the event loop.
 #[derive(Debug)]
 pub(crate) enum Control {
@@ -188,8 +160,9 @@ impl Handle {
         self.post(Control::RemoveWorker)
     }
 
-    /// The primary's current figures: per worker, connections taken, in
-    /// flight, uptime. Waits at most a second for the event loop to answer.
+    /// The primary's current figures: per worker its state, connections
+    /// taken, in flight and uptime; per slot its restarts; totals.
+    /// Waits at most a second for the event loop to answer.
     pub fn stats(&self) -> io::Result<Stats> {
         let (tx, rx) = crossbeam_channel::bounded(1);
         self.post(Control::Stats(tx))?;

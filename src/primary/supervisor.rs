@@ -90,6 +90,7 @@ impl EventLoop {
         if replace && self.slots[slot].current == Some(i) {
             self.slots[slot].current = None;
             if self.slots[slot].active {
+                self.slots[slot].restarts += 1;
                 self.schedule_restart(slot, uptime);
             }
         }
@@ -180,6 +181,7 @@ impl EventLoop {
                 if slot.current == Some(i) {
                     slot.current = None;
                     if slot.active {
+                        slot.restarts += 1;
                         self.schedule_restart(w.slot, uptime);
                     }
                 }
@@ -346,6 +348,7 @@ impl EventLoop {
         };
         self.slots[slot] = Slot {
             active: true,
+            restarts: self.slots[slot].restarts,
             ..Slot::default()
         };
         let total = self.slots.iter().filter(|s| s.active).count();

@@ -29,7 +29,9 @@
 //!   modes ([`Sched`]); its event loop (acceptor, dispatcher, ledger) lives
 //!   in `primary::event_loop`, the supervisor (exits, reloads, scaling,
 //!   hang detection) in `primary::supervisor`, the figures ([`Stats`]) in
-//!   `primary::stats`.
+//!   `primary::stats`, and the metrics endpoint (`--metrics`: HTTP in
+//!   `primary::metrics`, the Prometheus text format in
+//!   `primary::exposition`).
 //! - [`worker`]: the worker side, [`WorkerListener`].
 //! - [`protocol`]: the versioned worker protocol (see `docs/PROTOCOL.md`).
 //! - [`demo`]: the built-in HTTP demo worker.

@@ -88,6 +88,13 @@ struct Cli {
     )]
     max_unacked: usize,
 
+    /// Serve GET /metrics (Prometheus text format) and GET /healthz (200
+    /// while a worker is ready, else 503) on this address, e.g.
+    /// 127.0.0.1:9090; off by default. No authentication: keep it on
+    /// loopback or a private network
+    #[arg(long, value_name = "ADDR", env = "DISTRIBUTOR_METRICS")]
+    metrics: Option<SocketAddr>,
+
     /// The worker program and its arguments, after `--`
     #[arg(last = true, value_name = "COMMAND")]
     command: Vec<OsString>,
@@ -335,6 +342,9 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         .max_unacked(cli.max_unacked);
     if let Some(n) = cli.workers {
         builder = builder.workers(n);
+    }
+    if let Some(addr) = cli.metrics {
+        builder = builder.metrics(addr);
     }
     builder.build()?.run()?;
     Ok(())

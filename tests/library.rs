@@ -9,7 +9,7 @@ use std::time::{Duration, Instant};
 
 use distributor::{Event, Primary, Sched, WorkerCommand, WorkerState};
 use nix::sys::signal::Signal;
-use util::{get_once, kill_pid, parse_worker};
+use util::{Scrape, get_once, get_path, kill_pid, parse_worker};
 
 fn demo() -> WorkerCommand {
     WorkerCommand::new(util::bin(), Vec::<String>::new())
@@ -159,17 +159,21 @@ fn handle_scales_and_reloads() {
 }
 
 /// The figures beyond the per-worker counts: states, per-slot restarts,
-/// totals that outlive the workers.
+/// totals that outlive the workers; and the metrics endpoint, asked for
+/// through the builder, serves the same.
 #[test]
-fn stats_show_states_restarts_and_totals() {
+fn stats_show_states_restarts_and_totals_and_the_endpoint_agrees() {
     let mut primary = Primary::builder()
         .workers(2)
         .listener(plain_listener())
+        .metrics("127.0.0.1:0".parse().unwrap())
         .command(demo())
         .handle_signals(false)
         .build()
         .expect("build");
     let addr = primary.local_addr();
+    let metrics = primary.metrics_addr().expect("a metrics address");
+    assert_ne!(metrics.port(), 0, "the bound port, not the one asked");
     let events = primary.events();
     let handle = primary.handle();
     let runner = thread::spawn(move || primary.run());
@@ -218,6 +222,19 @@ fn stats_show_states_restarts_and_totals() {
     assert_eq!(stats.slots[1].restarts, 0);
     assert_eq!(stats.exited_connections, victim.connections);
     assert_eq!(stats.connections_total(), 6, "{stats:?}");
+
+    let r = get_path(metrics, "/metrics").expect("scrape");
+    assert_eq!(r.status, 200);
+    let scrape = Scrape::parse(&r.body);
+    assert_eq!(
+        scrape.value("distributor_slot_restarts_total", &[("slot", "1")]),
+        Some(1.0)
+    );
+    assert_eq!(
+        scrape.value("distributor_connections_total", &[]),
+        Some(6.0)
+    );
+    assert_eq!(get_path(metrics, "/healthz").expect("probe").status, 200);
 
     handle.shutdown().expect("shutdown");
     runner.join().expect("no panic").expect("clean run");

@@ -38,12 +38,17 @@ use signal_hook_mio::v1_0::Signals;
 use tracing::{debug, error, info, warn};
 
 use super::backoff::Backoff;
+use super::metrics::{self, MetricsServer};
 use super::process::{Conn, Role, WorkerCommand, WorkerProc};
 use super::stats::{SlotStats, WorkerState};
 use super::{Control, Event, Handle, Sched, Stats, WorkerStats};
 use crate::channel::Recv;
 use crate::protocol::{self, Encoder, ToPrimary};
 
+// Tokens: the listener, the waker and signals first, then one per worker
+// process alive (`FIRST_WORKER + index`, indexes reused), then, far above
+// any number of processes, the metrics endpoint's (`metrics::FIRST_TOKEN`
+// and up, see `metrics::owns`).
 const LISTENER: Token = Token(0);
 const WAKER: Token = Token(1);
 const SIGNALS: Token = Token(2);
@@ -99,6 +104,8 @@ pub(crate) struct EventLoop {
     pub(super) slot_listeners: Vec<Option<TcpListener>>,
     /// Connections taken by workers that have exited.
     pub(super) exited_connections: u64,
+    /// The metrics endpoint, if asked for.
+    pub(super) metrics: Option<MetricsServer>,
     local_addr: SocketAddr,
     started: Instant,
     signals: Signals,
@@ -135,8 +142,15 @@ pub(crate) struct EventLoop {
 }
 
 impl EventLoop {
-    pub(crate) fn new(listener: TcpListener, settings: Settings) -> io::Result<EventLoop> {
+    pub(crate) fn new(
+        listener: TcpListener,
+        mut metrics: Option<MetricsServer>,
+        settings: Settings,
+    ) -> io::Result<EventLoop> {
         let poll = Poll::new()?;
+        if let Some(m) = metrics.as_mut() {
+            m.register(poll.registry())?;
+        }
         let local_addr = listener.local_addr()?;
         if settings.sched == Sched::RoundRobin {
             poll.registry().register(
@@ -159,6 +173,7 @@ impl EventLoop {
             listener: Some(listener),
             slot_listeners: Vec::new(),
             exited_connections: 0,
+            metrics,
             local_addr,
             started: Instant::now(),
             signals,
@@ -192,6 +207,10 @@ impl EventLoop {
         self.local_addr
     }
 
+    pub(crate) fn metrics_addr(&self) -> Option<SocketAddr> {
+        self.metrics.as_ref().map(MetricsServer::local_addr)
+    }
+
     pub(crate) fn handle(&self) -> Handle {
         Handle {
             tx: self.control_tx.clone(),
@@ -215,6 +234,9 @@ impl EventLoop {
                 Sched::ReusePort => "reuseport: one SO_REUSEPORT socket per worker",
             }
         );
+        if let Some(addr) = self.metrics_addr() {
+            info!("metrics on {addr} (GET /metrics, GET /healthz)");
+        }
         info!(
             "starting {} workers: {}",
             self.settings.workers,
@@ -252,6 +274,7 @@ impl EventLoop {
                     LISTENER => self.backlog_waiting = true,
                     WAKER => self.on_control(),
                     SIGNALS => self.on_signals(),
+                    t if metrics::owns(t) => self.on_metrics(event),
                     Token(t) => {
                         let i = t - FIRST_WORKER;
                         if event.is_writable() {
@@ -549,6 +572,13 @@ impl EventLoop {
                     let _ = reply.try_send(self.stats());
                 }
             }
+        }
+    }
+
+    fn on_metrics(&mut self, event: &mio::event::Event) {
+        if let Some(mut m) = self.metrics.take() {
+            m.on_event(self.poll.registry(), event, self.now, || self.stats());
+            self.metrics = Some(m);
         }
     }
 

@@ -20,6 +20,8 @@
 
 mod backoff;
 mod event_loop;
+mod exposition;
+mod metrics;
 pub mod policy;
 mod process;
 mod stats;
@@ -161,7 +163,8 @@ impl Handle {
     }
 
     /// The primary's current figures: per worker its state, connections
-    /// taken, in flight and uptime; per slot its restarts; totals.
+    /// taken, in flight and uptime; per slot its restarts; totals. The
+    /// metrics endpoint ([`Builder::metrics`]) serves the same figures.
     /// Waits at most a second for the event loop to answer.
     pub fn stats(&self) -> io::Result<Stats> {
         let (tx, rx) = crossbeam_channel::bounded(1);
@@ -201,6 +204,9 @@ pub enum PrimaryError {
     Config(String),
     /// The listening socket could not be bound.
     Listen { addr: SocketAddr, source: io::Error },
+    /// The metrics endpoint's socket ([`Builder::metrics`]) could not be
+    /// bound.
+    Metrics { addr: SocketAddr, source: io::Error },
     /// The worker command cannot be run.
     Command { program: String, reason: String },
     /// An unexpected system error.
@@ -212,6 +218,9 @@ impl fmt::Display for PrimaryError {
         match self {
             PrimaryError::Config(s) => f.write_str(s),
             PrimaryError::Listen { addr, source } => write!(f, "cannot listen on {addr}: {source}"),
+            PrimaryError::Metrics { addr, source } => {
+                write!(f, "cannot serve metrics on {addr}: {source}")
+            }
             PrimaryError::Command { program, reason } => {
                 write!(f, "cannot run worker command `{program}`: {reason}")
             }
@@ -223,7 +232,9 @@ impl fmt::Display for PrimaryError {
 impl std::error::Error for PrimaryError {
     fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
         match self {
-            PrimaryError::Listen { source, .. } => Some(source),
+            PrimaryError::Listen { source, .. } | PrimaryError::Metrics { source, .. } => {
+                Some(source)
+            }
             PrimaryError::Io(e) => Some(e),
             _ => None,
         }
@@ -251,6 +262,7 @@ pub struct Builder {
     backoff: Backoff,
     handle_signals: bool,
     sched: Sched,
+    metrics: Option<SocketAddr>,
 }
 
 /// The default of [`Builder::max_unacked`].
@@ -274,6 +286,7 @@ impl Default for Builder {
             backoff: Backoff::default(),
             handle_signals: true,
             sched: Sched::RoundRobin,
+            metrics: None,
         }
     }
 }
@@ -362,13 +375,29 @@ impl Builder {
         self
     }
 
-    /// Binds (unless given a listener), checks the worker command, and
-    /// prepares the event loop. Starts no process yet.
+    /// Serves `GET /metrics` (Prometheus text format: per worker, per
+    /// slot, totals, the mode) and `GET /healthz` (200 while at least one
+    /// worker is ready, else 503) over HTTP on `addr`; off by default.
+    /// Port 0 picks a free port ([`Primary::metrics_addr`] tells which).
+    ///
+    /// The endpoint is part of the primary's event loop: non-blocking, one
+    /// request per connection, at most 64 clients at once (more are closed
+    /// at once), each closed after 5 s without a whole request. It has no
+    /// authentication: bind it to loopback or a private network.
+    pub fn metrics(mut self, addr: SocketAddr) -> Self {
+        self.metrics = Some(addr);
+        self
+    }
+
+    /// Binds (unless given a listener), binds the metrics endpoint if
+    /// asked, checks the worker command, and prepares the event loop.
+    /// Starts no process yet.
     ///
     /// # Errors
     /// [`PrimaryError::Config`] for zero workers, [`PrimaryError::Listen`]
-    /// when binding fails, [`PrimaryError::Command`] when the program is
-    /// not found or not executable.
+    /// when binding fails, [`PrimaryError::Metrics`] when binding the
+    /// metrics endpoint fails, [`PrimaryError::Command`] when the program
+    /// is not found or not executable.
     pub fn build(self) -> Result<Primary, PrimaryError> {
         if self.workers == 0 {
             return Err(PrimaryError::Config(
@@ -400,6 +429,13 @@ impl Builder {
         // The primary accepts without waiting in rr; in the kernel modes
         // workers get the socket as socket activation would, blocking.
         listener.set_nonblocking(self.sched == Sched::RoundRobin)?;
+        let metrics = self
+            .metrics
+            .map(|addr| {
+                metrics::MetricsServer::bind(addr)
+                    .map_err(|source| PrimaryError::Metrics { addr, source })
+            })
+            .transpose()?;
         let settings = event_loop::Settings {
             workers: self.workers,
             command,
@@ -412,7 +448,7 @@ impl Builder {
             sched: self.sched,
             backlog: self.backlog,
         };
-        let inner = event_loop::EventLoop::new(listener, settings)?;
+        let inner = event_loop::EventLoop::new(listener, metrics, settings)?;
         Ok(Primary { inner })
     }
 }
@@ -495,6 +531,12 @@ impl Primary {
     /// The address the listener is bound to (the real port if 0 was asked).
     pub fn local_addr(&self) -> SocketAddr {
         self.inner.local_addr()
+    }
+
+    /// The address the metrics endpoint is bound to, if
+    /// [`Builder::metrics`] asked for one (the real port if 0 was asked).
+    pub fn metrics_addr(&self) -> Option<SocketAddr> {
+        self.inner.metrics_addr()
     }
 
     /// A handle for commands from other threads.

@@ -1,5 +1,6 @@
 //! The primary's figures as the embedding program reads them through
-//! [`crate::Handle::stats`], taken by the event loop.
+//! [`crate::Handle::stats`], and as the metrics endpoint (`--metrics`)
+//! renders them: both read the same [`Stats`], taken by the event loop.
 
 use std::fmt;
 use std::net::SocketAddr;
@@ -7,7 +8,8 @@ use std::time::Duration;
 
 use super::Sched;
 
-/// Where a worker process is in its life, as [`WorkerStats::state`] says.
+/// Where a worker process is in its life, as [`WorkerStats::state`] and the
+/// metrics endpoint's `state` label say.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum WorkerState {
     /// Started, has not said hello yet: gets no connections.
@@ -21,7 +23,7 @@ pub enum WorkerState {
 }
 
 impl WorkerState {
-    /// Every state, from the first to the last.
+    /// Every state, in the order the metrics endpoint lists them.
     pub const ALL: [WorkerState; 3] = [
         WorkerState::Starting,
         WorkerState::Ready,

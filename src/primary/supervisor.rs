@@ -403,6 +403,9 @@ impl EventLoop {
         for i in 0..self.workers.len() {
             self.worker_timers(i, now);
         }
+        if let Some(m) = self.metrics.as_mut() {
+            m.on_timers(self.poll.registry(), now);
+        }
     }
 
     fn worker_timers(&mut self, i: usize, now: Instant) {
@@ -484,6 +487,7 @@ impl EventLoop {
         slots
             .chain(workers)
             .chain([self.accept_paused_until, self.reload.retry_at])
+            .chain([self.metrics.as_ref().and_then(|m| m.next_deadline())])
             .flatten()
             .min()
     }

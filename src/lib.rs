@@ -28,7 +28,10 @@
 //! - [`primary`]: the primary's builder, handle, events and scheduling
 //!   modes ([`Sched`]); its event loop (acceptor, dispatcher, ledger) lives
 //!   in `primary::event_loop`, the supervisor (exits, reloads, scaling,
-//!   hang detection) in `primary::supervisor`.
+//!   hang detection) in `primary::supervisor`, the figures ([`Stats`]) in
+//!   `primary::stats`, and the metrics endpoint (`--metrics`: HTTP in
+//!   `primary::metrics`, the Prometheus text format in
+//!   `primary::exposition`).
 //! - [`worker`]: the worker side, [`WorkerListener`].
 //! - [`protocol`]: the versioned worker protocol (see `docs/PROTOCOL.md`).
 //! - [`demo`]: the built-in HTTP demo worker.
@@ -56,8 +59,8 @@ mod sys;
 pub mod worker;
 
 pub use primary::{
-    Backoff, Builder, Event, Handle, Primary, PrimaryError, Ready, Sched, Stats, WorkerCommand,
-    WorkerStats,
+    Backoff, Builder, Event, Handle, Primary, PrimaryError, Ready, Sched, SlotStats, Stats,
+    WorkerCommand, WorkerState, WorkerStats,
 };
 pub use worker::{Incoming, WorkerError, WorkerEvent, WorkerListener, is_primary, is_worker};
 

@@ -112,6 +112,12 @@ struct Cli {
     /// Run as this group [default: the user's primary group]
     #[arg(long, value_name = "NAME", env = "DISTRIBUTOR_GROUP")]
     group: Option<String>,
+    /// Serve GET /metrics (Prometheus text format) and GET /healthz (200
+    /// while a worker is ready, else 503) on this address, e.g.
+    /// 127.0.0.1:9090; off by default. No authentication: keep it on
+    /// loopback or a private network
+    #[arg(long, value_name = "ADDR", env = "DISTRIBUTOR_METRICS")]
+    metrics: Option<SocketAddr>,
 
     /// The worker program and its arguments, after `--`
     #[arg(last = true, value_name = "COMMAND")]
@@ -383,6 +389,9 @@ fn run(cli: Cli) -> anyhow::Result<()> {
     }
     if let Some(group) = cli.group {
         builder = builder.group(group);
+    }
+    if let Some(addr) = cli.metrics {
+        builder = builder.metrics(addr);
     }
     builder.build()?.run()?;
     Ok(())

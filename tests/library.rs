@@ -7,8 +7,9 @@ use std::net::TcpListener;
 use std::thread;
 use std::time::{Duration, Instant};
 
-use distributor::{Event, Primary, Sched, WorkerCommand};
-use util::{get_once, parse_worker};
+use distributor::{Event, Primary, Sched, WorkerCommand, WorkerState};
+use nix::sys::signal::Signal;
+use util::{Scrape, get_once, get_path, kill_pid, parse_worker};
 
 fn demo() -> WorkerCommand {
     WorkerCommand::new(util::bin(), Vec::<String>::new())
@@ -153,6 +154,88 @@ fn handle_scales_and_reloads() {
     handle.remove_worker().expect("remove");
     let ok = util::poll_until(Duration::from_secs(20), || ids(&handle).len() == 1);
     assert!(ok, "after the removal: {:?}", ids(&handle));
+    handle.shutdown().expect("shutdown");
+    runner.join().expect("no panic").expect("clean run");
+}
+
+/// The figures beyond the per-worker counts: states, per-slot restarts,
+/// totals that outlive the workers; and the metrics endpoint, asked for
+/// through the builder, serves the same.
+#[test]
+fn stats_show_states_restarts_and_totals_and_the_endpoint_agrees() {
+    let mut primary = Primary::builder()
+        .workers(2)
+        .listener(plain_listener())
+        .metrics("127.0.0.1:0".parse().unwrap())
+        .command(demo())
+        .handle_signals(false)
+        .build()
+        .expect("build");
+    let addr = primary.local_addr();
+    let metrics = primary.metrics_addr().expect("a metrics address");
+    assert_ne!(metrics.port(), 0, "the bound port, not the one asked");
+    let events = primary.events();
+    let handle = primary.handle();
+    let runner = thread::spawn(move || primary.run());
+    wait_ready(&events, 2);
+
+    let stats = handle.stats().expect("stats");
+    assert_eq!(stats.workers.len(), 2);
+    assert!(
+        stats.workers.iter().all(|w| w.state == WorkerState::Ready),
+        "{stats:?}"
+    );
+    assert_eq!(stats.ready_workers(), 2);
+    assert_eq!(stats.active_slots(), 2);
+    assert_eq!(
+        stats
+            .slots
+            .iter()
+            .map(|s| (s.slot, s.active, s.restarts))
+            .collect::<Vec<_>>(),
+        [(1, true, 0), (2, true, 0)]
+    );
+    assert_eq!(stats.connections_total(), 0);
+    assert_eq!(stats.connections_held, 0);
+    assert!(stats.uptime > Duration::ZERO);
+
+    for _ in 0..6 {
+        assert_eq!(get_once(addr).expect("request").status, 200);
+    }
+    let ok = util::poll_until(Duration::from_secs(10), || {
+        handle.stats().expect("stats").connections_total() == 6
+    });
+    assert!(ok, "{:?}", handle.stats());
+
+    let victim = handle.stats().expect("stats").workers[0].clone();
+    assert_eq!(victim.slot, 1);
+    kill_pid(victim.pid, Signal::SIGKILL);
+    let ok = util::poll_until(Duration::from_secs(20), || {
+        let s = handle.stats().expect("stats");
+        s.slots[0].restarts == 1
+            && s.workers
+                .iter()
+                .any(|w| w.slot == 1 && w.id != victim.id && w.state == WorkerState::Ready)
+    });
+    let stats = handle.stats().expect("stats");
+    assert!(ok, "slot 1 never restarted: {stats:?}");
+    assert_eq!(stats.slots[1].restarts, 0);
+    assert_eq!(stats.exited_connections, victim.connections);
+    assert_eq!(stats.connections_total(), 6, "{stats:?}");
+
+    let r = get_path(metrics, "/metrics").expect("scrape");
+    assert_eq!(r.status, 200);
+    let scrape = Scrape::parse(&r.body);
+    assert_eq!(
+        scrape.value("distributor_slot_restarts_total", &[("slot", "1")]),
+        Some(1.0)
+    );
+    assert_eq!(
+        scrape.value("distributor_connections_total", &[]),
+        Some(6.0)
+    );
+    assert_eq!(get_path(metrics, "/healthz").expect("probe").status, 200);
+
     handle.shutdown().expect("shutdown");
     runner.join().expect("no panic").expect("clean run");
 }

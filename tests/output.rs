@@ -27,6 +27,20 @@ fn lines_are_prefixed_on_the_right_stream_and_a_last_partial_line_is_completed()
         p.stdout.wait_for(&format!("[worker {id}] out {id}"));
         p.stderr.wait_for(&format!("[worker {id}] err {id}"));
     }
+    // Stop only once both have written their partial line and are `sleep`.
+    let pids: Vec<u32> = p
+        .stderr
+        .snapshot()
+        .iter()
+        .filter_map(|l| util::parse_started(l))
+        .map(|(_, pid)| pid)
+        .collect();
+    assert_eq!(pids.len(), 2);
+    for pid in pids {
+        assert!(util::poll_until(Duration::from_secs(20), || {
+            util::proc_comm(pid).as_deref() == Some("sleep")
+        }));
+    }
     p.signal(Signal::SIGTERM);
     p.expect_exit(Duration::from_secs(20));
     for id in [1, 2] {

@@ -210,7 +210,7 @@ fn run_mode(
     let _ = runner.join();
     let mut result = result.map_err(LabError::Io)?;
 
-    let after = after.unwrap_or_else(|| empty_stats(mode, addr));
+    let after = after.unwrap_or_else(|| crate::Stats::empty(mode, addr));
     let ids: Vec<u64> = after
         .workers
         .iter()
@@ -232,15 +232,6 @@ fn run_mode(
         }
     }
     Ok(ModeReport::new(mode.name(), opts.workers, &result, &ids))
-}
-
-fn empty_stats(sched: Sched, local_addr: SocketAddr) -> crate::Stats {
-    crate::Stats {
-        sched,
-        local_addr,
-        workers: Vec::new(),
-        exited_connections: 0,
-    }
 }
 
 /// A line naming this machine: CPU model, cores, kernel.

@@ -38,11 +38,17 @@ use signal_hook_mio::v1_0::Signals;
 use tracing::{debug, error, info, warn};
 
 use super::backoff::Backoff;
+use super::metrics::{self, MetricsServer};
 use super::process::{Conn, Role, WorkerCommand, WorkerProc};
+use super::stats::{SlotStats, WorkerState};
 use super::{Control, Event, Handle, Sched, Stats, WorkerStats};
 use crate::channel::Recv;
 use crate::protocol::{self, Encoder, ToPrimary};
 
+// Tokens: the listener, the waker and signals first, then one per worker
+// process alive (`FIRST_WORKER + index`, indexes reused), then, far above
+// any number of processes, the metrics endpoint's (`metrics::FIRST_TOKEN`
+// and up, see `metrics::owns`).
 const LISTENER: Token = Token(0);
 const WAKER: Token = Token(1);
 const SIGNALS: Token = Token(2);
@@ -82,6 +88,8 @@ pub(super) struct Slot {
     pub current: Option<usize>,
     pub restart_at: Option<Instant>,
     pub quick_exits: u32,
+    /// Replacements after an unexpected exit or cut-off (for the stats).
+    pub restarts: u64,
 }
 
 /// A rolling reload in progress: the slots still to replace, and the new
@@ -102,7 +110,10 @@ pub(crate) struct EventLoop {
     pub(super) slot_listeners: Vec<Option<TcpListener>>,
     /// Connections taken by workers that have exited.
     pub(super) exited_connections: u64,
+    /// The metrics endpoint, if asked for.
+    pub(super) metrics: Option<MetricsServer>,
     local_addr: SocketAddr,
+    started: Instant,
     signals: Signals,
     waker: Arc<Waker>,
     control_tx: Sender<Control>,
@@ -145,8 +156,15 @@ pub(crate) struct EventLoop {
 }
 
 impl EventLoop {
-    pub(crate) fn new(listener: TcpListener, settings: Settings) -> io::Result<EventLoop> {
+    pub(crate) fn new(
+        listener: TcpListener,
+        mut metrics: Option<MetricsServer>,
+        settings: Settings,
+    ) -> io::Result<EventLoop> {
         let poll = Poll::new()?;
+        if let Some(m) = metrics.as_mut() {
+            m.register(poll.registry())?;
+        }
         let local_addr = listener.local_addr()?;
         if settings.sched == Sched::RoundRobin {
             poll.registry().register(
@@ -173,7 +191,9 @@ impl EventLoop {
             listener: Some(listener),
             slot_listeners: Vec::new(),
             exited_connections: 0,
+            metrics,
             local_addr,
+            started: Instant::now(),
             signals,
             waker,
             control_tx,
@@ -213,6 +233,10 @@ impl EventLoop {
         self.local_addr
     }
 
+    pub(crate) fn metrics_addr(&self) -> Option<SocketAddr> {
+        self.metrics.as_ref().map(MetricsServer::local_addr)
+    }
+
     pub(crate) fn handle(&self) -> Handle {
         Handle {
             tx: self.control_tx.clone(),
@@ -236,6 +260,9 @@ impl EventLoop {
                 Sched::ReusePort => "reuseport: one SO_REUSEPORT socket per worker",
             }
         );
+        if let Some(addr) = self.metrics_addr() {
+            info!("metrics on {addr} (GET /metrics, GET /healthz)");
+        }
         info!(
             "starting {} workers: {}",
             self.settings.workers,
@@ -274,6 +301,7 @@ impl EventLoop {
                     WAKER => self.on_control(),
                     SIGNALS => self.on_signals(),
                     NOTIFY => self.read_notices(),
+                    t if metrics::owns(t) => self.on_metrics(event),
                     Token(t) => {
                         let i = t - FIRST_WORKER;
                         if event.is_writable() {
@@ -607,6 +635,13 @@ impl EventLoop {
         }
     }
 
+    fn on_metrics(&mut self, event: &mio::event::Event) {
+        if let Some(mut m) = self.metrics.take() {
+            m.on_event(self.poll.registry(), event, self.now, || self.stats());
+            self.metrics = Some(m);
+        }
+    }
+
     fn send_user_message(&mut self, target: Option<u64>, data: &[u8]) {
         let Ok(msg) = protocol::encode_message(true, data) else {
             return;
@@ -689,17 +724,28 @@ impl EventLoop {
                 slot: w.slot + 1,
                 ready: w.ready,
                 stopping: w.stopping,
+                state: WorkerState::of(w.ready, w.stopping),
                 connections: w.taken,
                 unacknowledged: w.unacked.len(),
                 uptime: self.now.saturating_duration_since(w.started),
             })
             .collect();
         workers.sort_by_key(|w| (w.slot, w.id));
+        let slots = self.slots.iter().enumerate();
         Stats {
             sched: self.settings.sched,
             local_addr: self.local_addr,
+            uptime: self.now.saturating_duration_since(self.started),
             workers,
+            slots: slots
+                .map(|(s, slot)| SlotStats {
+                    slot: s + 1,
+                    active: slot.active,
+                    restarts: slot.restarts,
+                })
+                .collect(),
             exited_connections: self.exited_connections,
+            connections_held: self.pending.len(),
         }
     }
 }

@@ -20,11 +20,14 @@
 
 mod backoff;
 mod event_loop;
+mod exposition;
+mod metrics;
 mod notify;
 mod output;
 pub mod policy;
 mod privileges;
 mod process;
+mod stats;
 mod supervisor;
 
 use std::fmt;
@@ -39,6 +42,7 @@ use crossbeam_channel::{Receiver, Sender};
 
 pub use backoff::Backoff;
 pub use process::WorkerCommand;
+pub use stats::{SlotStats, Stats, WorkerState, WorkerStats};
 
 /// Events the primary reports to the embedding program (Node's
 /// `cluster.on('online' | 'exit' | 'message')`).
@@ -140,36 +144,6 @@ impl std::str::FromStr for Ready {
     }
 }
 
-/// One worker's figures, from [`Handle::stats`].
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct WorkerStats {
-    pub id: u64,
-    pub pid: u32,
-    /// The worker's slot, from 1.
-    pub slot: usize,
-    /// Said hello (or, in a kernel mode, was taken as ready).
-    pub ready: bool,
-    /// Asked to stop, or cut off.
-    pub stopping: bool,
-    /// Connections it took: acknowledged (rr), or accepted by itself and
-    /// reported (kernel modes; 0 for programs that do not report).
-    pub connections: u64,
-    /// Connections sent to it and not yet acknowledged.
-    pub unacknowledged: usize,
-    pub uptime: Duration,
-}
-
-/// The primary's figures, from [`Handle::stats`].
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Stats {
-    pub sched: Sched,
-    pub local_addr: SocketAddr,
-    /// Every worker process alive, by slot then id.
-    pub workers: Vec<WorkerStats>,
-    /// Connections taken by workers that have exited since the start.
-    pub exited_connections: u64,
-}
-
 /// A command from a [`Handle`] to the event loop.
 #[derive(Debug)]
 pub(crate) enum Control {
@@ -218,8 +192,10 @@ impl Handle {
         self.post(Control::RemoveWorker)
     }
 
-    /// The primary's current figures: per worker, connections taken, in
-    /// flight, uptime. Waits at most a second for the event loop to answer.
+    /// The primary's current figures: per worker its state, connections
+    /// taken, in flight and uptime; per slot its restarts; totals. The
+    /// metrics endpoint ([`Builder::metrics`]) serves the same figures.
+    /// Waits at most a second for the event loop to answer.
     pub fn stats(&self) -> io::Result<Stats> {
         let (tx, rx) = crossbeam_channel::bounded(1);
         self.post(Control::Stats(tx))?;
@@ -258,6 +234,9 @@ pub enum PrimaryError {
     Config(String),
     /// The listening socket could not be bound.
     Listen { addr: SocketAddr, source: io::Error },
+    /// The metrics endpoint's socket ([`Builder::metrics`]) could not be
+    /// bound.
+    Metrics { addr: SocketAddr, source: io::Error },
     /// The worker command cannot be run.
     Command { program: String, reason: String },
     /// An unexpected system error.
@@ -269,6 +248,9 @@ impl fmt::Display for PrimaryError {
         match self {
             PrimaryError::Config(s) => f.write_str(s),
             PrimaryError::Listen { addr, source } => write!(f, "cannot listen on {addr}: {source}"),
+            PrimaryError::Metrics { addr, source } => {
+                write!(f, "cannot serve metrics on {addr}: {source}")
+            }
             PrimaryError::Command { program, reason } => {
                 write!(f, "cannot run worker command `{program}`: {reason}")
             }
@@ -280,7 +262,9 @@ impl fmt::Display for PrimaryError {
 impl std::error::Error for PrimaryError {
     fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
         match self {
-            PrimaryError::Listen { source, .. } => Some(source),
+            PrimaryError::Listen { source, .. } | PrimaryError::Metrics { source, .. } => {
+                Some(source)
+            }
             PrimaryError::Io(e) => Some(e),
             _ => None,
         }
@@ -312,6 +296,7 @@ pub struct Builder {
     group: Option<String>,
     prefix_output: bool,
     ready: Ready,
+    metrics: Option<SocketAddr>,
 }
 
 /// The default of [`Builder::max_unacked`].
@@ -339,6 +324,7 @@ impl Default for Builder {
             group: None,
             prefix_output: true,
             ready: Ready::Hello,
+            metrics: None,
         }
     }
 }
@@ -462,11 +448,29 @@ impl Builder {
     /// Binds (unless given a listener), switches to the configured user,
     /// checks the worker command (as that user), and prepares the event
     /// loop. Starts no process yet.
+    /// Serves `GET /metrics` (Prometheus text format: per worker, per
+    /// slot, totals, the mode) and `GET /healthz` (200 while at least one
+    /// worker is ready, else 503) over HTTP on `addr`; off by default.
+    /// Port 0 picks a free port ([`Primary::metrics_addr`] tells which).
+    ///
+    /// The endpoint is part of the primary's event loop: non-blocking, one
+    /// request per connection, at most 64 clients at once (more are closed
+    /// at once), each closed after 5 s without a whole request. It has no
+    /// authentication: bind it to loopback or a private network.
+    pub fn metrics(mut self, addr: SocketAddr) -> Self {
+        self.metrics = Some(addr);
+        self
+    }
+
+    /// Binds (unless given a listener), binds the metrics endpoint if
+    /// asked, checks the worker command, and prepares the event loop.
+    /// Starts no process yet.
     ///
     /// # Errors
     /// [`PrimaryError::Config`] for zero workers, [`PrimaryError::Listen`]
-    /// when binding fails, [`PrimaryError::Command`] when the program is
-    /// not found or not executable.
+    /// when binding fails, [`PrimaryError::Metrics`] when binding the
+    /// metrics endpoint fails, [`PrimaryError::Command`] when the program
+    /// is not found or not executable.
     pub fn build(self) -> Result<Primary, PrimaryError> {
         if self.workers == 0 {
             return Err(PrimaryError::Config(
@@ -498,6 +502,14 @@ impl Builder {
         // The primary accepts without waiting in rr; in the kernel modes
         // workers get the socket as socket activation would, blocking.
         listener.set_nonblocking(self.sched == Sched::RoundRobin)?;
+        // Every socket is bound before root is given up.
+        let metrics = self
+            .metrics
+            .map(|addr| {
+                metrics::MetricsServer::bind(addr)
+                    .map_err(|source| PrimaryError::Metrics { addr, source })
+            })
+            .transpose()?;
         if let Some(id) = &identity {
             privileges::drop_to(id)?;
             tracing::info!(
@@ -522,7 +534,7 @@ impl Builder {
             prefix_output: self.prefix_output,
             ready: self.ready,
         };
-        let inner = event_loop::EventLoop::new(listener, settings)?;
+        let inner = event_loop::EventLoop::new(listener, metrics, settings)?;
         Ok(Primary { inner })
     }
 }
@@ -605,6 +617,12 @@ impl Primary {
     /// The address the listener is bound to (the real port if 0 was asked).
     pub fn local_addr(&self) -> SocketAddr {
         self.inner.local_addr()
+    }
+
+    /// The address the metrics endpoint is bound to, if
+    /// [`Builder::metrics`] asked for one (the real port if 0 was asked).
+    pub fn metrics_addr(&self) -> Option<SocketAddr> {
+        self.inner.metrics_addr()
     }
 
     /// A handle for commands from other threads.

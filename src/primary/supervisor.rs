@@ -117,6 +117,7 @@ impl EventLoop {
         if replace && self.slots[slot].current == Some(i) {
             self.slots[slot].current = None;
             if self.slots[slot].active {
+                self.slots[slot].restarts += 1;
                 self.schedule_restart(slot, uptime);
             }
         }
@@ -209,6 +210,7 @@ impl EventLoop {
                 if slot.current == Some(i) {
                     slot.current = None;
                     if slot.active {
+                        slot.restarts += 1;
                         self.schedule_restart(w.slot, uptime);
                     }
                 }
@@ -453,6 +455,7 @@ impl EventLoop {
         };
         self.slots[slot] = Slot {
             active: true,
+            restarts: self.slots[slot].restarts,
             ..Slot::default()
         };
         let total = self.slots.iter().filter(|s| s.active).count();
@@ -506,6 +509,9 @@ impl EventLoop {
         }
         for i in 0..self.workers.len() {
             self.worker_timers(i, now);
+        }
+        if let Some(m) = self.metrics.as_mut() {
+            m.on_timers(self.poll.registry(), now);
         }
     }
 
@@ -653,6 +659,7 @@ impl EventLoop {
         slots
             .chain(workers)
             .chain([self.accept_paused_until, self.reload.retry_at])
+            .chain([self.metrics.as_ref().and_then(|m| m.next_deadline())])
             .flatten()
             .min()
     }

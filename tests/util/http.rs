@@ -176,6 +176,18 @@ pub fn get_once(addr: SocketAddr) -> io::Result<Response> {
     Ok(response)
 }
 
+/// `GET PATH` with `Connection: close` on a new connection; checks that
+/// the server then closes it.
+pub fn get_path(addr: SocketAddr, path: &str) -> io::Result<Response> {
+    let mut conn = HttpConn::connect(addr)?;
+    conn.send(&format!(
+        "GET {path} HTTP/1.1\r\nHost: test\r\nConnection: close\r\n\r\n"
+    ))?;
+    let response = conn.read_response()?;
+    conn.expect_eof()?;
+    Ok(response)
+}
+
 /// Whether nothing listens on `addr` any more: a connection is refused.
 /// (A connect that "succeeds" onto its own port, TCP's simultaneous open
 /// with a local port equal to `addr`'s, counts as refused.)

@@ -14,6 +14,7 @@ mod http;
 mod lines;
 mod load;
 mod procfs;
+mod prom;
 
 use std::net::SocketAddr;
 use std::os::unix::process::{CommandExt, ExitStatusExt};
@@ -25,13 +26,14 @@ use std::time::{Duration, Instant};
 use nix::sys::signal::{Signal, kill};
 use nix::unistd::Pid;
 
-pub use http::{HttpConn, Response, get_once, refuses_connections, request};
+pub use http::{HttpConn, Response, get_once, get_path, refuses_connections, request};
 pub use lines::Lines;
 pub use load::{Clients, Load, LoadStats, Mode, spawn_gets};
 pub use procfs::{
-    kill_pid, pid_gone, proc_comm, proc_cpu_ticks, proc_environ, proc_fd_count, proc_fds,
-    proc_ppid, proc_rss_kib, proc_state, signal_child_of, stop_process, wait_gone,
+    kill_pid, pid_gone, proc_comm, proc_cpu_ticks, proc_cpu_time, proc_environ, proc_fd_count,
+    proc_fds, proc_ppid, proc_rss_kib, proc_state, signal_child_of, stop_process, wait_gone,
 };
+pub use prom::{Sample, Scrape};
 
 /// How long to wait for something that should happen "soon" (a log line,
 /// a process exit). Generous on purpose.
@@ -51,6 +53,7 @@ const CLEARED_ENV: &[&str] = &[
     "DISTRIBUTOR_PROTOCOL",
     "DISTRIBUTOR_WORKER_ID",
     "DISTRIBUTOR_DEMO_WORKER",
+    "DISTRIBUTOR_METRICS",
     "RUST_LOG",
 ];
 
@@ -374,6 +377,12 @@ impl Primary {
 /// The address in `listening on ADDR`.
 pub fn parse_listening(line: &str) -> Option<SocketAddr> {
     let rest = &line[line.find("listening on ")? + "listening on ".len()..];
+    rest.split_whitespace().next()?.parse().ok()
+}
+
+/// The address in `metrics on ADDR`.
+pub fn parse_metrics_on(line: &str) -> Option<SocketAddr> {
+    let rest = &line[line.find("metrics on ")? + "metrics on ".len()..];
     rest.split_whitespace().next()?.parse().ok()
 }
 

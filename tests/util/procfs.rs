@@ -142,3 +142,24 @@ pub fn signal_child_of(parent: u32, pid: u32, sig: Signal) -> bool {
     }
     kill(Pid::from_raw(pid as i32), sig).is_ok()
 }
+
+/// The CPU time (user + system) process `pid` has used, from
+/// `/proc/PID/stat`, whose figures are in clock ticks of 1/100 s
+/// (`USER_HZ`, fixed at 100 for user space on Linux).
+pub fn proc_cpu_time(pid: u32) -> io::Result<Duration> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat"))?;
+    // Fields after the command name (in parentheses): state is the first,
+    // utime the 12th and stime the 13th.
+    let after = stat
+        .rfind(')')
+        .map(|i| &stat[i + 1..])
+        .ok_or_else(|| io::Error::other("no command name in /proc/PID/stat"))?;
+    let fields: Vec<&str> = after.split_whitespace().collect();
+    let ticks = |i: usize| -> io::Result<u64> {
+        fields
+            .get(i)
+            .and_then(|f| f.parse().ok())
+            .ok_or_else(|| io::Error::other(format!("bad /proc/{pid}/stat: {stat}")))
+    };
+    Ok(Duration::from_millis((ticks(11)? + ticks(12)?) * 10))
+}

@@ -1,0 +1,151 @@
+//! The primary's figures as the embedding program reads them through
+//! [`crate::Handle::stats`], and as the metrics endpoint (`--metrics`)
+//! renders them: both read the same [`Stats`], taken by the event loop.
+
+use std::fmt;
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use super::Sched;
+
+/// Where a worker process is in its life, as [`WorkerStats::state`] and the
+/// metrics endpoint's `state` label say.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum WorkerState {
+    /// Started, has not said hello yet: gets no connections.
+    Starting,
+    /// Said hello (or, in a kernel mode, was taken as ready) and is not
+    /// stopping: gets connections.
+    Ready,
+    /// Asked to stop, retiring after a reload or scale-down, or cut off
+    /// (hung, broke the protocol, closed its channel): gets no more.
+    Stopping,
+}
+
+impl WorkerState {
+    /// Every state, in the order the metrics endpoint lists them.
+    pub const ALL: [WorkerState; 3] = [
+        WorkerState::Starting,
+        WorkerState::Ready,
+        WorkerState::Stopping,
+    ];
+
+    /// `starting`, `ready` or `stopping`.
+    pub fn name(self) -> &'static str {
+        match self {
+            WorkerState::Starting => "starting",
+            WorkerState::Ready => "ready",
+            WorkerState::Stopping => "stopping",
+        }
+    }
+
+    pub(crate) fn of(ready: bool, stopping: bool) -> WorkerState {
+        match (ready, stopping) {
+            (_, true) => WorkerState::Stopping,
+            (true, false) => WorkerState::Ready,
+            (false, false) => WorkerState::Starting,
+        }
+    }
+}
+
+impl fmt::Display for WorkerState {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
+/// One worker's figures, from [`crate::Handle::stats`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct WorkerStats {
+    pub id: u64,
+    pub pid: u32,
+    /// The worker's slot, from 1.
+    pub slot: usize,
+    /// Said hello (or, in a kernel mode, was taken as ready); it may be
+    /// stopping since.
+    pub ready: bool,
+    /// Asked to stop, or cut off.
+    pub stopping: bool,
+    /// Starting, ready or stopping: what the two above mean together.
+    pub state: WorkerState,
+    /// Connections it took: acknowledged (rr), or accepted by itself and
+    /// reported (kernel modes; 0 for programs that do not report).
+    pub connections: u64,
+    /// Connections sent to it and not yet acknowledged (in flight; always
+    /// 0 in the kernel modes, where the primary sends none).
+    pub unacknowledged: usize,
+    pub uptime: Duration,
+}
+
+/// One worker slot's figures, from [`crate::Handle::stats`]. A slot is a
+/// place for one worker (`--workers N` makes N); it outlives its workers.
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct SlotStats {
+    /// From 1, as [`WorkerStats::slot`].
+    pub slot: usize,
+    /// False after a scale-down removed it (until a scale-up reuses it).
+    pub active: bool,
+    /// How many times the slot's worker was replaced because it exited or
+    /// was cut off unexpectedly (crashed, killed, hung, broke the
+    /// protocol): counted when the replacement is decided, so a
+    /// crash-looping slot counts every crash. Reloads and scaling do not
+    /// count.
+    pub restarts: u64,
+}
+
+/// The primary's figures, from [`crate::Handle::stats`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct Stats {
+    pub sched: Sched,
+    pub local_addr: SocketAddr,
+    /// How long the primary has been running.
+    pub uptime: Duration,
+    /// Every worker process alive, by slot then id.
+    pub workers: Vec<WorkerStats>,
+    /// Every slot there has been, by slot.
+    pub slots: Vec<SlotStats>,
+    /// Connections taken by workers that have exited since the start.
+    pub exited_connections: u64,
+    /// Connections the primary accepted that no worker holds now (rr only:
+    /// waiting for a worker with room, or handed back by one that died).
+    pub connections_held: usize,
+}
+
+impl Stats {
+    /// Connections taken by workers since the start, those of workers that
+    /// have exited included.
+    pub fn connections_total(&self) -> u64 {
+        self.exited_connections + self.workers.iter().map(|w| w.connections).sum::<u64>()
+    }
+
+    /// How many workers are ready (get connections now).
+    pub fn ready_workers(&self) -> usize {
+        self.count(WorkerState::Ready)
+    }
+
+    /// How many workers alive are in `state`.
+    pub fn count(&self, state: WorkerState) -> usize {
+        self.workers.iter().filter(|w| w.state == state).count()
+    }
+
+    /// Slots that want a worker now (`--workers`, after scaling).
+    pub fn active_slots(&self) -> usize {
+        self.slots.iter().filter(|s| s.active).count()
+    }
+
+    /// Empty figures (no worker, no slot), for a primary that has stopped.
+    pub(crate) fn empty(sched: Sched, local_addr: SocketAddr) -> Stats {
+        Stats {
+            sched,
+            local_addr,
+            uptime: Duration::ZERO,
+            workers: Vec::new(),
+            slots: Vec::new(),
+            exited_connections: 0,
+            connections_held: 0,
+        }
+    }
+}

@@ -42,6 +42,15 @@
 //! the fds that were ready before an attempt that found nothing, so no
 //! wake-up is lost. The same worker code serves in every mode.
 //!
+//! # Stopping
+//!
+//! On STOP, `next_event` gives [`TokioWorkerEvent::Stop`] and `accept`
+//! fails with `ConnectionAborted`, once the connections handed over before
+//! it have been taken. hyper (and so axum) closes at once, on graceful
+//! shutdown, a connection whose request it has not read yet: the examples
+//! wait a moment after STOP before shutting down, as `examples/cluster.rs`
+//! does, so a connection handed over just before STOP is still answered.
+//!
 //! # Liveness
 //!
 //! As with [`WorkerListener`], the primary's heartbeats are answered while

@@ -33,6 +33,8 @@
 //!   `primary::metrics`, the Prometheus text format in
 //!   `primary::exposition`).
 //! - [`worker`]: the worker side, [`WorkerListener`].
+//! - `tokio` (the `tokio` feature): the worker side on a tokio runtime,
+//!   `TokioWorkerListener`, for axum, hyper and other tokio servers.
 //! - [`protocol`]: the versioned worker protocol (see `docs/PROTOCOL.md`).
 //! - [`demo`]: the built-in HTTP demo worker.
 //! - [`lab`]: `distributor compare`: each scheduling mode under a built-in
@@ -56,8 +58,12 @@ pub mod lab;
 pub mod primary;
 pub mod protocol;
 mod sys;
+#[cfg(feature = "tokio")]
+pub mod tokio;
 pub mod worker;
 
+#[cfg(feature = "tokio")]
+pub use self::tokio::{TokioWorkerEvent, TokioWorkerListener};
 pub use primary::{
     Backoff, Builder, Event, Handle, Primary, PrimaryError, Ready, Sched, SlotStats, Stats,
     WorkerCommand, WorkerState, WorkerStats,

@@ -327,3 +327,19 @@ pub fn take_inherited_seqpacket(raw: RawFd) -> io::Result<OwnedFd> {
     // this process to own, and the caller takes it only once.
     Ok(unsafe { OwnedFd::from_raw_fd(raw) })
 }
+
+/// Registers `fd` for `interest` with the current tokio runtime's reactor,
+/// which then owns it. Corresponds to `epoll_ctl(2)` with `EPOLL_CTL_ADD`.
+///
+/// # Panics
+/// Outside a tokio runtime with I/O enabled.
+#[cfg(feature = "tokio")]
+pub fn async_fd(
+    fd: OwnedFd,
+    interest: ::tokio::io::Interest,
+) -> io::Result<::tokio::io::unix::AsyncFd<OwnedFd>> {
+    // SAFETY: the `AsyncFd` owns the `OwnedFd`, so the fd stays open, and
+    // `as_raw_fd` gives that same fd, for as long as the `AsyncFd` lives.
+    unsafe { ::tokio::io::unix::AsyncFd::register_with_interest(fd, interest) }
+        .map_err(io::Error::from)
+}

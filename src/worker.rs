@@ -12,10 +12,12 @@
 //! By default `accept` blocks like [`std::net::TcpListener::accept`]. After
 //! [`WorkerListener::set_nonblocking`] it returns `WouldBlock` instead, and
 //! the listener can be registered with mio (it implements
-//! [`mio::event::Source`]) or wrapped in tokio's `AsyncFd` (it implements
-//! [`AsRawFd`]). Only receives are non-blocking: acknowledgements and user
-//! messages are sent blocking, which waits only while the primary's receive
-//! buffer is full.
+//! [`mio::event::Source`]). On tokio, use `distributor::tokio` (the `tokio`
+//! feature), which watches every fd the listener reads (the channel, and in
+//! a kernel mode the inherited listening socket too, see
+//! [`WorkerListener::listener_fd`]). Only receives are non-blocking:
+//! acknowledgements and user messages are sent blocking, which waits only
+//! while the primary's receive buffer is full.
 //!
 //! The streams handed out are blocking `std::net::TcpStream`s, as from
 //! `accept(2)`; set them non-blocking (or convert them) for an event loop.
@@ -309,6 +311,19 @@ impl WorkerListener {
     /// Whether the worker accepts by itself (a kernel balancing mode).
     pub fn accepts_itself(&self) -> bool {
         self.listener.is_some()
+    }
+
+    /// In a kernel balancing mode, the inherited listening socket this
+    /// listener accepts on (non-blocking), besides its channel
+    /// ([`AsFd::as_fd`]); `None` in round-robin mode.
+    ///
+    /// An event loop that watches the listener through one fd must watch
+    /// this one too: `accept` and `next_event` read both. The mio `Source`
+    /// implementation registers both; `crate::tokio` (the `tokio` feature)
+    /// watches both. Accept through this listener, not on the fd itself,
+    /// so the primary's per-worker figures stay right.
+    pub fn listener_fd(&self) -> Option<BorrowedFd<'_>> {
+        self.listener.as_ref().map(|l| l.as_fd())
     }
 
     /// Gets at least one pending event: from the channel, or in a kernel

@@ -5,27 +5,15 @@ mod util;
 
 use std::net::TcpListener;
 use std::thread;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
-use distributor::{Event, Primary, Sched, WorkerCommand, WorkerState};
+use distributor::{Primary, Sched, WorkerCommand, WorkerState};
 use nix::sys::signal::Signal;
 use util::{Scrape, get_once, get_path, kill_pid, parse_worker};
 
 fn demo() -> WorkerCommand {
     WorkerCommand::new(util::bin(), Vec::<String>::new())
         .env(distributor::demo::DEMO_WORKER_ENV, "1")
-}
-
-fn wait_ready(events: &crossbeam_channel::Receiver<Event>, n: usize) {
-    let deadline = Instant::now() + Duration::from_secs(20);
-    let mut ready = 0;
-    while ready < n {
-        match events.recv_deadline(deadline) {
-            Ok(Event::WorkerReady { .. }) => ready += 1,
-            Ok(_) => {}
-            Err(e) => panic!("only {ready} of {n} workers ready: {e}"),
-        }
-    }
 }
 
 fn plain_listener() -> TcpListener {
@@ -45,7 +33,7 @@ fn stats_figures(sched: Sched, listener: TcpListener) {
     let events = primary.events();
     let handle = primary.handle();
     let runner = thread::spawn(move || primary.run());
-    wait_ready(&events, 3);
+    util::wait_ready_events(&events, 3, false);
 
     let mut seen = std::collections::BTreeMap::new();
     for _ in 0..30 {
@@ -133,9 +121,9 @@ fn handle_scales_and_reloads() {
     let events = primary.events();
     let handle = primary.handle();
     let runner = thread::spawn(move || primary.run());
-    wait_ready(&events, 1);
+    util::wait_ready_events(&events, 1, false);
     handle.add_worker().expect("add");
-    wait_ready(&events, 1);
+    util::wait_ready_events(&events, 1, false);
     let ids = |h: &distributor::Handle| -> Vec<u64> {
         h.stats()
             .expect("stats")
@@ -147,7 +135,7 @@ fn handle_scales_and_reloads() {
     assert_eq!(ids(&handle), [1, 2]);
     handle.reload().expect("reload");
     // Two new workers, each ready before an old one is stopped.
-    wait_ready(&events, 2);
+    util::wait_ready_events(&events, 2, false);
     let ok = util::poll_until(Duration::from_secs(20), || ids(&handle) == [3, 4]);
     assert!(ok, "after the reload: {:?}", ids(&handle));
     assert_eq!(get_once(addr).expect("request").status, 200);
@@ -177,7 +165,7 @@ fn stats_show_states_restarts_and_totals_and_the_endpoint_agrees() {
     let events = primary.events();
     let handle = primary.handle();
     let runner = thread::spawn(move || primary.run());
-    wait_ready(&events, 2);
+    util::wait_ready_events(&events, 2, false);
 
     let stats = handle.stats().expect("stats");
     assert_eq!(stats.workers.len(), 2);

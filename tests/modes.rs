@@ -12,29 +12,7 @@ use std::thread;
 use std::time::Duration;
 
 use nix::sys::signal::Signal;
-use util::{Primary, get_once, have_program, kill_pid, parse_worker, repo_path};
-
-/// Sums the `having taken N connection(s)` figures of the exit lines.
-fn taken_in_exit_lines(p: &Primary) -> BTreeMap<u64, u64> {
-    let mut taken = BTreeMap::new();
-    for line in p.log().snapshot() {
-        let Some(at) = line.find("having taken ") else {
-            continue;
-        };
-        let n: u64 = line[at + "having taken ".len()..]
-            .split_whitespace()
-            .next()
-            .and_then(|n| n.parse().ok())
-            .expect("a number after `having taken`");
-        let id: u64 = line[line.find("worker ").expect("worker id") + 7..]
-            .split_whitespace()
-            .next()
-            .and_then(|n| n.parse().ok())
-            .expect("a worker id");
-        taken.insert(id, n);
-    }
-    taken
-}
+use util::{Primary, exit_lines, get_once, have_program, kill_pid, parse_worker, repo_path};
 
 fn serves_and_reports(mode: &str) {
     let mut p = Primary::start(3, &["--sched", mode]);
@@ -59,7 +37,10 @@ fn serves_and_reports(mode: &str) {
     assert!(status.success(), "exit: {status:?}\n{}", p.log().dump());
     // Each worker accepted by itself and reported its count before exiting:
     // the primary's figures match what the clients saw.
-    let reported = taken_in_exit_lines(&p);
+    let reported: BTreeMap<u64, u64> = exit_lines(&p)
+        .into_iter()
+        .map(|(id, (_, _, taken))| (id, taken))
+        .collect();
     for (id, n) in &by_worker {
         assert_eq!(
             reported.get(id),

@@ -9,11 +9,10 @@ mod util;
 use std::collections::BTreeMap;
 use std::net::{SocketAddr, TcpListener};
 use std::thread;
-use std::time::Instant;
 
-use distributor::{Event, Sched, WorkerCommand};
+use distributor::{Sched, WorkerCommand};
 use nix::sys::signal::Signal;
-use util::{DEADLINE, Primary, get_once, have_program, repo_path};
+use util::{DEADLINE, Primary, exit_lines, get_once, have_program, repo_path};
 
 /// Requests per test: enough that both workers almost surely get some.
 const REQUESTS: u64 = 40;
@@ -50,34 +49,6 @@ fn serve(
         *seen.entry(id).or_default() += 1;
     }
     seen
-}
-
-/// From `worker ID (pid PID) exited with HOW after T, having taken N
-/// connection(s)`: ID → (PID, HOW, N).
-fn exit_lines(p: &Primary) -> BTreeMap<u64, (u32, String, u64)> {
-    let mut exits = BTreeMap::new();
-    for line in p.log().snapshot() {
-        let Some(at) = line.find("worker ") else {
-            continue;
-        };
-        let rest = &line[at + "worker ".len()..];
-        let Some((id, rest)) = rest.split_once(" (pid ") else {
-            continue;
-        };
-        let Some((pid, rest)) = rest.split_once(") exited with ") else {
-            continue;
-        };
-        let (how, rest) = rest.split_once(" after ").expect("an uptime");
-        let taken = rest
-            .split_once("having taken ")
-            .and_then(|(_, n)| n.split_whitespace().next())
-            .and_then(|n| n.parse().ok())
-            .unwrap_or_else(|| panic!("no `having taken N` in {line:?}"));
-        let id: u64 = id.parse().expect("a worker id");
-        let pid: u32 = pid.parse().expect("a pid");
-        exits.insert(id, (pid, how.to_string(), taken));
-    }
-    exits
 }
 
 /// `distributor -w 2 --sched MODE -- python3 hello.py`: serves, and after
@@ -157,20 +128,7 @@ fn reports_while_running(sched: Sched, listener: TcpListener) {
     let handle = primary.handle();
     let runner = thread::spawn(move || primary.run());
 
-    let deadline = Instant::now() + DEADLINE;
-    let mut workers = BTreeMap::new();
-    while workers.len() < 2 {
-        match events.recv_deadline(deadline) {
-            Ok(Event::WorkerReady { id, pid }) => {
-                workers.insert(id, pid);
-            }
-            Ok(Event::WorkerExited { id, status, .. }) => {
-                panic!("worker {id} exited before it was ready: {status:?}")
-            }
-            Ok(_) => {}
-            Err(e) => panic!("only {workers:?} ready: {e}"),
-        }
-    }
+    let workers = util::wait_ready_events(&events, 2, true);
     let seen = serve(addr, &workers, &String::new);
 
     let figures = || -> BTreeMap<u64, u64> {

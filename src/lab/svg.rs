@@ -80,6 +80,88 @@ pub fn svg(meta: &Meta, reports: &[ModeReport]) -> String {
     out
 }
 
+/// A panel's bold title, above its plot from `left`.
+fn panel_title(out: &mut String, left: f64, title: &str) {
+    text(
+        out,
+        left,
+        PLOT_TOP - 34.0,
+        15,
+        "start",
+        "font-weight=\"bold\"",
+        title,
+    );
+}
+
+/// What both panels draw alike under their ticks: the y-axis `label`,
+/// rotated, `label_gap` left of the plot, then the two axes, and `no runs`
+/// across the plot when there are no `reports`. Returns whether there are
+/// reports left to draw.
+fn axes(
+    out: &mut String,
+    reports: &[ModeReport],
+    left: f64,
+    right: f64,
+    label_gap: f64,
+    label: &str,
+) -> bool {
+    let _ = writeln!(
+        out,
+        "<text transform=\"translate({:.1} {:.1}) rotate(-90)\" font-size=\"13\" text-anchor=\"middle\">{}</text>",
+        left - label_gap,
+        (PLOT_TOP + PLOT_BOTTOM) / 2.0,
+        escape(label)
+    );
+    line(
+        out,
+        left,
+        PLOT_BOTTOM,
+        right,
+        PLOT_BOTTOM,
+        "stroke=\"#444\"",
+    );
+    line(out, left, PLOT_TOP, left, PLOT_BOTTOM, "stroke=\"#444\"");
+    if reports.is_empty() {
+        text(
+            out,
+            (left + right) / 2.0,
+            (PLOT_TOP + PLOT_BOTTOM) / 2.0,
+            14,
+            "middle",
+            "",
+            "no runs",
+        );
+        return false;
+    }
+    true
+}
+
+/// A mode's name in bold under its group of bars, centred on `center`.
+fn mode_name(out: &mut String, center: f64, mode: &str) {
+    text(
+        out,
+        center,
+        PLOT_BOTTOM + 38.0,
+        14,
+        "middle",
+        "font-weight=\"bold\"",
+        mode,
+    );
+}
+
+/// A grey note in the middle of a mode's group, in place of its bars.
+fn slot_note(out: &mut String, center: f64, note: &str) {
+    text(
+        out,
+        center,
+        (PLOT_TOP + PLOT_BOTTOM) / 2.0,
+        13,
+        "middle",
+        "fill=\"#888\"",
+        note,
+    );
+}
+
 /// Text anchored at (`x`, `y`).
 fn text(out: &mut String, x: f64, y: f64, size: u32, anchor: &str, extra: &str, content: &str) {
     let _ = writeln!(

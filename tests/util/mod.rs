@@ -16,6 +16,7 @@ mod load;
 mod procfs;
 mod prom;
 
+use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::os::unix::process::{CommandExt, ExitStatusExt};
 use std::path::{Path, PathBuf};
@@ -23,6 +24,7 @@ use std::process::{Child, Command, ExitStatus, Stdio};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
+use distributor::Event;
 use nix::sys::signal::{Signal, kill};
 use nix::unistd::Pid;
 
@@ -401,6 +403,61 @@ pub fn parse_exited(line: &str) -> Option<(u64, u32, String)> {
     let (pid, rest) = rest.split_once(") exited with ")?;
     let (how, _) = rest.split_once(" after ")?;
     Some((id.parse().ok()?, pid.parse().ok()?, how.to_string()))
+}
+
+/// Every exit line in `p`'s log, `worker ID (pid PID) exited with HOW
+/// after T, having taken N connection(s)`: ID → (PID, HOW, N). Panics on an
+/// exit line without its `having taken N`.
+pub fn exit_lines(p: &Primary) -> BTreeMap<u64, (u32, String, u64)> {
+    let mut exits = BTreeMap::new();
+    for line in p.log().snapshot() {
+        let Some(at) = line.find("worker ") else {
+            continue;
+        };
+        let rest = &line[at + "worker ".len()..];
+        let Some((id, rest)) = rest.split_once(" (pid ") else {
+            continue;
+        };
+        let Some((pid, rest)) = rest.split_once(") exited with ") else {
+            continue;
+        };
+        let (how, rest) = rest.split_once(" after ").expect("an uptime");
+        let taken = rest
+            .split_once("having taken ")
+            .and_then(|(_, n)| n.split_whitespace().next())
+            .and_then(|n| n.parse().ok())
+            .unwrap_or_else(|| panic!("no `having taken N` in {line:?}"));
+        let id: u64 = id.parse().expect("a worker id");
+        let pid: u32 = pid.parse().expect("a pid");
+        exits.insert(id, (pid, how.to_string(), taken));
+    }
+    exits
+}
+
+/// Waits up to [`DEADLINE`] for `n` `Event::WorkerReady` on `events` from
+/// the library's primary, and returns their ID → PID. Other events are
+/// skipped, except that with `exit_fails` a `WorkerExited` panics (a worker
+/// exited before it was ready); panics too when the deadline passes first.
+pub fn wait_ready_events(
+    events: &crossbeam_channel::Receiver<Event>,
+    n: usize,
+    exit_fails: bool,
+) -> BTreeMap<u64, u32> {
+    let deadline = Instant::now() + DEADLINE;
+    let mut ready = BTreeMap::new();
+    while ready.len() < n {
+        match events.recv_deadline(deadline) {
+            Ok(Event::WorkerReady { id, pid }) => {
+                ready.insert(id, pid);
+            }
+            Ok(Event::WorkerExited { id, status, .. }) if exit_fails => {
+                panic!("worker {id} exited before it was ready: {status:?}")
+            }
+            Ok(_) => {}
+            Err(e) => panic!("only {} of {n} workers ready ({ready:?}): {e}", ready.len()),
+        }
+    }
+    ready
 }
 
 /// `(id, pid)` from any text containing `from worker ID (pid PID)`, as the

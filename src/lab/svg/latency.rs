@@ -1,9 +1,7 @@
 //! The chart's right panel: latency percentiles (p50, p99, p99.9) per mode,
 //! on a log scale.
 
-use std::fmt::Write as _;
-
-use super::{PLOT_BOTTOM, PLOT_TOP, line, rect, text};
+use super::{PLOT_BOTTOM, PLOT_TOP, axes, line, mode_name, panel_title, rect, slot_note, text};
 use crate::lab::report::ModeReport;
 
 const LATENCY_COLORS: [(&str, &str); 3] =
@@ -47,15 +45,7 @@ fn human_rate(rate: f64) -> String {
 /// Right panel: one group per mode, bars for p50, p99 and p99.9 on a log
 /// scale.
 pub(super) fn latency_panel(out: &mut String, reports: &[ModeReport], left: f64, right: f64) {
-    text(
-        out,
-        left,
-        PLOT_TOP - 34.0,
-        15,
-        "start",
-        "font-weight=\"bold\"",
-        "Latency (log scale)",
-    );
+    panel_title(out, left, "Latency (log scale)");
     for (k, (name, color)) in LATENCY_COLORS.iter().enumerate() {
         let x = right - 190.0 + 66.0 * k as f64;
         rect(out, x, PLOT_TOP - 48.0, 14.0, 14.0, color, name);
@@ -96,31 +86,7 @@ pub(super) fn latency_panel(out: &mut String, reports: &[ModeReport], left: f64,
         }
         e += 1.0;
     }
-    let _ = writeln!(
-        out,
-        "<text transform=\"translate({:.1} {:.1}) rotate(-90)\" font-size=\"13\" text-anchor=\"middle\">latency per request</text>",
-        left - 62.0,
-        (PLOT_TOP + PLOT_BOTTOM) / 2.0
-    );
-    line(
-        out,
-        left,
-        PLOT_BOTTOM,
-        right,
-        PLOT_BOTTOM,
-        "stroke=\"#444\"",
-    );
-    line(out, left, PLOT_TOP, left, PLOT_BOTTOM, "stroke=\"#444\"");
-    if reports.is_empty() {
-        text(
-            out,
-            (left + right) / 2.0,
-            (PLOT_TOP + PLOT_BOTTOM) / 2.0,
-            14,
-            "middle",
-            "",
-            "no runs",
-        );
+    if !axes(out, reports, left, right, 62.0, "latency per request") {
         return;
     }
     let slot = (right - left) / reports.len() as f64;
@@ -128,15 +94,7 @@ pub(super) fn latency_panel(out: &mut String, reports: &[ModeReport], left: f64,
         let x0 = left + slot * m as f64 + slot * 0.12;
         let inner = slot * 0.76;
         let center = x0 + inner / 2.0;
-        text(
-            out,
-            center,
-            PLOT_BOTTOM + 38.0,
-            14,
-            "middle",
-            "font-weight=\"bold\"",
-            &r.mode,
-        );
+        mode_name(out, center, &r.mode);
         text(
             out,
             center,
@@ -158,15 +116,7 @@ pub(super) fn latency_panel(out: &mut String, reports: &[ModeReport], left: f64,
             );
         }
         if r.requests == 0 {
-            text(
-                out,
-                center,
-                (PLOT_TOP + PLOT_BOTTOM) / 2.0,
-                13,
-                "middle",
-                "fill=\"#888\"",
-                "no requests",
-            );
+            slot_note(out, center, "no requests");
             continue;
         }
         let bar = inner / 3.0;

@@ -1,9 +1,7 @@
 //! The chart's left panel: each worker's share of the requests, one group
 //! of bars per mode, against the ideal share `1/N`.
 
-use std::fmt::Write as _;
-
-use super::{PLOT_BOTTOM, PLOT_TOP, line, rect, text};
+use super::{PLOT_BOTTOM, PLOT_TOP, axes, line, mode_name, panel_title, rect, slot_note, text};
 use crate::lab::report::ModeReport;
 
 const MODE_COLORS: [&str; 8] = [
@@ -27,15 +25,7 @@ fn nice_step(max: f64, ticks: f64) -> f64 {
 
 /// Left panel: one group of bars per mode, one bar per worker.
 pub(super) fn shares_panel(out: &mut String, reports: &[ModeReport], left: f64, right: f64) {
-    text(
-        out,
-        left,
-        PLOT_TOP - 34.0,
-        15,
-        "start",
-        "font-weight=\"bold\"",
-        "Requests served by each worker (%)",
-    );
+    panel_title(out, left, "Requests served by each worker (%)");
     let legend_x = right - 150.0;
     line(
         out,
@@ -87,31 +77,7 @@ pub(super) fn shares_panel(out: &mut String, reports: &[ModeReport], left: f64, 
         );
         tick += step;
     }
-    let _ = writeln!(
-        out,
-        "<text transform=\"translate({:.1} {:.1}) rotate(-90)\" font-size=\"13\" text-anchor=\"middle\">share of requests (%)</text>",
-        left - 46.0,
-        (PLOT_TOP + PLOT_BOTTOM) / 2.0
-    );
-    line(
-        out,
-        left,
-        PLOT_BOTTOM,
-        right,
-        PLOT_BOTTOM,
-        "stroke=\"#444\"",
-    );
-    line(out, left, PLOT_TOP, left, PLOT_BOTTOM, "stroke=\"#444\"");
-    if reports.is_empty() {
-        text(
-            out,
-            (left + right) / 2.0,
-            (PLOT_TOP + PLOT_BOTTOM) / 2.0,
-            14,
-            "middle",
-            "",
-            "no runs",
-        );
+    if !axes(out, reports, left, right, 46.0, "share of requests (%)") {
         return;
     }
     let slot = (right - left) / reports.len() as f64;
@@ -120,25 +86,9 @@ pub(super) fn shares_panel(out: &mut String, reports: &[ModeReport], left: f64, 
         let x0 = left + slot * m as f64 + slot * 0.08;
         let inner = slot * 0.84;
         let center = x0 + inner / 2.0;
-        text(
-            out,
-            center,
-            PLOT_BOTTOM + 38.0,
-            14,
-            "middle",
-            "font-weight=\"bold\"",
-            &r.mode,
-        );
+        mode_name(out, center, &r.mode);
         if !r.has_shares() {
-            text(
-                out,
-                center,
-                (PLOT_TOP + PLOT_BOTTOM) / 2.0,
-                13,
-                "middle",
-                "fill=\"#888\"",
-                "no per-worker data",
-            );
+            slot_note(out, center, "no per-worker data");
             continue;
         }
         text(

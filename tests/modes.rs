@@ -18,10 +18,7 @@ fn serves_and_reports(mode: &str) {
     let mut p = Primary::start(3, &["--sched", mode]);
     p.wait_all_ready();
     assert!(
-        p.log()
-            .snapshot()
-            .iter()
-            .any(|l| l.contains(&format!("({mode}:"))),
+        p.log().contains(&format!("({mode}:")),
         "the listening line names the mode:\n{}",
         p.log().dump()
     );
@@ -68,11 +65,7 @@ fn none_is_an_alias_of_shared_and_the_environment_sets_the_mode() {
         .env("DISTRIBUTOR_SCHED", "none");
     let p = Primary::start_command(cmd, 1);
     p.wait_all_ready();
-    assert!(
-        p.log().snapshot().iter().any(|l| l.contains("(shared:")),
-        "{}",
-        p.log().dump()
-    );
+    assert!(p.log().contains("(shared:"), "{}", p.log().dump());
     assert_eq!(p.get().status, 200);
 }
 
@@ -100,10 +93,7 @@ fn unmodified_app(mode: &str) {
     });
     assert!(served, "not served:\n{}", p.log().dump());
     assert!(
-        !p.log()
-            .snapshot()
-            .iter()
-            .any(|l| l.contains("exited with status")),
+        !p.log().contains("exited with status"),
         "the app exited, bad activation environment?\n{}",
         p.log().dump()
     );

@@ -60,10 +60,7 @@ fn serves_and_reports_at_exit(mode: &str) {
     let mut p = Primary::start(2, &["--sched", mode, "--", "python3", &script]);
     p.wait_all_ready();
     assert!(
-        p.log()
-            .snapshot()
-            .iter()
-            .any(|l| l.contains(&format!("({mode}:"))),
+        p.log().contains(&format!("({mode}:")),
         "the listening line names the mode:\n{}",
         p.log().dump()
     );

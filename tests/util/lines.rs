@@ -83,6 +83,11 @@ impl Lines {
         self.len() == 0
     }
 
+    /// Whether a line so far contains `needle`.
+    pub fn contains(&self, needle: &str) -> bool {
+        self.count(needle) > 0
+    }
+
     /// How many lines so far contain `needle`.
     pub fn count(&self, needle: &str) -> usize {
         self.count_where(|l| l.contains(needle))

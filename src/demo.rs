@@ -9,6 +9,12 @@
 //! answered in order. Request bodies (`Content-Length`) are read and
 //! discarded; a chunked body is refused with 501.
 //!
+//! `GET /work?ms=N` holds the whole worker for N ms (at most 10 s) before
+//! answering, as a slow handler would: it serves nothing else meanwhile
+//! (`&cpu=1` spins instead of sleeping). The lab uses it for a
+//! heterogeneous workload. Each connection closed is reported to the
+//! primary ([`WorkerListener::finished`]) for load-aware scheduling.
+//!
 //! On the stop message it drains: the next request on each kept-alive
 //! connection is answered with `Connection: close` and the connection closed
 //! only then, never under a request in flight; connections still idle
@@ -63,6 +69,7 @@ pub fn run_demo_worker(mut listener: WorkerListener) -> io::Result<()> {
     );
     let mut poll = Poll::new()?;
     listener.set_nonblocking(true);
+    listener.report_finished()?;
     poll.registry()
         .register(&mut listener, CHANNEL, Interest::READABLE)?;
     let mut conns: Vec<Option<HttpConn>> = Vec::new();
@@ -80,11 +87,13 @@ pub fn run_demo_worker(mut listener: WorkerListener) -> io::Result<()> {
                 if slot.as_ref().is_some_and(HttpConn::idle) {
                     *slot = None;
                     free.push(i);
+                    listener.finished();
                 }
             }
             continue;
         }
         let timeout = close_idle_at.map(|t| t.saturating_duration_since(Instant::now()));
+        listener.flush_reports()?;
         if let Err(e) = poll.poll(&mut events, timeout) {
             if e.kind() == io::ErrorKind::Interrupted {
                 continue;
@@ -115,7 +124,9 @@ pub fn run_demo_worker(mut listener: WorkerListener) -> io::Result<()> {
                                 closing: false,
                                 body_left: 0,
                             });
-                            drive(&mut conns, &mut free, i, &body, stopping);
+                            if drive(&mut conns, &mut free, i, &body, stopping) {
+                                listener.finished();
+                            }
                         }
                         Ok(WorkerEvent::Message(_)) => {}
                         Ok(WorkerEvent::Stop) => {
@@ -127,29 +138,31 @@ pub fn run_demo_worker(mut listener: WorkerListener) -> io::Result<()> {
                         Err(e) => return Err(e),
                     }
                 }
-            } else {
-                drive(&mut conns, &mut free, event.token().0, &body, stopping);
+            } else if drive(&mut conns, &mut free, event.token().0, &body, stopping) {
+                listener.finished();
             }
         }
     }
 }
 
-/// Reads, answers and writes what connection `i` allows now; frees it when done.
+/// Reads, answers and writes what connection `i` allows now; frees it
+/// when done and returns whether it did.
 fn drive(
     conns: &mut [Option<HttpConn>],
     free: &mut Vec<usize>,
     i: usize,
     body: &str,
     stopping: bool,
-) {
+) -> bool {
     let Some(conn) = conns.get_mut(i).and_then(Option::as_mut) else {
-        return;
+        return false;
     };
     let keep = serve(conn, body, stopping).unwrap_or(false);
     if !keep {
         conns[i] = None;
         free.push(i);
     }
+    !keep
 }
 
 /// Returns whether the connection stays open.
@@ -256,6 +269,7 @@ fn answer(conn: &mut HttpConn, body: &str, stopping: bool) {
             }
         }
         let head = req.method == Some("HEAD");
+        let work = work_ms(req.path.unwrap_or("/"));
         conn.input.drain(..head_len);
         if chunked {
             respond(
@@ -268,7 +282,44 @@ fn answer(conn: &mut HttpConn, body: &str, stopping: bool) {
             return;
         }
         conn.body_left = body_len;
+        if let Some(work) = work {
+            hold(work);
+        }
         respond(conn, "200 OK", body, keep_alive && !stopping, head);
+    }
+}
+
+/// The longest `/work?ms=N` honoured.
+const MAX_WORK_MS: u64 = 10_000;
+
+/// `GET /work?ms=N`: how long to hold the worker (at most [`MAX_WORK_MS`]);
+/// `&cpu=1` burns CPU instead of sleeping.
+fn work_ms(path: &str) -> Option<(u64, bool)> {
+    let query = path.strip_prefix("/work")?;
+    let query = query.strip_prefix('?').unwrap_or("");
+    let mut ms = None;
+    let mut cpu = false;
+    for pair in query.split('&') {
+        match pair.split_once('=') {
+            Some(("ms", v)) => ms = v.parse::<u64>().ok(),
+            Some(("cpu", v)) => cpu = v == "1" || v == "true",
+            _ => {}
+        }
+    }
+    Some((ms.unwrap_or(0).min(MAX_WORK_MS), cpu))
+}
+
+/// Holds the whole worker, as a slow handler would: it serves nothing else
+/// meanwhile. Sleeps, or with `cpu` spins like a CPU-heavy handler.
+fn hold((ms, cpu): (u64, bool)) {
+    let d = Duration::from_millis(ms);
+    if cpu {
+        let start = Instant::now();
+        while start.elapsed() < d {
+            std::hint::spin_loop();
+        }
+    } else {
+        std::thread::sleep(d);
     }
 }
 

@@ -33,10 +33,13 @@ struct Cli {
     #[arg(short, long, value_name = "N", env = "DISTRIBUTOR_WORKERS", value_parser = parse_workers)]
     workers: Option<usize>,
 
-    /// Who accepts and balances: rr (the primary, round-robin), shared (every
-    /// worker accepts on one socket; alias none), reuseport (one SO_REUSEPORT
-    /// socket per worker). Kernel modes hand the socket over as fd 3 with
-    /// LISTEN_FDS/LISTEN_PID (socket activation), so unmodified apps work
+    /// Who accepts and balances: rr (the primary, round-robin), least-conn
+    /// (the primary, to the worker with the fewest connections in flight),
+    /// p2c (the primary, the less loaded of two random workers), shared
+    /// (every worker accepts on one socket; alias none), reuseport (one
+    /// SO_REUSEPORT socket per worker). Kernel modes hand the socket over
+    /// as fd 3 with LISTEN_FDS/LISTEN_PID (socket activation), so
+    /// unmodified apps work. SIGUSR2 cycles rr, least-conn, p2c at runtime
     #[arg(
         short,
         long,
@@ -65,6 +68,12 @@ struct Cli {
         value_parser = parse_protocol
     )]
     protocol: ProtocolArg,
+
+    /// Weights of the worker slots, comma-separated (e.g. 2,1,1; missing
+    /// ones are 1): weighted round-robin in rr, load relative to weight in
+    /// least-conn and p2c
+    #[arg(long, value_name = "W,W,...", env = "DISTRIBUTOR_WEIGHTS", value_parser = parse_weights)]
+    weights: Option<Weights>,
 
     /// How long a graceful stop waits for workers before SIGKILL (e.g. 10s, 500ms)
     #[arg(
@@ -226,6 +235,20 @@ fn parse_ready(s: &str) -> Result<Ready, String> {
 
 fn parse_sched(s: &str) -> Result<Sched, String> {
     s.parse()
+}
+
+/// `--weights`: one weight per slot, each 1..=1000.
+#[derive(Debug, Clone)]
+struct Weights(Vec<u32>);
+
+fn parse_weights(s: &str) -> Result<Weights, String> {
+    s.split(',')
+        .map(|w| match w.trim().parse::<u32>() {
+            Ok(n @ 1..=1000) => Ok(n),
+            _ => Err(format!("bad weight `{}` (1 to 1000)", w.trim())),
+        })
+        .collect::<Result<Vec<u32>, String>>()
+        .map(Weights)
 }
 
 /// `--protocol`: `auto` (`None`) is detected from the command.
@@ -394,6 +417,9 @@ fn run(cli: Cli) -> anyhow::Result<()> {
     let mut builder = Primary::builder().sched(cli.sched);
     if let Some(addr) = cli.listen {
         builder = builder.listen(addr);
+    }
+    if let Some(Weights(weights)) = cli.weights {
+        builder = builder.weights(weights);
     }
     if let ProtocolArg(Some(protocol)) = cli.protocol {
         builder = builder.protocol(protocol);

@@ -41,6 +41,7 @@ pub(crate) const T_ACK: u8 = 0x81;
 pub(crate) const T_STATS: u8 = 0x82;
 pub(crate) const T_MESSAGE_TO_PRIMARY: u8 = 0x83;
 pub(crate) const T_PONG: u8 = 0x84;
+pub(crate) const T_DONE: u8 = 0x85;
 
 const ENTRY_V4: usize = 8 + 1 + 2 + 4;
 const ENTRY_V6: usize = 8 + 1 + 2 + 16;
@@ -94,6 +95,9 @@ pub enum ToPrimary<'a> {
     /// In the kernel balancing modes, the connections the worker has
     /// accepted by itself so far (a running total).
     Stats(u64),
+    /// The connections the worker has finished (closed) so far, a running
+    /// total: with the acknowledged ones, its connections in flight.
+    Done(u64),
 }
 
 /// The connection ids of an ACK message.
@@ -139,6 +143,7 @@ impl<'a> ToPrimary<'a> {
             T_MESSAGE_TO_PRIMARY => Ok(ToPrimary::Message(body)),
             T_PONG => Ok(ToPrimary::Pong(u64_body("PONG", buf)?)),
             T_STATS => Ok(ToPrimary::Stats(u64_body("STATS", buf)?)),
+            T_DONE => Ok(ToPrimary::Done(u64_body("DONE", buf)?)),
             other => Err(DecodeError::UnknownType(other)),
         }
     }
@@ -342,6 +347,14 @@ impl Encoder {
         self
     }
 
+    /// A DONE report: `finished` connections so far.
+    pub fn done(&mut self, finished: u64) -> &mut Self {
+        self.len = 0;
+        self.put(&[T_DONE]);
+        self.put(&finished.to_be_bytes());
+        self
+    }
+
     /// A PONG answering PING `n`.
     pub fn pong(&mut self, n: u64) -> &mut Self {
         self.len = 0;
@@ -523,6 +536,12 @@ mod tests {
             ToPrimary::decode(e.as_bytes(), 0),
             Ok(ToPrimary::Stats(1 << 33))
         );
+        let mut e = Encoder::default();
+        assert_eq!(
+            ToPrimary::decode(e.done(7).as_bytes(), 0),
+            Ok(ToPrimary::Done(7))
+        );
+        assert!(ToPrimary::decode(&[0x85, 1], 0).is_err());
         assert_eq!(e.as_bytes()[0], 0x82);
     }
 

@@ -143,6 +143,9 @@ pub struct WorkerListener {
     accepted: u64,
     reported: u64,
     last_report: Instant,
+    /// Connections finished (`finished`), and the total last reported.
+    finished: u64,
+    finished_reported: u64,
 }
 
 /// How often at most a worker in a kernel mode reports its figures.
@@ -219,6 +222,8 @@ impl WorkerListener {
             accepted: 0,
             reported: 0,
             last_report: Instant::now(),
+            finished: 0,
+            finished_reported: 0,
         })
     }
 
@@ -256,6 +261,44 @@ impl WorkerListener {
         let msg = protocol::encode_message(false, payload)
             .map_err(|e| io::Error::new(io::ErrorKind::InvalidInput, e))?;
         self.channel.send(&msg, &[], false)
+    }
+
+    /// Tells the primary that one connection this worker took is finished
+    /// (closed), so that load-aware scheduling (`--sched least-conn`,
+    /// `p2c`) knows how many it is serving. Cheap: it counts, and the
+    /// running total goes to the primary in one small DONE message the
+    /// next time this listener receives (before it waits) or at
+    /// [`WorkerListener::flush_reports`], so a burst of closes costs one
+    /// message. Declare it first with [`WorkerListener::report_finished`];
+    /// workers that do not are scheduled by what they have not yet
+    /// acknowledged only.
+    pub fn finished(&mut self) {
+        self.finished += 1;
+    }
+
+    /// Declares that this worker calls [`WorkerListener::finished`] for
+    /// every connection it takes: sends DONE(0) now, so that load-aware
+    /// scheduling counts its acknowledged connections as in flight until
+    /// reported finished. Call it once, before the first connection.
+    pub fn report_finished(&mut self) -> io::Result<()> {
+        let mut enc = Encoder::default();
+        self.channel
+            .send(enc.done(self.finished).as_bytes(), &[], false)?;
+        self.finished_reported = self.finished;
+        Ok(())
+    }
+
+    /// Sends the DONE total now if it changed: for event loops that wait
+    /// on their own (mio) rather than in `accept`/`next_event`; call it
+    /// before waiting.
+    pub fn flush_reports(&mut self) -> io::Result<()> {
+        if self.finished != self.finished_reported {
+            let mut enc = Encoder::default();
+            self.channel
+                .send(enc.done(self.finished).as_bytes(), &[], false)?;
+            self.finished_reported = self.finished;
+        }
+        Ok(())
     }
 
     /// A user message that `accept` set aside, oldest first.
@@ -329,6 +372,7 @@ impl WorkerListener {
     /// Gets at least one pending event: from the channel, or in a kernel
     /// mode from the listener too, waiting for either unless non-blocking.
     fn fill(&mut self) -> io::Result<()> {
+        self.flush_reports()?;
         if self.listener.is_none() {
             return self.receive(self.nonblocking);
         }

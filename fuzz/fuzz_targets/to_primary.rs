@@ -19,7 +19,9 @@ fuzz_target!(|input: &[u8]| {
         }
         Ok(ToPrimary::Message(payload)) => assert_eq!(payload.len(), datagram.len() - 1),
         Ok(ToPrimary::Hello { .. }) => assert_eq!(datagram.len(), 3),
-        Ok(ToPrimary::Pong(_) | ToPrimary::Stats(_)) => assert_eq!(datagram.len(), 9),
+        Ok(ToPrimary::Pong(_) | ToPrimary::Stats(_) | ToPrimary::Done(_)) => {
+            assert_eq!(datagram.len(), 9)
+        }
         Err(e) => {
             let _ = e.to_string();
         }

@@ -18,7 +18,7 @@ use std::time::{Duration, Instant};
 use crossbeam_channel::{Receiver, Sender, TrySendError};
 use mio::unix::SourceFd;
 use mio::{Events, Interest, Poll, Token, Waker};
-use signal_hook::consts::{SIGCHLD, SIGHUP, SIGINT, SIGTERM, SIGTTIN, SIGTTOU};
+use signal_hook::consts::{SIGCHLD, SIGHUP, SIGINT, SIGTERM, SIGTTIN, SIGTTOU, SIGUSR2};
 use signal_hook_mio::v1_0::Signals;
 use tracing::{debug, error, info, warn};
 
@@ -59,6 +59,8 @@ pub(crate) struct Settings {
     pub prefix_output: bool,
     pub ready: super::Ready,
     pub protocol: Protocol,
+    /// Each slot's weight for the policies (1 beyond the list).
+    pub weights: Vec<u32>,
 }
 
 /// A place for one worker. Slots give restarts their backoff and rolling
@@ -112,6 +114,12 @@ pub(crate) struct EventLoop {
     /// Connection ids and the `seq` of messages to Node workers.
     next_seq: u64,
     pub(super) next_ping: u64,
+    /// How connections are placed now (primary-side modes; switchable).
+    pub(super) policy: Box<dyn super::policy::Policy>,
+    /// The mode `policy` is.
+    pub(super) live_sched: Sched,
+    /// The policy's view of the workers, reused for each connection.
+    pub(super) candidates: Vec<super::policy::Candidate>,
     /// Accepting paused after an accept error, until then.
     pub(super) accept_paused_until: Option<Instant>,
     /// When an accept error was last logged as a warning.
@@ -154,7 +162,7 @@ impl EventLoop {
         let waker = Arc::new(Waker::new(poll.registry(), WAKER)?);
         let mut wanted = vec![SIGCHLD];
         if settings.handle_signals {
-            wanted.extend([SIGTERM, SIGINT, SIGHUP, SIGTTIN, SIGTTOU]);
+            wanted.extend([SIGTERM, SIGINT, SIGHUP, SIGTTIN, SIGTTOU, SIGUSR2]);
         }
         let mut signals = Signals::new(&wanted)?;
         poll.registry()
@@ -164,6 +172,9 @@ impl EventLoop {
         let notify = super::notify::NotifySocket::bind()?;
         poll.registry()
             .register(&mut SourceFd(&notify.raw_fd()), NOTIFY, Interest::READABLE)?;
+        let policy = super::policy::for_sched(settings.sched)
+            .unwrap_or_else(|| Box::new(super::policy::RoundRobin::default()));
+        let live_sched = settings.sched;
         let native = settings.protocol == Protocol::Native;
         let (listener, spare) = if native {
             (listener, None)
@@ -191,6 +202,9 @@ impl EventLoop {
             next_worker_id: 1,
             next_seq: 1,
             next_ping: 1,
+            policy,
+            live_sched,
+            candidates: Vec::new(),
             accept_paused_until: None,
             accept_warned_at: None,
             reload: Reload::default(),
@@ -384,6 +398,12 @@ impl EventLoop {
     pub(super) fn mode_text(&self) -> &'static str {
         match self.settings.sched {
             Sched::RoundRobin => "rr: the primary accepts and hands connections round-robin",
+            Sched::LeastConn => {
+                "least-conn: the primary accepts and hands each connection to the least loaded worker"
+            }
+            Sched::PowerOfTwo => {
+                "p2c: the primary accepts and hands each connection to the less loaded of two random workers"
+            }
             Sched::Shared => "shared: every worker accepts on this socket",
             Sched::ReusePort => "reuseport: one SO_REUSEPORT socket per worker",
         }
@@ -502,6 +522,18 @@ impl EventLoop {
                 w.taken = w.taken.max(n);
                 None
             }
+            ToPrimary::Done(n) => {
+                if n < w.finished.unwrap_or(0) || (!self.settings.sched.is_kernel() && n > w.taken)
+                {
+                    return Some(format!(
+                        "reported {n} connections finished, after {} and with {} taken",
+                        w.finished.unwrap_or(0),
+                        w.taken
+                    ));
+                }
+                w.finished = Some(n);
+                None
+            }
         }
     }
 
@@ -518,6 +550,14 @@ impl EventLoop {
                 SIGHUP => self.begin_reload(),
                 SIGTTIN => self.add_worker(),
                 SIGTTOU => self.remove_worker(),
+                SIGUSR2 => {
+                    let next = match self.live_sched {
+                        Sched::RoundRobin => Sched::LeastConn,
+                        Sched::LeastConn => Sched::PowerOfTwo,
+                        _ => Sched::RoundRobin,
+                    };
+                    self.set_sched(next);
+                }
                 _ => {}
             }
         }
@@ -534,7 +574,26 @@ impl EventLoop {
                 Control::Stats(reply) => {
                     let _ = reply.try_send(self.stats());
                 }
+                Control::SetSched(sched) => self.set_sched(sched),
             }
+        }
+    }
+
+    /// Switches the policy (primary-side modes only).
+    pub(super) fn set_sched(&mut self, sched: Sched) {
+        if sched == self.live_sched {
+            return;
+        }
+        match super::policy::for_sched(sched) {
+            Some(policy) if !self.settings.sched.is_kernel() => {
+                info!("scheduling policy: {} -> {sched}", self.live_sched);
+                self.policy = policy;
+                self.live_sched = sched;
+            }
+            _ => warn!(
+                "cannot switch from {} to {sched}: only rr, least-conn and p2c switch while running",
+                self.live_sched
+            ),
         }
     }
 
@@ -592,13 +651,16 @@ impl EventLoop {
                 state: WorkerState::of(w.ready, w.stopping),
                 connections: w.taken,
                 unacknowledged: w.unacked.len(),
+                in_flight: w.in_flight(),
+                finished: w.finished,
+                weight: self.weight(w.slot),
                 uptime: self.now.saturating_duration_since(w.started),
             })
             .collect();
         workers.sort_by_key(|w| (w.slot, w.id));
         let slots = self.slots.iter().enumerate();
         Stats {
-            sched: self.settings.sched,
+            sched: self.live_sched,
             local_addr: self.local_addr,
             uptime: self.now.saturating_duration_since(self.started),
             workers,

@@ -95,15 +95,11 @@ pub(super) fn render(stats: &Stats) -> String {
     out.family(
         "distributor_worker_in_flight",
         "gauge",
-        "Connections sent to the worker and not yet acknowledged.",
+        "Connections the worker holds: sent and not yet acknowledged, plus acknowledged and not yet finished for workers that report completions.",
     );
     for w in &stats.workers {
         let ids = Ids::of(w);
-        out.sample(
-            "distributor_worker_in_flight",
-            &ids.labels(),
-            w.unacknowledged as u64,
-        );
+        out.sample("distributor_worker_in_flight", &ids.labels(), w.in_flight);
     }
     out.family(
         "distributor_worker_uptime_seconds",
@@ -265,6 +261,9 @@ mod tests {
             state,
             connections,
             unacknowledged: id as usize,
+            in_flight: id,
+            finished: None,
+            weight: 1,
             uptime: Duration::from_millis(1500 * id),
         }
     }

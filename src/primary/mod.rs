@@ -71,6 +71,15 @@ pub enum Sched {
     /// (Node's `SCHED_RR`).
     #[default]
     RoundRobin,
+    /// The primary accepts and hands each connection to the worker with
+    /// the fewest connections in flight (relative to its weight); ties go
+    /// round-robin. Needs workers that report completions (the library's
+    /// [`crate::WorkerListener::finished`], the demo worker); others are
+    /// judged by their unacknowledged connections only.
+    LeastConn,
+    /// The primary accepts and hands each connection to the less loaded of
+    /// two workers drawn at random ("power of two choices").
+    PowerOfTwo,
     /// Every worker inherits the same listening socket and accepts itself;
     /// the kernel balances (Node's `SCHED_NONE`).
     Shared,
@@ -82,12 +91,21 @@ pub enum Sched {
 
 impl Sched {
     /// Every mode, in the order the lab runs them.
-    pub const ALL: [Sched; 3] = [Sched::RoundRobin, Sched::Shared, Sched::ReusePort];
+    pub const ALL: [Sched; 5] = [
+        Sched::RoundRobin,
+        Sched::LeastConn,
+        Sched::PowerOfTwo,
+        Sched::Shared,
+        Sched::ReusePort,
+    ];
 
-    /// The mode's name on the command line: `rr`, `shared`, `reuseport`.
+    /// The mode's name on the command line: `rr`, `least-conn`, `p2c`,
+    /// `shared`, `reuseport`.
     pub fn name(self) -> &'static str {
         match self {
             Sched::RoundRobin => "rr",
+            Sched::LeastConn => "least-conn",
+            Sched::PowerOfTwo => "p2c",
             Sched::Shared => "shared",
             Sched::ReusePort => "reuseport",
         }
@@ -95,7 +113,7 @@ impl Sched {
 
     /// Whether the workers accept by themselves (the kernel balances).
     pub fn is_kernel(self) -> bool {
-        self != Sched::RoundRobin
+        matches!(self, Sched::Shared | Sched::ReusePort)
     }
 }
 
@@ -110,10 +128,12 @@ impl std::str::FromStr for Sched {
     fn from_str(s: &str) -> Result<Sched, String> {
         match s.trim().to_ascii_lowercase().as_str() {
             "rr" | "round-robin" | "roundrobin" => Ok(Sched::RoundRobin),
+            "least-conn" | "leastconn" | "lc" => Ok(Sched::LeastConn),
+            "p2c" | "power-of-two" => Ok(Sched::PowerOfTwo),
             "shared" | "none" => Ok(Sched::Shared),
             "reuseport" | "reuse-port" => Ok(Sched::ReusePort),
             _ => Err(format!(
-                "unknown scheduling mode `{s}` (rr, shared or reuseport)"
+                "unknown scheduling mode `{s}` (rr, least-conn, p2c, shared or reuseport)"
             )),
         }
     }
@@ -155,6 +175,7 @@ pub(crate) enum Control {
     RemoveWorker,
     Stats(Sender<Stats>),
     Send { id: Option<u64>, data: Vec<u8> },
+    SetSched(Sched),
 }
 
 /// Sends commands to a running primary from any thread. Cloneable.
@@ -192,6 +213,15 @@ impl Handle {
     /// Removes a worker gracefully, as SIGTTOU does; the last one stays.
     pub fn remove_worker(&self) -> io::Result<()> {
         self.post(Control::RemoveWorker)
+    }
+
+    /// Switches the scheduling policy while running, between the
+    /// primary-side modes (`rr`, `least-conn`, `p2c`), as SIGUSR2 does
+    /// (it cycles through them). Connections already placed stay where
+    /// they are; the next one is placed by the new policy. A switch to or
+    /// from a kernel mode is refused (logged): who accepts cannot change.
+    pub fn set_sched(&self, sched: Sched) -> io::Result<()> {
+        self.post(Control::SetSched(sched))
     }
 
     /// The primary's current figures: per worker its state, connections
@@ -287,6 +317,7 @@ pub struct Builder {
     listen: Option<SocketAddr>,
     backlog: i32,
     protocol: Option<Protocol>,
+    weights: Vec<u32>,
     command: Option<WorkerCommand>,
     shutdown_timeout: Duration,
     hello_timeout: Duration,
@@ -316,6 +347,7 @@ impl Default for Builder {
             listen: None,
             backlog: 1024,
             protocol: None,
+            weights: Vec::new(),
             command: None,
             shutdown_timeout: Duration::from_secs(10),
             hello_timeout: Duration::from_secs(5),
@@ -348,6 +380,15 @@ impl Builder {
     /// servers that asks for port 0 (or for this very port).
     pub fn listen(mut self, addr: SocketAddr) -> Self {
         self.listen = Some(addr);
+        self
+    }
+
+    /// Weights of the worker slots, in slot order (missing ones are 1):
+    /// weighted round-robin in `rr`, load relative to weight in
+    /// `least-conn` and `p2c`. A slot's workers (restarts, reloads) keep
+    /// its weight.
+    pub fn weights(mut self, weights: Vec<u32>) -> Self {
+        self.weights = weights;
         self
     }
 
@@ -526,7 +567,7 @@ impl Builder {
         if let Some(listener) = &listener {
             // The primary accepts without waiting in rr; in the kernel modes
             // workers get the socket as socket activation would, blocking.
-            listener.set_nonblocking(self.sched == Sched::RoundRobin)?;
+            listener.set_nonblocking(!self.sched.is_kernel())?;
         }
         // Every socket is bound before root is given up.
         let metrics = self
@@ -560,6 +601,7 @@ impl Builder {
             prefix_output: self.prefix_output,
             ready: self.ready,
             protocol,
+            weights: self.weights,
         };
         let inner = event_loop::EventLoop::new(listener, metrics, settings)?;
         Ok(Primary { inner })

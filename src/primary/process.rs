@@ -199,6 +199,9 @@ pub(crate) struct WorkerProc {
     pub unacked: HashMap<u64, Conn>,
     /// Connections this worker acknowledged.
     pub taken: u64,
+    /// Connections it reported finished (DONE, a running total); `None`
+    /// until its first report.
+    pub finished: Option<u64>,
     /// When the worker last sent anything (hang detection).
     pub last_seen: Instant,
     /// When to send the next heartbeat.
@@ -325,6 +328,7 @@ impl WorkerProc {
             kill_at: None,
             unacked: HashMap::new(),
             taken: 0,
+            finished: None,
             last_seen: now,
             ping_at: None,
             give_up_at: None,
@@ -352,6 +356,15 @@ impl WorkerProc {
             self.ping_at,
             self.give_up_at,
         ]
+    }
+
+    /// Connections it holds: unacknowledged ones, plus, once it reports
+    /// completions, those acknowledged and not yet finished.
+    pub fn in_flight(&self) -> u64 {
+        let open = self
+            .finished
+            .map_or(0, |done| self.taken.saturating_sub(done));
+        self.unacked.len() as u64 + open
     }
 
     /// Whether the primary may send it a connection of `server` now.

@@ -14,9 +14,10 @@
 //!   worker has room. Accept errors such as `EMFILE` pause accepting until
 //!   an fd is freed (an acknowledgement closes the primary's copy) or a
 //!   short timer fires.
-//! - **Dispatcher.** Round-robin over the workers holding the server,
-//!   skipping those that are not ready, stopping, at their unacknowledged
-//!   limit, or whose channel buffer is full. A connection no worker can
+//! - **Dispatcher.** The scheduling policy (`policy/`: round-robin, least
+//!   connections, power of two choices) over the workers holding the
+//!   server, skipping those that are not ready, stopping, at their
+//!   unacknowledged limit, or whose channel buffer is full. A connection no worker can
 //!   take now is held in its server's `pending` (at most a few: accepting
 //!   stops first).
 //! - **Ledger.** The primary keeps its copy of every connection until the
@@ -39,6 +40,7 @@ use tracing::{debug, info, warn};
 use super::Sched;
 use super::event_loop::EventLoop;
 use super::node::wire;
+use super::policy::Candidate;
 use super::process::{Conn, Link};
 
 /// The most servers (listening addresses) one primary serves.
@@ -70,8 +72,6 @@ pub(crate) struct Server {
     pub pending: VecDeque<Conn>,
     /// Connections may wait in the backlog that the loop chose not to accept.
     pub backlog_waiting: bool,
-    /// Round-robin position: the worker index to try first.
-    pub cursor: usize,
 }
 
 impl Server {
@@ -85,7 +85,6 @@ impl Server {
             data: "null".into(),
             pending: VecDeque::new(),
             backlog_waiting: true,
-            cursor: 0,
         }
     }
 }
@@ -107,7 +106,7 @@ impl EventLoop {
     /// Adds a server; in rr its listener is registered for accepting.
     pub(super) fn add_server(&mut self, server: Server) -> io::Result<usize> {
         let k = self.servers.len();
-        if self.settings.sched == Sched::RoundRobin {
+        if !self.settings.sched.is_kernel() {
             if let Some(l) = &server.listener {
                 l.set_nonblocking(true)?;
                 self.poll.registry().register(
@@ -133,7 +132,7 @@ impl EventLoop {
             if self.servers[k].pending.is_empty()
                 && self.servers[k].backlog_waiting
                 && self.accept_paused_until.is_none()
-                && self.settings.sched == Sched::RoundRobin
+                && !self.settings.sched.is_kernel()
             {
                 self.accept_loop(k);
             }
@@ -148,7 +147,7 @@ impl EventLoop {
     }
 
     fn accept_loop(&mut self, k: usize) {
-        while self.pick(k).is_some() {
+        while self.can_place(k) {
             let Some(listener) = self.servers[k].listener.as_ref() else {
                 return;
             };
@@ -200,13 +199,37 @@ impl EventLoop {
         }
     }
 
-    /// The worker that round-robin would give server `k`'s next connection to.
-    fn pick(&self, k: usize) -> Option<usize> {
-        super::policy::round_robin(self.servers[k].cursor, self.workers.len(), |i| {
-            self.workers[i]
-                .as_ref()
-                .is_some_and(|w| w.can_take(k, self.settings.max_unacked))
-        })
+    /// Whether some worker can take a connection of server `k` now.
+    fn can_place(&self, k: usize) -> bool {
+        let max = self.settings.max_unacked;
+        self.workers.iter().flatten().any(|w| w.can_take(k, max))
+    }
+
+    /// The worker the policy gives server `k`'s next connection to.
+    fn pick(&mut self, k: usize) -> Option<usize> {
+        let max = self.settings.max_unacked;
+        let mut candidates = std::mem::take(&mut self.candidates);
+        candidates.clear();
+        for (index, w) in self.workers.iter().enumerate() {
+            if let Some(w) = w.as_ref().filter(|w| w.can_take(k, max)) {
+                candidates.push(Candidate {
+                    index,
+                    in_flight: w.in_flight(),
+                    weight: self.weight(w.slot),
+                });
+            }
+        }
+        let chosen = match candidates.len() {
+            0 => None,
+            _ => Some(candidates[self.policy.pick(&candidates)].index),
+        };
+        self.candidates = candidates;
+        chosen
+    }
+
+    /// Slot `slot`'s weight (`--weights`; 1 beyond the list).
+    pub(super) fn weight(&self, slot: usize) -> u32 {
+        self.settings.weights.get(slot).copied().unwrap_or(1).max(1)
     }
 
     /// Sends `conn` to the next worker that takes it; gives it back if none can.
@@ -233,7 +256,6 @@ impl EventLoop {
             match sent {
                 Ok(()) => {
                     w.unacked.insert(conn.id, conn);
-                    self.servers[k].cursor = (i + 1) % self.workers.len();
                     return Ok(());
                 }
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => w.channel_full = true,
@@ -302,7 +324,7 @@ impl EventLoop {
     /// Closes server `k`'s listeners.
     pub(super) fn close_server(&mut self, k: usize) {
         if let Some(listener) = self.servers[k].listener.take() {
-            if self.settings.sched == Sched::RoundRobin {
+            if !self.settings.sched.is_kernel() {
                 let _ = self
                     .poll
                     .registry()
@@ -336,7 +358,7 @@ impl EventLoop {
     pub(super) fn slot_listener(&self, k: usize, slot: usize) -> Option<&TcpListener> {
         let s = &self.servers[k];
         match self.settings.sched {
-            Sched::RoundRobin => None,
+            Sched::RoundRobin | Sched::LeastConn | Sched::PowerOfTwo => None,
             Sched::Shared => s.listener.as_ref(),
             Sched::ReusePort if slot == 0 => s.listener.as_ref(),
             Sched::ReusePort => s.slot_listeners.get(slot - 1).and_then(Option::as_ref),

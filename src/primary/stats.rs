@@ -75,6 +75,14 @@ pub struct WorkerStats {
     /// Connections sent to it and not yet acknowledged (in flight; always
     /// 0 in the kernel modes, where the primary sends none).
     pub unacknowledged: usize,
+    /// Connections it holds: unacknowledged, plus acknowledged and not yet
+    /// finished once it reports completions; what `least-conn` weighs.
+    pub in_flight: u64,
+    /// Connections it reported finished (a running total); `None` for a
+    /// worker that does not report completions.
+    pub finished: Option<u64>,
+    /// Its slot's weight (`--weights`).
+    pub weight: u32,
     pub uptime: Duration,
 }
 

@@ -277,7 +277,7 @@ impl EventLoop {
             server.data = q.data.get().to_string();
         }
         self.line.clear();
-        let fd = if self.settings.sched == Sched::RoundRobin {
+        let fd = if !self.settings.sched.is_kernel() {
             wire::reply_rr(
                 &mut self.line,
                 seq,

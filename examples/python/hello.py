@@ -44,6 +44,7 @@ HELLO = 0x80
 ACK = 0x81
 STATS = 0x82
 PONG = 0x84
+DONE = 0x85
 
 MAX_MESSAGE = 65536  # bytes per datagram
 MAX_FDS = 64  # ancillary room, in fds
@@ -179,6 +180,18 @@ class Handler(http.server.BaseHTTPRequestHandler):
 
 class Server(http.server.ThreadingHTTPServer):
     daemon_threads = True
+    chan = None  # the channel, for DONE reports
+    _finished = 0
+    _finished_lock = threading.Lock()
+
+    def shutdown_request(self, request):
+        """A connection is finished: report the running total (DONE), so
+        that load-aware scheduling (--sched least-conn, p2c) sees it."""
+        super().shutdown_request(request)
+        with self._finished_lock:
+            Server._finished += 1
+            if self.chan is not None:
+                send_msg(self.chan, struct.pack(">BQ", DONE, Server._finished))
 
     def handle_error(self, request, client_address):
         if isinstance(sys.exc_info()[1], ConnectionError):
@@ -411,6 +424,8 @@ def main():
         sel.register(listener, selectors.EVENT_READ)
     count = AcceptCount()
 
+    srv.chan = chan
+    send_msg(chan, struct.pack(">BQ", DONE, 0))  # it reports finished connections
     send_msg(chan, struct.pack(">BH", HELLO, 1))  # ready
 
     while True:

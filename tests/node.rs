@@ -24,8 +24,8 @@ use distributor::{Event, Protocol, WorkerCommand};
 use nix::sys::signal::Signal;
 use serde_json::{Value, json};
 use util::{
-    DEADLINE, HttpConn, Load, Mode, Primary, Proc, Scrape, bin, describe, get_once,
-    get_path, have_program, kill_pid, parse_listening, parse_metrics_on, pid_gone, poll_until,
+    DEADLINE, HttpConn, Load, Mode, Primary, Proc, Scrape, bin, describe, get_once, get_path,
+    have_program, kill_pid, parse_listening, parse_metrics_on, pid_gone, poll_until,
     refuses_connections, repo_path, wait_gone,
 };
 
@@ -126,12 +126,12 @@ fn reachable(addr: SocketAddr) -> SocketAddr {
 /// (the workers' stdout, prefixed); returns what follows TEXT.
 fn app_line(p: &Primary, id: u64, text: &str) -> String {
     let needle = format!("[worker {id}] {text}");
-    let line = p.proc.stdout.wait_from(
-        0,
-        &format!("{needle:?} on stdout"),
-        DEADLINE,
-        |l| l.contains(&needle),
-    );
+    let line = p
+        .proc
+        .stdout
+        .wait_from(0, &format!("{needle:?} on stdout"), DEADLINE, |l| {
+            l.contains(&needle)
+        });
     let line = line.1;
     line[line.find(&needle).expect("matched") + needle.len()..].to_string()
 }
@@ -426,11 +426,7 @@ fn a_port_in_use_reaches_the_app_as_eaddrinuse() {
             proc.stderr.dump()
         );
     }
-    assert!(
-        proc.stderr.count("panicked") == 0,
-        "{}",
-        proc.stderr.dump()
-    );
+    assert!(proc.stderr.count("panicked") == 0, "{}", proc.stderr.dump());
     drop(taken);
 }
 
@@ -486,17 +482,15 @@ fn a_killed_node_worker_is_replaced_and_no_new_connection_fails() {
         "more failures than requests in flight at the kill: {before}\nlog:\n{}",
         p.log().dump()
     );
-    assert_eq!(
-        after.failures(),
-        0,
-        "{after}\nlog:\n{}",
-        p.log().dump()
-    );
+    assert_eq!(after.failures(), 0, "{after}\nlog:\n{}", p.log().dump());
     assert!(
         after.by_worker.get(&3).is_some_and(|&n| n > 0),
         "the replacement did not serve: {after}"
     );
-    assert!(pid_gone(victim), "the killed worker {victim} is still there");
+    assert!(
+        pid_gone(victim),
+        "the killed worker {victim} is still there"
+    );
     p.assert_running();
     p.assert_no_panic();
     stop_cleanly(p);
@@ -542,7 +536,10 @@ fn graceful_stop_finishes_a_slow_request() {
     assert_eq!(r.status, 200, "{r:?}");
     let (id, pid) = r.worker();
     assert_eq!(workers.get(&id), Some(&pid), "{r:?}");
-    assert!(line.starts_with(&format!("[worker {id}] ")), "{line} / {r:?}");
+    assert!(
+        line.starts_with(&format!("[worker {id}] ")),
+        "{line} / {r:?}"
+    );
 
     let status = p.proc.expect_exit(DEADLINE);
     assert_eq!(status.code(), Some(0), "{}", p.log().dump());
@@ -631,7 +628,11 @@ fn curl_https(addr: SocketAddr) -> Result<String, String> {
     let status = proc.expect_exit(DEADLINE);
     assert!(proc.stdout.wait_closed(DEADLINE) && proc.stderr.wait_closed(DEADLINE));
     if !status.success() {
-        return Err(format!("curl: {}: {}", describe(status), proc.stderr.dump()));
+        return Err(format!(
+            "curl: {}: {}",
+            describe(status),
+            proc.stderr.dump()
+        ));
     }
     Ok(proc
         .stdout
@@ -661,16 +662,14 @@ fn https_app_under_rr() {
         let body = curl_https(p.addr)
             .unwrap_or_else(|e| panic!("request {i}: {e}; log:\n{}", p.log().dump()));
         let (id, pid) = util::parse_worker(&body).unwrap_or_else(|| panic!("{body:?}"));
-        assert_eq!(body, format!("Hello from worker {id} (pid {pid}) over TLS\n"));
+        assert_eq!(
+            body,
+            format!("Hello from worker {id} (pid {pid}) over TLS\n")
+        );
         assert_eq!(workers.get(&id), Some(&pid), "{body:?}");
         *seen.entry(id).or_default() += 1;
     }
-    assert_eq!(
-        seen,
-        BTreeMap::from([(1, 3), (2, 3)]),
-        "{}",
-        p.log().dump()
-    );
+    assert_eq!(seen, BTreeMap::from([(1, 3), (2, 3)]), "{}", p.log().dump());
     assert_eq!(p.log().count(" exited with "), 0, "{}", p.log().dump());
     stop_cleanly(p);
 }
@@ -955,8 +954,7 @@ fn metrics_count_what_node_workers_accepted() {
         last = r.body.clone();
         seen.iter().all(|(id, n)| {
             let id = id.to_string();
-            s.value("distributor_worker_connections_total", &[("worker", &id)])
-                == Some(*n as f64)
+            s.value("distributor_worker_connections_total", &[("worker", &id)]) == Some(*n as f64)
         })
     });
     assert!(ok, "counts never matched {seen:?}; last scrape:\n{last}");

@@ -573,6 +573,7 @@ impl EventLoop {
         };
         if sched.is_kernel()
             && ready_mode == Ready::Hello
+            && !w.node
             && w.hello_warn_at.is_some_and(|t| t <= now)
         {
             info!(
@@ -590,6 +591,13 @@ impl EventLoop {
                 warn!(
                     worker = w.id,
                     "worker {} (pid {}) has not sent READY=1 to its NOTIFY_SOCKET (--ready notify)",
+                    w.id,
+                    w.pid
+                );
+            } else if w.node {
+                warn!(
+                    worker = w.id,
+                    "Node worker {} (pid {}) has no server listening yet: does the app call listen()? see docs/NODE.md",
                     w.id,
                     w.pid
                 );

@@ -370,30 +370,108 @@ fn free_port() -> u16 {
         .port()
 }
 
-/// The app's own port wins over `--listen`: `listen(PORT, '127.0.0.1')`
-/// gets 127.0.0.1:PORT, announced, printed by the app, and served.
+/// The app's own port wins over `--listen`: `listen(PORT, cb)` gets PORT
+/// (on `::`/`0.0.0.0`, as Node binds an address-less server), announced as
+/// the one listener, printed by the app, and served.
 #[test]
 fn the_apps_own_port_wins() {
     if !have_node("the_apps_own_port_wins") {
         return;
     }
     let port = free_port();
-    let p = start(
-        2,
-        &[],
-        "hello.js",
-        &[("PORT", &port.to_string()), ("HOST", "127.0.0.1")],
-    );
+    let p = start(2, &[], "hello.js", &[("PORT", &port.to_string())]);
     p.wait_all_ready();
-    let want = SocketAddr::from((Ipv4Addr::LOCALHOST, port));
-    assert_eq!(p.addr, want, "{}", p.log().dump());
-    assert_eq!(announced(&p), [want], "{}", p.log().dump());
+    assert_eq!(p.addr.port(), port, "{}", p.log().dump());
+    assert!(p.addr.ip().is_unspecified(), "{}", p.log().dump());
+    assert_eq!(announced(&p), [p.addr], "{}", p.log().dump());
     for id in [1, 2] {
         assert_eq!(app_port(&p, id, "port "), port, "worker {id}");
     }
-    let seen = serve(&p, want, 4, &started(&p), "");
+    let seen = serve(&p, reachable(p.addr), 4, &started(&p), "");
     assert_eq!(seen.len(), 2, "{seen:?}");
     stop_cleanly(p);
+}
+
+/// The `listen()` call forms, as `listen_forms.js` names them.
+const LISTEN_FORMS: &[&str] = &[
+    "port",
+    "port_cb",
+    "port_host",
+    "port_host_cb",
+    "port_undefined_cb",
+    "port_host_backlog_cb",
+    "port_backlog_cb",
+    "options_cb",
+    "no_args",
+];
+
+/// One `listen_forms.js` worker with `FORM=form`: `Ok` once it is ready and
+/// answers a request with its body, else what went wrong (with the log).
+fn try_listen_form(form: &str) -> Result<(), String> {
+    let cmd = node_command(
+        1,
+        &["--protocol", "node"],
+        "listen_forms.js",
+        &[("FORM", form)],
+    );
+    let proc = Proc::spawn(cmd);
+    let fail = |what: String| -> String {
+        format!(
+            "{what}; log:\n{}\nstdout:\n{}",
+            proc.stderr.dump(),
+            proc.stdout.dump()
+        )
+    };
+    let outcome = proc.stderr.try_wait_from(0, DEADLINE, |l| {
+        l.contains(" ready, 1/1 ready")
+            || l.contains("broke the protocol")
+            || l.contains(" exited with ")
+    });
+    match outcome {
+        Some((_, l)) if l.contains(" ready, 1/1 ready") => {}
+        Some((_, l)) => return Err(fail(format!("not ready: {l}"))),
+        None => return Err(fail("not ready in time".into())),
+    }
+    let addr = proc
+        .stderr
+        .snapshot()
+        .iter()
+        .filter(|l| !l.starts_with("[worker "))
+        .find_map(|l| parse_listening(l))
+        .ok_or_else(|| fail("no `listening on` line".into()))?;
+    let r = get_path(reachable(addr), "/").map_err(|e| fail(format!("GET {addr}: {e}")))?;
+    let (id, pid) = util::parse_worker(&r.body).ok_or_else(|| fail(format!("{r:?}")))?;
+    let want = format!("Hello from worker {id} (pid {pid}) via {form}\n");
+    if r.status != 200 || r.body != want {
+        return Err(fail(format!("answered {r:?}")));
+    }
+    Ok(())
+}
+
+/// Every form of `server.listen()` an app may use works: the primary
+/// accepts the queryServer Node derives from it (`listen(port, host, cb)`
+/// and `listen(port, undefined, cb)` send `"backlog": false`, the others a
+/// number), the worker becomes ready and the server answers.
+#[test]
+fn every_listen_call_form_works() {
+    if !have_node("every_listen_call_form_works") {
+        return;
+    }
+    let failed: Vec<String> = LISTEN_FORMS
+        .iter()
+        .filter_map(|form| {
+            try_listen_form(form)
+                .err()
+                .map(|e| format!("=== listen form {form}: {e}"))
+        })
+        .collect();
+    assert!(
+        failed.is_empty(),
+        "{} of {} listen() forms failed:\n{}",
+        failed.len(),
+        LISTEN_FORMS.len(),
+        failed.join("\n")
+    );
 }
 
 /// A port in use: the bind error reaches the app as Node reports it, an
@@ -404,14 +482,11 @@ fn a_port_in_use_reaches_the_app_as_eaddrinuse() {
     if !have_node("a_port_in_use_reaches_the_app_as_eaddrinuse") {
         return;
     }
+    // The app asks for PORT on no address in particular (`::` or
+    // `0.0.0.0`), which a listener on 127.0.0.1:PORT conflicts with.
     let taken = TcpListener::bind("127.0.0.1:0").expect("bind");
     let port = taken.local_addr().expect("address").port().to_string();
-    let cmd = node_command(
-        1,
-        &["--protocol", "node"],
-        "hello.js",
-        &[("PORT", &port), ("HOST", "127.0.0.1")],
-    );
+    let cmd = node_command(1, &["--protocol", "node"], "hello.js", &[("PORT", &port)]);
     let mut proc = Proc::spawn(cmd);
     let line = proc.stderr.wait_for("[worker 1] listen error ");
     assert!(
@@ -1061,6 +1136,7 @@ fn fixtures_are_present() {
         "refuse.js",
         "messages.js",
         "disconnects.js",
+        "listen_forms.js",
         "test-only-cert.pem",
         "test-only-key.pem",
     ] {

@@ -200,7 +200,19 @@ fn kill_and_fail(left: &[u32], what: &str) {
 /// SIGTERM: the primary exits 0, each worker alive at the signal exits 0
 /// (none is late: no SIGTERM or SIGKILL from the primary), and no worker
 /// process is left.
-fn stop_cleanly(mut p: Primary) {
+fn stop_cleanly(p: Primary) {
+    stop(p, false);
+}
+
+/// As [`stop_cleanly`], but a worker may also end by the primary's SIGTERM
+/// at half the shutdown timeout: in the kernel modes a Node worker that
+/// got `disconnect` sometimes closes its server and yet does not exit (a
+/// known limit, docs/NODE.md); it must still never need SIGKILL.
+fn stop_kernel_mode(p: Primary) {
+    stop(p, true);
+}
+
+fn stop(mut p: Primary, term_allowed: bool) {
     let alive = p.alive_workers();
     let pids: Vec<u32> = p.started().iter().map(|w| w.1).collect();
     p.signal(Signal::SIGTERM);
@@ -208,10 +220,10 @@ fn stop_cleanly(mut p: Primary) {
     assert_eq!(status.code(), Some(0), "{}", p.log().dump());
     p.log().wait_for("shutdown complete");
     for (id, pid) in alive {
-        assert_eq!(
-            p.wait_exited(id),
-            "status 0",
-            "worker {id} (pid {pid}); log:\n{}",
+        let how = p.wait_exited(id);
+        assert!(
+            how == "status 0" || (term_allowed && how == "signal 15 (SIGTERM)"),
+            "worker {id} (pid {pid}) exited with {how}; log:\n{}",
             p.log().dump()
         );
     }
@@ -264,7 +276,7 @@ fn serves_in_kernel_mode(mode: &str) {
     assert_eq!(workers.len(), 2, "{}", p.log().dump());
     let seen = serve(&p, p.addr, 40, &workers, "");
     assert_eq!(seen.values().sum::<u64>(), 40);
-    stop_cleanly(p);
+    stop_kernel_mode(p);
 }
 
 #[test]

@@ -25,7 +25,8 @@ use distributor::demo::DEMO_WORKER_ENV;
 ///
 /// Signals: SIGTERM or SIGINT stops gracefully (a second one kills the
 /// workers at once); SIGHUP replaces the workers one by one (rolling reload,
-/// no request lost); SIGTTIN adds a worker, SIGTTOU removes one.
+/// no request lost); SIGTTIN adds a worker, SIGTTOU removes one; SIGUSR2
+/// switches the policy (rr, least-conn, p2c in turn).
 #[derive(Debug, Parser)]
 #[command(name = "distributor", version, max_term_width = 100)]
 struct Cli {

@@ -81,7 +81,9 @@ pub fn fuzz_line(line: &[u8]) -> Result<Option<String>, String> {
             Ok(Some(key))
         }
         FromWorker::App => {
-            app_line(line).expect("an app's line is JSON");
+            // What a worker sends is passed on as it is; re-encoding it for
+            // a worker may fail (a number beyond f64) but never panics.
+            let _ = app_line(line);
             Ok(None)
         }
         _ => Ok(None),

@@ -76,6 +76,8 @@ pub fn run_demo_worker(mut listener: WorkerListener) -> io::Result<()> {
     let mut free: Vec<usize> = Vec::new();
     let mut stopping = false;
     let mut close_idle_at: Option<Instant> = None;
+    // Connections done this turn: reported finished before they close.
+    let mut closing: Vec<HttpConn> = Vec::new();
     let mut events = Events::with_capacity(256);
     loop {
         if stopping && conns.iter().all(Option::is_none) {
@@ -85,11 +87,11 @@ pub fn run_demo_worker(mut listener: WorkerListener) -> io::Result<()> {
             close_idle_at = None;
             for (i, slot) in conns.iter_mut().enumerate() {
                 if slot.as_ref().is_some_and(HttpConn::idle) {
-                    *slot = None;
+                    closing.extend(slot.take());
                     free.push(i);
-                    listener.finished();
                 }
             }
+            close_all(&mut listener, &mut closing)?;
             continue;
         }
         let timeout = close_idle_at.map(|t| t.saturating_duration_since(Instant::now()));
@@ -124,9 +126,7 @@ pub fn run_demo_worker(mut listener: WorkerListener) -> io::Result<()> {
                                 closing: false,
                                 body_left: 0,
                             });
-                            if drive(&mut conns, &mut free, i, &body, stopping) {
-                                listener.finished();
-                            }
+                            drive(&mut conns, &mut free, &mut closing, i, &body, stopping);
                         }
                         Ok(WorkerEvent::Message(_)) => {}
                         Ok(WorkerEvent::Stop) => {
@@ -138,31 +138,47 @@ pub fn run_demo_worker(mut listener: WorkerListener) -> io::Result<()> {
                         Err(e) => return Err(e),
                     }
                 }
-            } else if drive(&mut conns, &mut free, event.token().0, &body, stopping) {
-                listener.finished();
+            } else {
+                let i = event.token().0;
+                drive(&mut conns, &mut free, &mut closing, i, &body, stopping);
             }
         }
+        close_all(&mut listener, &mut closing)?;
     }
 }
 
-/// Reads, answers and writes what connection `i` allows now; frees it
-/// when done and returns whether it did.
+/// Reads, answers and writes what connection `i` allows now; when it is
+/// done, moves it to `closing`.
 fn drive(
     conns: &mut [Option<HttpConn>],
     free: &mut Vec<usize>,
+    closing: &mut Vec<HttpConn>,
     i: usize,
     body: &str,
     stopping: bool,
-) -> bool {
+) {
     let Some(conn) = conns.get_mut(i).and_then(Option::as_mut) else {
-        return false;
+        return;
     };
-    let keep = serve(conn, body, stopping).unwrap_or(false);
-    if !keep {
-        conns[i] = None;
+    if !serve(conn, body, stopping).unwrap_or(false) {
+        closing.extend(conns[i].take());
         free.push(i);
     }
-    !keep
+}
+
+/// Reports the connections in `closing` finished (one DONE for them all),
+/// then closes them: the primary knows a worker is free before its client
+/// can see the close and come back.
+fn close_all(listener: &mut WorkerListener, closing: &mut Vec<HttpConn>) -> io::Result<()> {
+    if closing.is_empty() {
+        return Ok(());
+    }
+    for _ in closing.iter() {
+        listener.finished();
+    }
+    listener.flush_reports()?;
+    closing.clear();
+    Ok(())
 }
 
 /// Returns whether the connection stays open.

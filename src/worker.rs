@@ -269,7 +269,12 @@ impl WorkerListener {
     /// running total goes to the primary in one small DONE message the
     /// next time this listener receives (before it waits) or at
     /// [`WorkerListener::flush_reports`], so a burst of closes costs one
-    /// message. Declare it first with [`WorkerListener::report_finished`];
+    /// message. For the best placement report before the close: call
+    /// `finished` and [`WorkerListener::flush_reports`], then drop the
+    /// stream, so a client that reconnects at once finds the primary
+    /// knowing this worker is free (the demo worker does this once per
+    /// turn of its event loop). Declare it first with
+    /// [`WorkerListener::report_finished`];
     /// workers that do not are scheduled by what they have not yet
     /// acknowledged only.
     pub fn finished(&mut self) {

@@ -25,7 +25,8 @@ use distributor::demo::DEMO_WORKER_ENV;
 ///
 /// Signals: SIGTERM or SIGINT stops gracefully (a second one kills the
 /// workers at once); SIGHUP replaces the workers one by one (rolling reload,
-/// no request lost); SIGTTIN adds a worker, SIGTTOU removes one.
+/// no request lost); SIGTTIN adds a worker, SIGTTOU removes one; SIGUSR2
+/// switches the policy (rr, least-conn, p2c in turn).
 #[derive(Debug, Parser)]
 #[command(name = "distributor", version, max_term_width = 100)]
 struct Cli {
@@ -168,7 +169,7 @@ struct CompareArgs {
         long,
         value_name = "MODES",
         value_delimiter = ',',
-        default_value = "rr,shared,reuseport",
+        default_value = "rr,least-conn,p2c,shared,reuseport",
         value_parser = parse_sched
     )]
     sched: Vec<Sched>,
@@ -194,6 +195,12 @@ struct CompareArgs {
     #[arg(long, value_name = "N", default_value_t = 2, value_parser = parse_workers)]
     threads: usize,
 
+    /// A heterogeneous workload: this share of requests goes to another
+    /// path, e.g. `5%:/work?ms=50` (the demo worker holds itself 50 ms
+    /// for those)
+    #[arg(long, value_name = "SHARE:PATH", value_parser = parse_slow)]
+    slow: Option<distributor::lab::load::SlowShare>,
+
     /// Print one JSON document on stdout instead of the table
     #[arg(long)]
     json: bool,
@@ -215,6 +222,28 @@ fn parse_count(s: &str, max: usize) -> Result<usize, String> {
         Ok(n) => Ok(n),
         Err(_) => Err("not a whole number".into()),
     }
+}
+
+/// `--slow 5%:/work?ms=50` (or `0.5%:...`, `5:...`).
+fn parse_slow(s: &str) -> Result<distributor::lab::load::SlowShare, String> {
+    let (share, path) = s
+        .split_once(':')
+        .ok_or_else(|| format!("`{s}` is not SHARE:PATH (e.g. 5%:/work?ms=50)"))?;
+    let pct: f64 = share
+        .trim()
+        .trim_end_matches('%')
+        .parse()
+        .map_err(|_| format!("bad share `{share}` (a percentage, e.g. 5%)"))?;
+    if !(0.1..=100.0).contains(&pct) {
+        return Err(format!("share `{share}` is not between 0.1% and 100%"));
+    }
+    if !path.starts_with('/') {
+        return Err(format!("path `{path}` does not start with /"));
+    }
+    Ok(distributor::lab::load::SlowShare {
+        path: path.to_string(),
+        per_mille: (pct * 10.0).round() as u32,
+    })
 }
 
 fn parse_connections(s: &str) -> Result<usize, String> {
@@ -364,7 +393,7 @@ fn compare(args: CompareArgs) -> anyhow::Result<()> {
         keepalive: args.keepalive,
         path: args.path,
         threads: args.threads,
-        slow: None,
+        slow: args.slow.clone(),
         command,
     };
     let tty = std::io::stderr().is_terminal();
@@ -398,7 +427,15 @@ fn compare(args: CompareArgs) -> anyhow::Result<()> {
         connections: opts.connections,
         duration_s: opts.duration.as_secs_f64(),
         keepalive: opts.keepalive,
-        path: opts.path.clone(),
+        path: match &opts.slow {
+            Some(slow) => format!(
+                "{}, {:.1}% GET {}",
+                opts.path,
+                f64::from(slow.per_mille) / 10.0,
+                slow.path
+            ),
+            None => opts.path.clone(),
+        },
     };
     if args.json {
         println!("{}", report::json(&meta, &reports));

@@ -27,7 +27,7 @@ fn json_has_every_mode_with_figures_that_add_up() {
         .unwrap_or_else(|e| panic!("not JSON ({e}): {}", String::from_utf8_lossy(&out.stdout)));
     let modes = doc["modes"].as_array().expect("a `modes` array");
     let names: Vec<&str> = modes.iter().map(|m| m["mode"].as_str().unwrap()).collect();
-    assert_eq!(names, ["rr", "shared", "reuseport"]);
+    assert_eq!(names, ["rr", "least-conn", "p2c", "shared", "reuseport"]);
     for m in modes {
         let requests = m["requests"].as_u64().expect("requests");
         assert!(requests > 0, "{m}");

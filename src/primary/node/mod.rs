@@ -141,15 +141,19 @@ impl EventLoop {
                     w.taken += 1;
                     drop(conn);
                 } else {
-                    conn.refusals += 1;
+                    // A worker on its way out, or one that closed this
+                    // server, refuses for that reason: it does not count.
                     let k = conn.server;
+                    if !w.stopping && w.servers & (1 << k) != 0 {
+                        conn.refusals += 1;
+                    }
                     let holders = self
                         .workers
                         .iter()
                         .flatten()
                         .filter(|w| w.servers & (1 << k) != 0 && !w.stopping)
                         .count();
-                    if conn.refusals as usize >= holders.max(1) {
+                    if conn.refusals > 0 && conn.refusals as usize >= holders {
                         info!(
                             "closing a connection from {}: every worker serving {} refused it",
                             conn.peer, self.servers[k].addr

@@ -198,9 +198,10 @@ fn query<'a>(f: &Fields<'a>) -> Result<Query<'a>, BadMessage> {
         None | Some("null") => None,
         Some(_) => Some(number(f.fd, "fd")?),
     };
+    // Node sends `false` or null when no backlog was given (0: the default).
     let backlog = match f.backlog.map(RawValue::get) {
-        None | Some("null") => 0,
-        Some(_) => number::<i64>(f.backlog, "backlog")?.clamp(0, i32::MAX as i64) as i32,
+        None | Some("null" | "false") => 0,
+        Some(_) => number::<f64>(f.backlog, "backlog")?.clamp(0.0, i32::MAX as f64) as i32,
     };
     let port = match f.port.map(RawValue::get) {
         None | Some("null") => 0,
@@ -347,6 +348,11 @@ mod tests {
             panic!("a query");
         };
         assert_eq!(q.data.get(), r#"{"ticketKeys":"ab12"}"#);
+        let no_backlog = br#"{"cmd":"NODE_CLUSTER","act":"queryServer","index":0,"data":null,"address":"127.0.0.1","port":80,"addressType":4,"backlog":false,"seq":1}"#;
+        let FromWorker::QueryServer(nb) = parse(no_backlog).unwrap() else {
+            panic!("a query");
+        };
+        assert_eq!(nb.backlog, 0);
         assert_eq!(q.address.as_deref(), Some("::1"));
         assert_eq!(q.backlog, 511);
         assert_eq!(q.address_type, AddressType::V6);

@@ -200,19 +200,7 @@ fn kill_and_fail(left: &[u32], what: &str) {
 /// SIGTERM: the primary exits 0, each worker alive at the signal exits 0
 /// (none is late: no SIGTERM or SIGKILL from the primary), and no worker
 /// process is left.
-fn stop_cleanly(p: Primary) {
-    stop(p, false);
-}
-
-/// As [`stop_cleanly`], but a worker may also end by the primary's SIGTERM
-/// at half the shutdown timeout: in the kernel modes a Node worker that
-/// got `disconnect` sometimes closes its server and yet does not exit (a
-/// known limit, docs/NODE.md); it must still never need SIGKILL.
-fn stop_kernel_mode(p: Primary) {
-    stop(p, true);
-}
-
-fn stop(mut p: Primary, term_allowed: bool) {
+fn stop_cleanly(mut p: Primary) {
     let alive = p.alive_workers();
     let pids: Vec<u32> = p.started().iter().map(|w| w.1).collect();
     p.signal(Signal::SIGTERM);
@@ -220,10 +208,10 @@ fn stop(mut p: Primary, term_allowed: bool) {
     assert_eq!(status.code(), Some(0), "{}", p.log().dump());
     p.log().wait_for("shutdown complete");
     for (id, pid) in alive {
-        let how = p.wait_exited(id);
-        assert!(
-            how == "status 0" || (term_allowed && how == "signal 15 (SIGTERM)"),
-            "worker {id} (pid {pid}) exited with {how}; log:\n{}",
+        assert_eq!(
+            p.wait_exited(id),
+            "status 0",
+            "worker {id} (pid {pid}); log:\n{}",
             p.log().dump()
         );
     }
@@ -276,7 +264,7 @@ fn serves_in_kernel_mode(mode: &str) {
     assert_eq!(workers.len(), 2, "{}", p.log().dump());
     let seen = serve(&p, p.addr, 40, &workers, "");
     assert_eq!(seen.values().sum::<u64>(), 40);
-    stop_kernel_mode(p);
+    stop_cleanly(p);
 }
 
 #[test]

@@ -41,7 +41,7 @@ use super::Sched;
 use super::event_loop::EventLoop;
 use super::node::wire;
 use super::policy::Candidate;
-use super::process::{Conn, Link};
+use super::process::{Conn, Link, Protocol};
 
 /// The most servers (listening addresses) one primary serves.
 pub(crate) const MAX_SERVERS: usize = 64;
@@ -347,7 +347,11 @@ impl EventLoop {
             s.slot_listeners.resize_with(slot, || None);
         }
         if s.slot_listeners[slot - 1].is_none() {
-            s.slot_listeners[slot - 1] = Some(super::bind(s.addr, backlog, true)?);
+            let l = super::bind(s.addr, backlog, true)?;
+            // Native workers get it by socket activation, blocking, as
+            // systemd does; Node's libuv needs it non-blocking.
+            l.set_nonblocking(self.settings.protocol == Protocol::Node)?;
+            s.slot_listeners[slot - 1] = Some(l);
         }
         Ok(())
     }

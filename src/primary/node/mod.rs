@@ -403,9 +403,12 @@ impl EventLoop {
             warn!(worker = id, "cannot listen on {asked} for worker {id}: {e}");
             -e.raw_os_error().unwrap_or(libc::EINVAL)
         })?;
-        let addr = listener
-            .local_addr()
-            .map_err(|e| -e.raw_os_error().unwrap_or(libc::EINVAL))?;
+        // Non-blocking in every mode: in the kernel modes the workers get
+        // this very socket, and libuv accepts once per wake-up relying on
+        // it (a blocking one would freeze the worker that lost the race).
+        let errno = |e: io::Error| -e.raw_os_error().unwrap_or(libc::EINVAL);
+        listener.set_nonblocking(true).map_err(errno)?;
+        let addr = listener.local_addr().map_err(errno)?;
         let server = Server::new(key.clone(), listener, addr);
         let k = self
             .add_server(server)

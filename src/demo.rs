@@ -105,6 +105,8 @@ pub fn run_demo_worker(mut listener: WorkerListener) -> io::Result<()> {
         for event in events.iter() {
             if event.token() == CHANNEL {
                 loop {
+                    // Connections done free their fds before more arrive.
+                    close_all(&mut listener, &mut closing)?;
                     match listener.next_event() {
                         Ok(WorkerEvent::Connection(stream, _peer)) => {
                             stream.set_nonblocking(true)?;

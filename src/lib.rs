@@ -65,13 +65,14 @@ pub mod worker;
 #[cfg(feature = "tokio")]
 pub use self::tokio::{TokioWorkerEvent, TokioWorkerListener};
 pub use primary::{
-    Backoff, Builder, Event, Handle, Primary, PrimaryError, Ready, Sched, SlotStats, Stats,
-    WorkerCommand, WorkerState, WorkerStats,
+    Backoff, Builder, Event, Handle, Primary, PrimaryError, Protocol, Ready, Sched, SlotStats,
+    Stats, WorkerCommand, WorkerState, WorkerStats,
 };
 pub use worker::{Incoming, WorkerError, WorkerEvent, WorkerListener, is_primary, is_worker};
 
 #[doc(hidden)]
 pub mod __private {
     //! For the crate's own tests and benchmarks only: not a stable interface.
+    pub use crate::primary::node::fuzz_line as node_fuzz_line;
     pub use crate::sys::{is_cloexec, recv_with_fds, send_with_fds, seqpacket_pair};
 }

@@ -10,7 +10,7 @@ use std::time::Duration;
 
 use anyhow::Context;
 use clap::{Args, Parser, Subcommand};
-use distributor::{Primary, Ready, Sched, WorkerCommand, WorkerListener};
+use distributor::{Primary, Protocol, Ready, Sched, WorkerCommand, WorkerListener};
 
 use distributor::demo::DEMO_WORKER_ENV;
 
@@ -19,8 +19,9 @@ use distributor::demo::DEMO_WORKER_ENV;
 /// does; workers that exit are replaced.
 ///
 /// The workers run COMMAND, which must speak the distributor worker protocol
-/// (docs/PROTOCOL.md); without COMMAND they run the built-in HTTP demo
-/// worker.
+/// (docs/PROTOCOL.md), or be a Node app (`-- node app.js`: the primary
+/// speaks Node's cluster protocol, docs/NODE.md); without COMMAND they run
+/// the built-in HTTP demo worker.
 ///
 /// Signals: SIGTERM or SIGINT stops gracefully (a second one kills the
 /// workers at once); SIGHUP replaces the workers one by one (rolling reload,
@@ -47,14 +48,23 @@ struct Cli {
     sched: Sched,
 
     /// Address to listen on (IPv4 or [IPv6]; port 0 picks a free port)
+    /// [default: 0.0.0.0:8000]. Node apps listen where their own listen()
+    /// says (the app's port wins); this address then serves an app that
+    /// listens on port 0
+    #[arg(short, long, value_name = "ADDR", env = "DISTRIBUTOR_LISTEN")]
+    listen: Option<SocketAddr>,
+
+    /// The workers' protocol: native (docs/PROTOCOL.md), node (Node's
+    /// cluster protocol, for unmodified `node app.js`), or auto: node when
+    /// the program is named node or nodejs, else native
     #[arg(
-        short,
         long,
-        value_name = "ADDR",
-        default_value = distributor::primary::DEFAULT_LISTEN,
-        env = "DISTRIBUTOR_LISTEN"
+        value_name = "PROTOCOL",
+        default_value = "auto",
+        env = "DISTRIBUTOR_WORKER_PROTOCOL",
+        value_parser = parse_protocol
     )]
-    listen: SocketAddr,
+    protocol: ProtocolArg,
 
     /// How long a graceful stop waits for workers before SIGKILL (e.g. 10s, 500ms)
     #[arg(
@@ -218,6 +228,20 @@ fn parse_sched(s: &str) -> Result<Sched, String> {
     s.parse()
 }
 
+/// `--protocol`: `auto` (`None`) is detected from the command.
+#[derive(Debug, Clone, Copy)]
+struct ProtocolArg(Option<Protocol>);
+
+fn parse_protocol(s: &str) -> Result<ProtocolArg, String> {
+    match s.trim().to_ascii_lowercase().as_str() {
+        "auto" => Ok(ProtocolArg(None)),
+        other => other
+            .parse()
+            .map(|p| ProtocolArg(Some(p)))
+            .map_err(|_| format!("unknown protocol `{s}` (auto, native or node)")),
+    }
+}
+
 fn parse_duration(s: &str) -> Result<Duration, String> {
     let s = s.trim();
     if let Ok(secs) = s.parse::<u64>() {
@@ -367,9 +391,14 @@ fn compare(args: CompareArgs) -> anyhow::Result<()> {
 
 fn run(cli: Cli) -> anyhow::Result<()> {
     let command = worker_command(&cli.command)?;
-    let mut builder = Primary::builder()
-        .listen(cli.listen)
-        .sched(cli.sched)
+    let mut builder = Primary::builder().sched(cli.sched);
+    if let Some(addr) = cli.listen {
+        builder = builder.listen(addr);
+    }
+    if let ProtocolArg(Some(protocol)) = cli.protocol {
+        builder = builder.protocol(protocol);
+    }
+    let mut builder = builder
         .command(command)
         .shutdown_timeout(cli.shutdown_timeout)
         .worker_timeout(Some(cli.worker_timeout))

@@ -29,12 +29,23 @@ struct CmsgBuf([u8; 512]);
 /// Creates a connected `AF_UNIX`/`SOCK_SEQPACKET` pair, both ends
 /// close-on-exec and blocking. Corresponds to `socketpair(2)`.
 pub fn seqpacket_pair() -> io::Result<(OwnedFd, OwnedFd)> {
+    unix_pair(libc::SOCK_SEQPACKET)
+}
+
+/// A connected pair of `AF_UNIX` `SOCK_STREAM` sockets, close-on-exec and
+/// blocking: the channel Node's `child_process` speaks (`NODE_CHANNEL_FD`).
+/// Corresponds to `socketpair(2)`.
+pub fn stream_pair() -> io::Result<(OwnedFd, OwnedFd)> {
+    unix_pair(libc::SOCK_STREAM)
+}
+
+fn unix_pair(kind: libc::c_int) -> io::Result<(OwnedFd, OwnedFd)> {
     let mut fds = [-1 as libc::c_int; 2];
     // SAFETY: `fds` is a valid array of two ints for socketpair to fill.
     cvt(unsafe {
         libc::socketpair(
             libc::AF_UNIX,
-            libc::SOCK_SEQPACKET | libc::SOCK_CLOEXEC,
+            kind | libc::SOCK_CLOEXEC,
             0,
             fds.as_mut_ptr(),
         )

@@ -166,6 +166,17 @@ fn run_mode(
         }
     }
 
+    // Node apps listen where they say: drive the first listener the
+    // primary bound for them (loopback if they asked for any address).
+    let addr = match handle
+        .stats()
+        .ok()
+        .and_then(|s| s.listeners.first().copied())
+    {
+        Some(a) if a.ip().is_unspecified() => SocketAddr::from(([127, 0, 0, 1], a.port())),
+        Some(a) => a,
+        None => addr,
+    };
     let mut spec = LoadSpec {
         addr,
         connections: opts.connections,

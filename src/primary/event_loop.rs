@@ -3,21 +3,7 @@
 //! lifecycle, timers) is in `supervisor.rs`, as more methods of the same
 //! [`EventLoop`].
 //!
-//! - **Acceptor.** The listener is registered edge-triggered; on an event
-//!   the loop accepts until `WouldBlock`, but only while some worker can
-//!   take a connection. Otherwise it leaves connections in the kernel's
-//!   backlog (and notes that it did) and resumes when a worker has room.
-//!   Accept errors such as `EMFILE` pause accepting until an fd is freed
-//!   (an acknowledgement closes the primary's copy) or a short timer fires.
-//! - **Dispatcher.** Round-robin over the workers, skipping those that are
-//!   not ready, stopping, at their unacknowledged limit, or whose channel
-//!   buffer is full. A connection no worker can take now is held in
-//!   `pending` (at most a few: accepting stops first).
-//! - **Ledger.** The primary keeps its copy of every connection until the
-//!   worker acknowledges it; when a worker's channel closes (it died, broke
-//!   the protocol, or hung), its unacknowledged connections return to
-//!   `pending` and go to another worker. A connection is acknowledged by
-//!   one worker only, so none is served twice.
+//! - **Acceptor, dispatcher, ledger**: see `servers.rs`.
 //! - **Fairness between workers.** At most [`MAX_READS_PER_WAKE`] messages
 //!   are read from one channel per turn; a chatty worker is read again on
 //!   the next turn, after the others.
@@ -25,42 +11,37 @@
 use std::collections::VecDeque;
 use std::io;
 use std::net::{Ipv4Addr, SocketAddr, TcpListener};
-use std::os::fd::{AsFd, AsRawFd, OwnedFd};
+use std::os::fd::OwnedFd;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use crossbeam_channel::{Receiver, Sender, TrySendError};
 use mio::unix::SourceFd;
 use mio::{Events, Interest, Poll, Token, Waker};
-use nix::sys::signal::Signal;
 use signal_hook::consts::{SIGCHLD, SIGHUP, SIGINT, SIGTERM, SIGTTIN, SIGTTOU};
 use signal_hook_mio::v1_0::Signals;
 use tracing::{debug, error, info, warn};
 
 use super::backoff::Backoff;
 use super::metrics::{self, MetricsServer};
-use super::process::{Conn, Role, WorkerCommand, WorkerProc};
+use super::node::link::Read as NodeRead;
+use super::process::{Link, Protocol, Role, WorkerCommand, WorkerProc};
+use super::servers::{self, Server};
 use super::stats::{SlotStats, WorkerState};
 use super::{Control, Event, Handle, Sched, Stats, WorkerStats};
 use crate::channel::Recv;
 use crate::protocol::{self, Encoder, ToPrimary};
 
-// Tokens: the listener, the waker and signals first, then one per worker
-// process alive (`FIRST_WORKER + index`, indexes reused), then, far above
-// any number of processes, the metrics endpoint's (`metrics::FIRST_TOKEN`
-// and up, see `metrics::owns`).
-const LISTENER: Token = Token(0);
+// Tokens: the waker and signals first, then one per worker process alive
+// (`FIRST_WORKER + index`, indexes reused), then, far above any number of
+// processes, the servers' listeners (`servers::token`) and the metrics
+// endpoint's (`metrics::FIRST_TOKEN` and up, see `metrics::owns`).
 const WAKER: Token = Token(1);
 const SIGNALS: Token = Token(2);
 /// The workers' notify socket: far from the worker and metrics tokens.
 const NOTIFY: Token = Token(usize::MAX - 1);
 pub(super) const FIRST_WORKER: usize = 3;
 
-/// How long accepting pauses after an error such as `EMFILE`, unless an fd
-/// is freed sooner.
-const ACCEPT_RETRY: Duration = Duration::from_millis(100);
-/// How often at most an accept error is logged as a warning.
-const ACCEPT_WARN_EVERY: Duration = Duration::from_secs(10);
 /// The most messages read from one channel before the others get a turn.
 pub(super) const MAX_READS_PER_WAKE: usize = 64;
 
@@ -77,6 +58,7 @@ pub(crate) struct Settings {
     pub backlog: i32,
     pub prefix_output: bool,
     pub ready: super::Ready,
+    pub protocol: Protocol,
 }
 
 /// A place for one worker. Slots give restarts their backoff and rolling
@@ -103,11 +85,12 @@ pub(super) struct Reload {
 
 pub(crate) struct EventLoop {
     pub(super) poll: Poll,
-    /// The bound listener: accepted from in rr, inherited by every worker
-    /// in shared, slot 1's socket in reuseport.
-    pub(super) listener: Option<TcpListener>,
-    /// Reuseport: the socket of each slot after the first.
-    pub(super) slot_listeners: Vec<Option<TcpListener>>,
+    /// The listening addresses: with the native protocol the one bound
+    /// at start; with Node's, those the workers asked for.
+    pub(super) servers: Vec<Server>,
+    /// Node: the listener bound at start (`--listen`), for the first
+    /// server that asks for port 0 or for its port.
+    pub(super) spare: Option<TcpListener>,
     /// Connections taken by workers that have exited.
     pub(super) exited_connections: u64,
     /// The metrics endpoint, if asked for.
@@ -126,18 +109,13 @@ pub(crate) struct EventLoop {
     pub(super) workers: Vec<Option<WorkerProc>>,
     pub(super) free: Vec<usize>,
     pub(super) next_worker_id: u64,
-    next_conn_id: u64,
+    /// Connection ids and the `seq` of messages to Node workers.
+    next_seq: u64,
     pub(super) next_ping: u64,
-    /// Round-robin position: the worker index to try first.
-    cursor: usize,
-    /// Connections accepted that no worker holds.
-    pending: VecDeque<Conn>,
-    /// Connections may wait in the backlog that the loop chose not to accept.
-    pub(super) backlog_waiting: bool,
     /// Accepting paused after an accept error, until then.
     pub(super) accept_paused_until: Option<Instant>,
     /// When an accept error was last logged as a warning.
-    accept_warned_at: Option<Instant>,
+    pub(super) accept_warned_at: Option<Instant>,
     pub(super) reload: Reload,
     pub(super) shutdown_at: Option<Instant>,
     /// The time after the last poll; timers and liveness use it.
@@ -147,6 +125,8 @@ pub(crate) struct EventLoop {
     buf: Box<[u8]>,
     fds: Vec<OwnedFd>,
     pub(super) enc: Encoder,
+    /// A line to a Node worker being written.
+    pub(super) line: Vec<u8>,
     /// The workers' `NOTIFY_SOCKET`.
     pub(super) notify: super::notify::NotifySocket,
     /// `READY=1` was sent to the primary's own service manager.
@@ -156,8 +136,10 @@ pub(crate) struct EventLoop {
 }
 
 impl EventLoop {
+    /// `listener`: the bound address (native protocol: required; Node's:
+    /// the spare for port-0 servers, if any).
     pub(crate) fn new(
-        listener: TcpListener,
+        listener: Option<TcpListener>,
         mut metrics: Option<MetricsServer>,
         settings: Settings,
     ) -> io::Result<EventLoop> {
@@ -165,14 +147,10 @@ impl EventLoop {
         if let Some(m) = metrics.as_mut() {
             m.register(poll.registry())?;
         }
-        let local_addr = listener.local_addr()?;
-        if settings.sched == Sched::RoundRobin {
-            poll.registry().register(
-                &mut SourceFd(&listener.as_raw_fd()),
-                LISTENER,
-                Interest::READABLE,
-            )?;
-        }
+        let local_addr = match &listener {
+            Some(l) => l.local_addr()?,
+            None => SocketAddr::from((Ipv4Addr::UNSPECIFIED, 0)),
+        };
         let waker = Arc::new(Waker::new(poll.registry(), WAKER)?);
         let mut wanted = vec![SIGCHLD];
         if settings.handle_signals {
@@ -186,10 +164,16 @@ impl EventLoop {
         let notify = super::notify::NotifySocket::bind()?;
         poll.registry()
             .register(&mut SourceFd(&notify.raw_fd()), NOTIFY, Interest::READABLE)?;
-        Ok(EventLoop {
+        let native = settings.protocol == Protocol::Native;
+        let (listener, spare) = if native {
+            (listener, None)
+        } else {
+            (None, listener)
+        };
+        let mut this = EventLoop {
             poll,
-            listener: Some(listener),
-            slot_listeners: Vec::new(),
+            servers: Vec::new(),
+            spare,
             exited_connections: 0,
             metrics,
             local_addr,
@@ -205,11 +189,8 @@ impl EventLoop {
             workers: Vec::new(),
             free: Vec::new(),
             next_worker_id: 1,
-            next_conn_id: 1,
+            next_seq: 1,
             next_ping: 1,
-            cursor: 0,
-            pending: VecDeque::new(),
-            backlog_waiting: false,
             accept_paused_until: None,
             accept_warned_at: None,
             reload: Reload::default(),
@@ -219,6 +200,7 @@ impl EventLoop {
             buf: vec![0; protocol::MAX_MESSAGE].into_boxed_slice(),
             fds: Vec::with_capacity(protocol::MAX_FDS),
             enc: Encoder::default(),
+            line: Vec::with_capacity(256),
             notify,
             told_systemd_ready: false,
             output: if settings_prefix {
@@ -226,7 +208,19 @@ impl EventLoop {
             } else {
                 None
             },
-        })
+        };
+        if native {
+            let listener = listener.expect("the native protocol binds at start");
+            this.add_server(Server::new(String::new(), listener, local_addr))?;
+        }
+        Ok(this)
+    }
+
+    /// The next connection id or message `seq`.
+    pub(super) fn next_seq(&mut self) -> u64 {
+        let n = self.next_seq;
+        self.next_seq += 1;
+        n
     }
 
     pub(crate) fn local_addr(&self) -> SocketAddr {
@@ -251,15 +245,17 @@ impl EventLoop {
     }
 
     pub(crate) fn run(mut self) -> io::Result<()> {
-        info!(
-            "listening on {} ({})",
-            self.local_addr,
-            match self.settings.sched {
-                Sched::RoundRobin => "rr: the primary accepts and hands connections round-robin",
-                Sched::Shared => "shared: every worker accepts on this socket",
-                Sched::ReusePort => "reuseport: one SO_REUSEPORT socket per worker",
-            }
-        );
+        if self.settings.protocol == Protocol::Native {
+            info!("listening on {} ({})", self.local_addr, self.mode_text());
+        } else if let Some(spare) = &self.spare {
+            info!(
+                "Node workers: bound {} for the app's first server that listens on port 0 (or on port {})",
+                self.local_addr,
+                spare.local_addr().map_or(0, |a| a.port())
+            );
+        } else {
+            info!("Node workers: the primary listens where the app's servers ask");
+        }
         if let Some(addr) = self.metrics_addr() {
             info!("metrics on {addr} (GET /metrics, GET /healthz)");
         }
@@ -297,7 +293,12 @@ impl EventLoop {
             self.now = Instant::now();
             for event in events.iter() {
                 match event.token() {
-                    LISTENER => self.backlog_waiting = true,
+                    t if servers::owner(t).is_some() => {
+                        let k = servers::owner(t).expect("checked");
+                        if let Some(s) = self.servers.get_mut(k) {
+                            s.backlog_waiting = true;
+                        }
+                    }
                     WAKER => self.on_control(),
                     SIGNALS => self.on_signals(),
                     NOTIFY => self.read_notices(),
@@ -305,9 +306,7 @@ impl EventLoop {
                     Token(t) => {
                         let i = t - FIRST_WORKER;
                         if event.is_writable() {
-                            if let Some(w) = self.worker_mut(i) {
-                                w.channel_full = false;
-                            }
+                            self.on_writable(i);
                         }
                         if event.is_readable() || event.is_read_closed() || event.is_error() {
                             self.read_channel(i);
@@ -321,11 +320,9 @@ impl EventLoop {
             self.on_timers();
             self.pump();
         }
-        if !self.pending.is_empty() {
-            warn!(
-                "closing {} accepted connections that no worker could take before shutdown",
-                self.pending.len()
-            );
+        let held: usize = self.servers.iter().map(|s| s.pending.len()).sum();
+        if held > 0 {
+            warn!("closing {held} accepted connections that no worker could take before shutdown");
         }
         if self.events_dropped > 0 {
             warn!(
@@ -369,137 +366,26 @@ impl EventLoop {
         }
     }
 
-    /// Hands held connections to workers, then accepts while workers have room.
-    pub(super) fn pump(&mut self) {
-        while let Some(conn) = self.pending.pop_front() {
-            if let Err(conn) = self.dispatch(conn) {
-                self.pending.push_front(conn);
-                return;
-            }
-        }
-        if self.backlog_waiting
-            && self.accept_paused_until.is_none()
-            && self.settings.sched == Sched::RoundRobin
-        {
-            self.accept_loop();
-        }
-    }
-
-    fn accept_loop(&mut self) {
-        while self.pick().is_some() {
-            let Some(listener) = self.listener.as_ref() else {
-                return;
-            };
-            match socket2::SockRef::from(listener).accept() {
-                Ok((socket, addr)) => {
-                    let peer = addr
-                        .as_socket()
-                        .unwrap_or(SocketAddr::from((Ipv4Addr::UNSPECIFIED, 0)));
-                    let conn = Conn {
-                        id: self.next_conn_id,
-                        fd: OwnedFd::from(socket),
-                        peer,
-                        sent: self.now,
-                    };
-                    self.next_conn_id += 1;
-                    if let Err(conn) = self.dispatch(conn) {
-                        self.pending.push_back(conn);
-                        return;
-                    }
-                }
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
-                    self.backlog_waiting = false;
-                    return;
-                }
-                Err(e) => match e.raw_os_error() {
-                    Some(libc::EINTR | libc::ECONNABORTED | libc::EPROTO | libc::EPERM) => {
-                        debug!("accept: {e}")
-                    }
-                    _ => {
-                        // Said once per episode, not on every retry.
-                        let now = self.now;
-                        if self
-                            .accept_warned_at
-                            .is_none_or(|t| now.saturating_duration_since(t) >= ACCEPT_WARN_EVERY)
-                        {
-                            warn!(
-                                "accept failed: {e}; pausing accepts until an fd is freed or {ACCEPT_RETRY:?} pass"
-                            );
-                            self.accept_warned_at = Some(now);
-                        } else {
-                            debug!("accept failed again: {e}");
-                        }
-                        self.accept_paused_until = Some(now + ACCEPT_RETRY);
-                        return;
-                    }
-                },
-            }
-        }
-    }
-
-    /// The worker that round-robin would give the next connection to.
-    fn pick(&self) -> Option<usize> {
-        super::policy::round_robin(self.cursor, self.workers.len(), |i| {
-            self.workers[i]
-                .as_ref()
-                .is_some_and(|w| w.can_take(self.settings.max_unacked))
-        })
-    }
-
-    /// Sends `conn` to the next worker that takes it; gives it back if none can.
-    fn dispatch(&mut self, mut conn: Conn) -> Result<(), Conn> {
-        conn.sent = self.now;
-        while let Some(i) = self.pick() {
-            self.enc.connection().entry(conn.id, conn.peer);
-            let w = self.workers[i].as_mut().expect("picked workers exist");
-            let channel = w.channel.as_ref().expect("picked workers have a channel");
-            match channel.send(self.enc.as_bytes(), &[conn.fd.as_fd()], true) {
-                Ok(()) => {
-                    w.unacked.insert(conn.id, conn);
-                    self.cursor = (i + 1) % self.workers.len();
-                    return Ok(());
-                }
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => w.channel_full = true,
-                Err(e) => {
-                    warn!(worker = w.id, "cannot send to worker {}: {e}", w.id);
-                    self.cut_off(i);
-                }
-            }
-        }
-        Err(conn)
-    }
-
-    /// Closes worker `i`'s channel: its unacknowledged connections go back
-    /// to `pending`; the worker, unless already stopping, gets SIGTERM and,
-    /// after `grace`, SIGKILL.
-    pub(super) fn disconnect(&mut self, i: usize, grace: Duration) {
-        let now = self.now;
-        let Some(w) = self.workers.get_mut(i).and_then(Option::as_mut) else {
+    /// Worker `i`'s channel has room again: what waited goes first.
+    fn on_writable(&mut self, i: usize) {
+        let Some(w) = self.worker_mut(i) else {
             return;
         };
-        if let Some(channel) = w.channel.take() {
-            let _ = self
-                .poll
-                .registry()
-                .deregister(&mut SourceFd(&channel.as_fd().as_raw_fd()));
+        w.channel_full = false;
+        if let Some(Link::Node(link)) = w.channel.as_mut() {
+            if let Err(e) = link.flush() {
+                warn!(worker = w.id, "cannot send to worker {}: {e}", w.id);
+                self.cut_off(i);
+            }
         }
-        w.ready = false;
-        w.ping_at = None;
-        if !w.unacked.is_empty() {
-            info!(
-                worker = w.id,
-                "handing {} unacknowledged connections of worker {} to other workers",
-                w.unacked.len(),
-                w.id
-            );
-            let mut held: Vec<Conn> = w.unacked.drain().map(|(_, c)| c).collect();
-            held.sort_unstable_by_key(|c| c.id);
-            self.pending.extend(held);
-        }
-        if !w.stopping {
-            w.stopping = true;
-            w.signal(Signal::SIGTERM);
-            w.kill_at = Some(now + grace);
+    }
+
+    /// The mode, as the listening line says it.
+    pub(super) fn mode_text(&self) -> &'static str {
+        match self.settings.sched {
+            Sched::RoundRobin => "rr: the primary accepts and hands connections round-robin",
+            Sched::Shared => "shared: every worker accepts on this socket",
+            Sched::ReusePort => "reuseport: one SO_REUSEPORT socket per worker",
         }
     }
 
@@ -511,16 +397,33 @@ impl EventLoop {
             let Some(w) = self.workers.get_mut(i).and_then(Option::as_mut) else {
                 break;
             };
-            let Some(channel) = w.channel.as_ref() else {
+            let Some(channel) = w.channel.as_mut() else {
                 break;
             };
             self.fds.clear();
-            let problem = match channel.recv(&mut buf, &mut self.fds, true) {
-                Ok(Recv::Message(len)) => match ToPrimary::decode(&buf[..len], self.fds.len()) {
+            // Some(len) of a native message, Some(0) for lines read from a
+            // Node worker, None when the channel closed.
+            let got = match channel {
+                Link::Native(c) => c.recv(&mut buf, &mut self.fds, true).map(|r| match r {
+                    Recv::Message(len) => Some(len),
+                    Recv::Closed => None,
+                }),
+                Link::Node(l) => l.read(&mut buf, &mut self.fds).map(|r| match r {
+                    NodeRead::Data => Some(0),
+                    NodeRead::Closed => None,
+                }),
+            };
+            let problem = match got {
+                Ok(Some(_)) if w.node => {
+                    // A Node worker sends no fds: any that came are closed.
+                    self.fds.clear();
+                    self.on_node_lines(i)
+                }
+                Ok(Some(len)) => match ToPrimary::decode(&buf[..len], self.fds.len()) {
                     Ok(msg) => self.on_message(i, msg),
                     Err(e) => Some(e.to_string()),
                 },
-                Ok(Recv::Closed) => {
+                Ok(None) => {
                     if !w.stopping {
                         warn!(
                             worker = w.id,
@@ -582,7 +485,7 @@ impl EventLoop {
                 }
                 // The primary's copies are closed now: room for more, and
                 // fds for an accept that ran out of them.
-                self.backlog_waiting = true;
+                self.backlogs_waiting();
                 self.accept_paused_until = None;
                 None
             }
@@ -642,73 +545,35 @@ impl EventLoop {
         }
     }
 
+    /// A message of the embedding program's to one worker or (`None`) to
+    /// every ready one: a protocol MESSAGE, or for Node workers one JSON
+    /// line (`process.on('message')`), which it must be.
     fn send_user_message(&mut self, target: Option<u64>, data: &[u8]) {
         let Ok(msg) = protocol::encode_message(true, data) else {
+            warn!(
+                "a message of {} bytes to workers dropped: too large",
+                data.len()
+            );
             return;
         };
+        let json = super::node::app_line(data);
         for w in self.workers.iter_mut().filter_map(Option::as_mut) {
             let wanted = match target {
                 Some(id) => w.id == id,
                 None => w.ready,
             };
-            let Some(channel) = w.channel.as_ref().filter(|_| wanted) else {
+            let Some(channel) = w.channel.as_mut().filter(|_| wanted) else {
                 continue;
             };
-            if let Err(e) = channel.send(&msg, &[], true) {
+            let sent = match (channel, &json) {
+                (Link::Native(c), _) => c.send(&msg, &[], true),
+                (Link::Node(l), Ok(line)) => l.send(line, None),
+                (Link::Node(_), Err(e)) => {
+                    Err(io::Error::new(io::ErrorKind::InvalidInput, e.clone()))
+                }
+            };
+            if let Err(e) = sent {
                 warn!(worker = w.id, "message to worker {} dropped: {e}", w.id);
-            }
-        }
-    }
-
-    /// Stops accepting for good: the primary's listeners are closed, so
-    /// the backlog is refused once no worker holds a copy either;
-    /// connections already accepted still go to workers.
-    pub(super) fn close_listener(&mut self) {
-        if let Some(listener) = self.listener.take() {
-            if self.settings.sched == Sched::RoundRobin {
-                let _ = self
-                    .poll
-                    .registry()
-                    .deregister(&mut SourceFd(&listener.as_raw_fd()));
-            }
-        }
-        self.slot_listeners.clear();
-        self.pump();
-    }
-
-    /// The listening socket a worker of `slot` inherits: none in rr; the
-    /// shared one; or the slot's own `SO_REUSEPORT` socket, created here
-    /// the first time (slot 1 uses the bound listener).
-    pub(super) fn ensure_slot_listener(&mut self, slot: usize) -> io::Result<()> {
-        if self.settings.sched != Sched::ReusePort || slot == 0 {
-            return Ok(());
-        }
-        if self.slot_listeners.len() < slot {
-            self.slot_listeners.resize_with(slot, || None);
-        }
-        if self.slot_listeners[slot - 1].is_none() {
-            let l = super::bind(self.local_addr, self.settings.backlog, true)?;
-            self.slot_listeners[slot - 1] = Some(l);
-        }
-        Ok(())
-    }
-
-    /// See [`EventLoop::ensure_slot_listener`]; call that first.
-    pub(super) fn slot_listener(&self, slot: usize) -> Option<&TcpListener> {
-        match self.settings.sched {
-            Sched::RoundRobin => None,
-            Sched::Shared => self.listener.as_ref(),
-            Sched::ReusePort if slot == 0 => self.listener.as_ref(),
-            Sched::ReusePort => self.slot_listeners.get(slot - 1).and_then(Option::as_ref),
-        }
-    }
-
-    /// Closes a removed slot's own socket (reuseport); connections queued
-    /// on it are lost once its worker exits too, a limit of `SO_REUSEPORT`.
-    pub(super) fn drop_slot_listener(&mut self, slot: usize) {
-        if slot > 0 {
-            if let Some(l) = self.slot_listeners.get_mut(slot - 1) {
-                *l = None;
             }
         }
     }
@@ -745,7 +610,13 @@ impl EventLoop {
                 })
                 .collect(),
             exited_connections: self.exited_connections,
-            connections_held: self.pending.len(),
+            connections_held: self.servers.iter().map(|s| s.pending.len()).sum(),
+            listeners: self
+                .servers
+                .iter()
+                .filter(|s| s.listener.is_some())
+                .map(|s| s.addr)
+                .collect(),
         }
     }
 }

@@ -22,11 +22,13 @@ mod backoff;
 mod event_loop;
 mod exposition;
 mod metrics;
+pub(crate) mod node;
 mod notify;
 mod output;
 pub mod policy;
 mod privileges;
 mod process;
+mod servers;
 mod stats;
 mod supervisor;
 
@@ -41,7 +43,7 @@ use std::time::Duration;
 use crossbeam_channel::{Receiver, Sender};
 
 pub use backoff::Backoff;
-pub use process::WorkerCommand;
+pub use process::{Protocol, WorkerCommand};
 pub use stats::{SlotStats, Stats, WorkerState, WorkerStats};
 
 /// Events the primary reports to the embedding program (Node's
@@ -282,8 +284,9 @@ impl From<io::Error> for PrimaryError {
 pub struct Builder {
     workers: usize,
     listener: Option<TcpListener>,
-    listen: SocketAddr,
+    listen: Option<SocketAddr>,
     backlog: i32,
+    protocol: Option<Protocol>,
     command: Option<WorkerCommand>,
     shutdown_timeout: Duration,
     hello_timeout: Duration,
@@ -310,8 +313,9 @@ impl Default for Builder {
         Builder {
             workers: std::thread::available_parallelism().map_or(1, |n| n.get()),
             listener: None,
-            listen: DEFAULT_LISTEN.parse().expect("valid default address"),
+            listen: None,
             backlog: 1024,
+            protocol: None,
             command: None,
             shutdown_timeout: Duration::from_secs(10),
             hello_timeout: Duration::from_secs(5),
@@ -337,8 +341,20 @@ impl Builder {
     }
 
     /// Address to bind (default `0.0.0.0:8000`); port 0 picks a free port.
+    ///
+    /// With Node workers ([`Protocol::Node`]) the app's own `listen()`
+    /// calls say where to listen, and the app's port wins: this address,
+    /// if given, is bound at start and serves the first of the app's
+    /// servers that asks for port 0 (or for this very port).
     pub fn listen(mut self, addr: SocketAddr) -> Self {
-        self.listen = addr;
+        self.listen = Some(addr);
+        self
+    }
+
+    /// The protocol the workers speak (default: [`Protocol::detect`] from
+    /// the command, so Node's for `node app.js`).
+    pub fn protocol(mut self, protocol: Protocol) -> Self {
+        self.protocol = Some(protocol);
         self
     }
 
@@ -482,26 +498,36 @@ impl Builder {
             None => WorkerCommand::current_exe()?,
         };
         let identity = privileges::resolve(self.user.as_deref(), self.group.as_deref())?;
+        let protocol = self.protocol.unwrap_or_else(|| Protocol::detect(&command));
         let reuseport = self.sched == Sched::ReusePort;
-        let listener = match self.listener {
-            Some(l) => {
+        let listen = match (self.listen, protocol) {
+            (Some(addr), _) => Some(addr),
+            (None, Protocol::Native) => {
+                Some(DEFAULT_LISTEN.parse().expect("valid default address"))
+            }
+            // Node apps say where they listen.
+            (None, Protocol::Node) => None,
+        };
+        let listener = match (self.listener, listen) {
+            (Some(l), _) => {
                 if reuseport && !socket2::SockRef::from(&l).reuse_port()? {
                     return Err(PrimaryError::Config(
                         "reuseport mode needs a listener with SO_REUSEPORT set".into(),
                     ));
                 }
-                l
+                Some(l)
             }
-            None => bind(self.listen, self.backlog, reuseport).map_err(|source| {
-                PrimaryError::Listen {
-                    addr: self.listen,
-                    source,
-                }
-            })?,
+            (None, Some(addr)) => Some(
+                bind(addr, self.backlog, reuseport)
+                    .map_err(|source| PrimaryError::Listen { addr, source })?,
+            ),
+            (None, None) => None,
         };
-        // The primary accepts without waiting in rr; in the kernel modes
-        // workers get the socket as socket activation would, blocking.
-        listener.set_nonblocking(self.sched == Sched::RoundRobin)?;
+        if let Some(listener) = &listener {
+            // The primary accepts without waiting in rr; in the kernel modes
+            // workers get the socket as socket activation would, blocking.
+            listener.set_nonblocking(self.sched == Sched::RoundRobin)?;
+        }
         // Every socket is bound before root is given up.
         let metrics = self
             .metrics
@@ -533,6 +559,7 @@ impl Builder {
             backlog: self.backlog,
             prefix_output: self.prefix_output,
             ready: self.ready,
+            protocol,
         };
         let inner = event_loop::EventLoop::new(listener, metrics, settings)?;
         Ok(Primary { inner })
@@ -615,6 +642,8 @@ impl Primary {
     }
 
     /// The address the listener is bound to (the real port if 0 was asked).
+    /// With Node workers and no [`Builder::listen`] address, the app binds
+    /// once it runs: `0.0.0.0:0` here, and [`Stats::listeners`] later.
     pub fn local_addr(&self) -> SocketAddr {
         self.inner.local_addr()
     }

@@ -13,6 +13,7 @@ use std::time::Instant;
 use nix::sys::signal::{Signal, kill};
 use nix::unistd::Pid;
 
+use super::node::link::NodeLink;
 use super::output::{Relay, Stream};
 use crate::channel::Channel;
 use crate::protocol;
@@ -73,8 +74,83 @@ pub(crate) struct Conn {
     pub id: u64,
     pub fd: OwnedFd,
     pub peer: SocketAddr,
+    /// The server (listener) it came in on.
+    pub server: usize,
     /// When it was last sent to a worker (hang detection).
     pub sent: Instant,
+    /// How many Node workers answered `accepted: false`.
+    pub refusals: u32,
+}
+
+/// Which protocol the workers speak.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default)]
+pub enum Protocol {
+    /// This project's own (docs/PROTOCOL.md): the library's
+    /// `WorkerListener`, examples/python/hello.py, or nothing at all in
+    /// the kernel modes.
+    #[default]
+    Native,
+    /// Node's cluster protocol: unmodified Node apps (`node app.js`) run
+    /// as cluster workers of this primary (docs/NODE.md).
+    Node,
+}
+
+impl Protocol {
+    /// Node's when the program is `node` or `nodejs` (by its file name),
+    /// else the native one.
+    pub fn detect(cmd: &WorkerCommand) -> Protocol {
+        let name = std::path::Path::new(&cmd.program).file_name();
+        match name.and_then(|n| n.to_str()) {
+            Some("node" | "nodejs") => Protocol::Node,
+            _ => Protocol::Native,
+        }
+    }
+
+    /// The name on the command line: `native` or `node`.
+    pub fn name(self) -> &'static str {
+        match self {
+            Protocol::Native => "native",
+            Protocol::Node => "node",
+        }
+    }
+}
+
+impl std::str::FromStr for Protocol {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Protocol, String> {
+        match s.trim().to_ascii_lowercase().as_str() {
+            "native" | "distributor" => Ok(Protocol::Native),
+            "node" | "nodejs" => Ok(Protocol::Node),
+            _ => Err(format!("unknown protocol `{s}` (native or node)")),
+        }
+    }
+}
+
+/// A worker's channel, in the protocol it speaks.
+#[derive(Debug)]
+pub(crate) enum Link {
+    Native(Channel),
+    Node(NodeLink),
+}
+
+impl Link {
+    /// Whether earlier messages still wait to be written (Node's stream
+    /// channel; a native channel sends whole datagrams or nothing).
+    pub fn blocked(&self) -> bool {
+        match self {
+            Link::Native(_) => false,
+            Link::Node(l) => l.blocked(),
+        }
+    }
+}
+
+impl AsFd for Link {
+    fn as_fd(&self) -> BorrowedFd<'_> {
+        match self {
+            Link::Native(c) => c.as_fd(),
+            Link::Node(l) => l.as_fd(),
+        }
+    }
 }
 
 /// What a worker is for, which decides what its exit means.
@@ -99,7 +175,11 @@ pub(crate) struct WorkerProc {
     pub role: Role,
     child: Child,
     /// `None` once the channel closed or was closed by the primary.
-    pub channel: Option<Channel>,
+    pub channel: Option<Link>,
+    /// The servers it may get connections for, one bit per server index.
+    pub servers: u64,
+    /// A Node worker (`Link::Node`), even after its channel is gone.
+    pub node: bool,
     /// Said hello: may get connections.
     pub ready: bool,
     /// Stopping (asked to, or cut off): gets no more connections.
@@ -133,14 +213,19 @@ pub(crate) struct WorkerProc {
 }
 
 impl WorkerProc {
-    /// Starts one worker with a fresh channel.
     /// Starts one worker with a fresh channel. With `listen` (the kernel
     /// balancing modes) the worker also gets that listening socket by
     /// systemd's socket-activation convention: fd 3, `LISTEN_FDS=1`, and
     /// `LISTEN_PID` set to its own pid by a `/bin/sh` that then `exec`s the
     /// program (the pid is not known before the fork).
+    ///
+    /// A Node worker gets Node's environment instead: `NODE_UNIQUE_ID` (its
+    /// id), `NODE_CHANNEL_FD` (a stream channel) and JSON serialisation;
+    /// it asks for its listeners over the channel.
+    #[allow(clippy::too_many_arguments)]
     pub fn spawn(
         cmd: &WorkerCommand,
+        speaks: Protocol,
         id: u64,
         slot: usize,
         role: Role,
@@ -148,8 +233,18 @@ impl WorkerProc {
         output: Option<&Relay>,
         now: Instant,
     ) -> io::Result<WorkerProc> {
-        let (ours, theirs) = Channel::pair()?;
-        sys::set_nonblocking(ours.as_fd(), true)?;
+        let (ours, theirs) = match speaks {
+            Protocol::Native => {
+                let (ours, theirs) = Channel::pair()?;
+                sys::set_nonblocking(ours.as_fd(), true)?;
+                (Link::Native(ours), theirs)
+            }
+            Protocol::Node => {
+                let (ours, theirs) = NodeLink::pair()?;
+                (Link::Node(ours), theirs)
+            }
+        };
+        let listen = listen.filter(|_| speaks == Protocol::Native);
         let mut command = match listen {
             None => Command::new(&cmd.program),
             Some(_) => {
@@ -165,8 +260,9 @@ impl WorkerProc {
             .env_remove("LISTEN_PID")
             .env_remove("LISTEN_FDS")
             .env_remove("LISTEN_FDNAMES")
-            .env(protocol::ENV_PROTOCOL, protocol::VERSION.to_string())
-            .env(protocol::ENV_WORKER_ID, id.to_string())
+            .env_remove("NODE_UNIQUE_ID")
+            .env_remove("NODE_CHANNEL_FD")
+            .env_remove("NODE_CHANNEL_SERIALIZATION_MODE")
             .stdin(Stdio::null())
             .process_group(0);
         if listen.is_some() {
@@ -179,7 +275,20 @@ impl WorkerProc {
             theirs.as_raw_fd(),
             listen.map(|l| l.as_raw_fd()),
         );
-        command.env(protocol::ENV_FD, child_channel.to_string());
+        match speaks {
+            Protocol::Native => {
+                command
+                    .env(protocol::ENV_PROTOCOL, protocol::VERSION.to_string())
+                    .env(protocol::ENV_WORKER_ID, id.to_string())
+                    .env(protocol::ENV_FD, child_channel.to_string());
+            }
+            Protocol::Node => {
+                command
+                    .env("NODE_UNIQUE_ID", id.to_string())
+                    .env("NODE_CHANNEL_FD", child_channel.to_string())
+                    .env("NODE_CHANNEL_SERIALIZATION_MODE", "json");
+            }
+        }
         if output.is_some() {
             command.stdout(Stdio::piped()).stderr(Stdio::piped());
         }
@@ -204,6 +313,8 @@ impl WorkerProc {
             role,
             child,
             channel: Some(ours),
+            servers: 0,
+            node: speaks == Protocol::Node,
             ready: false,
             stopping: false,
             asked_to_stop: false,
@@ -243,12 +354,13 @@ impl WorkerProc {
         ]
     }
 
-    /// Whether the primary may send it a connection now.
-    pub fn can_take(&self, max_unacked: usize) -> bool {
+    /// Whether the primary may send it a connection of `server` now.
+    pub fn can_take(&self, server: usize, max_unacked: usize) -> bool {
         self.ready
             && !self.stopping
             && !self.channel_full
-            && self.channel.is_some()
+            && self.servers & (1 << server) != 0
+            && self.channel.as_ref().is_some_and(|c| !c.blocked())
             && self.unacked.len() < max_unacked
     }
 }

@@ -112,6 +112,9 @@ pub struct Stats {
     /// Connections the primary accepted that no worker holds now (rr only:
     /// waiting for a worker with room, or handed back by one that died).
     pub connections_held: usize,
+    /// The addresses the primary listens on for the workers: the one it
+    /// was given, or with Node workers those their servers asked for.
+    pub listeners: Vec<SocketAddr>,
 }
 
 impl Stats {
@@ -146,6 +149,7 @@ impl Stats {
             slots: Vec::new(),
             exited_connections: 0,
             connections_held: 0,
+            listeners: Vec::new(),
         }
     }
 }

@@ -26,7 +26,8 @@ use std::os::fd::{AsFd, AsRawFd};
 use tracing::{debug, error, info, warn};
 
 use super::event_loop::{EventLoop, FIRST_WORKER, Slot};
-use super::process::{Role, WorkerProc, describe_exit};
+use super::node;
+use super::process::{Link, Protocol, Role, WorkerProc, describe_exit};
 use super::{Event, Ready};
 use crate::activation::Notice;
 
@@ -40,14 +41,34 @@ impl EventLoop {
         let id = self.next_worker_id;
         self.next_worker_id += 1;
         let now = self.now;
-        self.ensure_slot_listener(slot)?;
-        let listen = self.slot_listener(slot).map(|l| l.as_fd());
         let command = self
             .settings
             .command
             .clone()
             .env("NOTIFY_SOCKET", self.notify.env_value());
-        let mut w = WorkerProc::spawn(&command, id, slot, role, listen, self.output.as_ref(), now)?;
+        let speaks = self.settings.protocol;
+        // Native workers inherit the one server's socket in the kernel
+        // modes; Node workers ask for theirs.
+        if speaks == Protocol::Native {
+            self.ensure_slot_listener(0, slot)?;
+        }
+        let listen = match speaks {
+            Protocol::Native => self.slot_listener(0, slot).map(|l| l.as_fd()),
+            Protocol::Node => None,
+        };
+        let mut w = WorkerProc::spawn(
+            &command,
+            speaks,
+            id,
+            slot,
+            role,
+            listen,
+            self.output.as_ref(),
+            now,
+        )?;
+        if speaks == Protocol::Native {
+            w.servers = 1;
+        }
         let i = self.free.pop().unwrap_or_else(|| {
             self.workers.push(None);
             self.workers.len() - 1
@@ -135,7 +156,7 @@ impl EventLoop {
         }
     }
 
-    fn schedule_restart(&mut self, slot: usize, uptime: Duration) {
+    pub(super) fn schedule_restart(&mut self, slot: usize, uptime: Duration) {
         let backoff = self.settings.backoff;
         let s = &mut self.slots[slot];
         let (delay, quick) = backoff.next(uptime, s.quick_exits);
@@ -325,7 +346,7 @@ impl EventLoop {
             self.told_systemd_ready = true;
             tell_systemd(&format!("READY=1\nSTATUS={total} workers ready"));
         }
-        self.backlog_waiting = true;
+        self.backlogs_waiting();
         self.emit(Event::WorkerReady { id, pid });
         if role == Role::Candidate {
             self.advance_reload();
@@ -347,10 +368,20 @@ impl EventLoop {
             return;
         }
         w.stopping = true;
+        let seq = self.next_seq();
+        let w = self.workers[i].as_mut().expect("checked above");
         let asked = w.ready
-            && w.channel
-                .as_ref()
-                .is_some_and(|c| c.send(self.enc.stop().as_bytes(), &[], true).is_ok());
+            && match w.channel.as_mut() {
+                Some(Link::Native(c)) => c.send(self.enc.stop().as_bytes(), &[], true).is_ok(),
+                Some(Link::Node(l)) => {
+                    // Node closes its servers, lets their connections
+                    // finish, closes the channel and exits.
+                    self.line.clear();
+                    node::wire::disconnect(&mut self.line, seq);
+                    l.send(&self.line, None).is_ok()
+                }
+                None => false,
+            };
         if !asked {
             w.signal(Signal::SIGTERM);
         }
@@ -374,7 +405,7 @@ impl EventLoop {
         info!("shutting down: stopping {alive} workers (timeout {timeout:?})");
         // Connections already accepted go to workers before they are asked
         // to stop; the backlog is refused with the listener's close.
-        self.close_listener();
+        self.close_listeners();
         self.shutdown_at = Some(self.now + timeout);
         self.reload = Default::default();
         for slot in &mut self.slots {
@@ -496,7 +527,7 @@ impl EventLoop {
         let now = self.now;
         if self.accept_paused_until.is_some_and(|t| t <= now) {
             self.accept_paused_until = None;
-            self.backlog_waiting = true;
+            self.backlogs_waiting();
         }
         if self.reload.retry_at.is_some_and(|t| t <= now) {
             self.reload.retry_at = None;
@@ -593,7 +624,12 @@ impl EventLoop {
         if w.ping_at.is_none_or(|t| t > now) {
             return;
         }
-        let silent = now.saturating_duration_since(w.last_seen);
+        // Node workers have no heartbeat: they are silent when idle, and
+        // hung only when a connection waits for their answer too long.
+        let silent = match w.node {
+            true => Duration::ZERO,
+            false => now.saturating_duration_since(w.last_seen),
+        };
         let oldest_unacked = w.unacked.values().map(|c| c.sent).min();
         let stuck = oldest_unacked.map(|t| now.saturating_duration_since(t));
         if silent >= timeout || stuck.is_some_and(|s| s >= timeout) {
@@ -616,7 +652,7 @@ impl EventLoop {
         let n = self.next_ping;
         self.next_ping += 1;
         let w = self.workers[i].as_mut().expect("checked above");
-        if let Some(channel) = w.channel.as_ref().filter(|_| w.spoke) {
+        if let Some(Link::Native(channel)) = w.channel.as_ref().filter(|_| w.spoke) {
             // A full channel is no reason to wait: the next turn pings again.
             let _ = channel.send(self.enc.ping(n).as_bytes(), &[], true);
         }
@@ -667,7 +703,7 @@ impl EventLoop {
 
 /// How often a ready worker is pinged: a quarter of the timeout, within
 /// 10 ms and 5 s.
-fn ping_interval(timeout: Duration) -> Duration {
+pub(super) fn ping_interval(timeout: Duration) -> Duration {
     (timeout / 4).clamp(Duration::from_millis(10), Duration::from_secs(5))
 }
 

@@ -1,0 +1,358 @@
+//! The acceptor, dispatcher and ledger of the event loop (more methods of
+//! [`EventLoop`]), over its servers.
+//!
+//! A *server* is one listening address: with the native protocol the one
+//! the primary was given; with Node's, each one the app's `listen()` calls
+//! asked for (docs/NODE.md). A worker gets connections only of the servers
+//! it holds (a bit each in `WorkerProc::servers`, so at most
+//! [`MAX_SERVERS`]).
+//!
+//! - **Acceptor.** Each listener is registered edge-triggered; on an event
+//!   the loop accepts until `WouldBlock`, but only while some worker can
+//!   take a connection of that server. Otherwise it leaves connections in
+//!   the kernel's backlog (and notes that it did) and resumes when a
+//!   worker has room. Accept errors such as `EMFILE` pause accepting until
+//!   an fd is freed (an acknowledgement closes the primary's copy) or a
+//!   short timer fires.
+//! - **Dispatcher.** Round-robin over the workers holding the server,
+//!   skipping those that are not ready, stopping, at their unacknowledged
+//!   limit, or whose channel buffer is full. A connection no worker can
+//!   take now is held in its server's `pending` (at most a few: accepting
+//!   stops first).
+//! - **Ledger.** The primary keeps its copy of every connection until the
+//!   worker acknowledges it; when a worker's channel closes (it died, broke
+//!   the protocol, or hung), its unacknowledged connections return to
+//!   `pending` and go to another worker. A connection is acknowledged by
+//!   one worker only, so none is served twice.
+
+use std::collections::VecDeque;
+use std::io;
+use std::net::{Ipv4Addr, SocketAddr, TcpListener};
+use std::os::fd::{AsFd, AsRawFd, OwnedFd};
+use std::time::Duration;
+
+use mio::unix::SourceFd;
+use mio::{Interest, Token};
+use nix::sys::signal::Signal;
+use tracing::{debug, info, warn};
+
+use super::Sched;
+use super::event_loop::EventLoop;
+use super::node::wire;
+use super::process::{Conn, Link};
+
+/// The most servers (listening addresses) one primary serves.
+pub(crate) const MAX_SERVERS: usize = 64;
+/// Server `k`'s listener token: far from the workers' and the metrics'.
+const FIRST_SERVER_TOKEN: usize = usize::MAX / 4;
+/// How long accepting pauses after an error such as `EMFILE`, unless an fd
+/// is freed sooner.
+const ACCEPT_RETRY: Duration = Duration::from_millis(100);
+/// How often at most an accept error is logged as a warning.
+const ACCEPT_WARN_EVERY: Duration = Duration::from_secs(10);
+
+/// One listening address and the connections accepted on it.
+#[derive(Debug)]
+pub(crate) struct Server {
+    /// Node's key for it (empty with the native protocol).
+    pub key: String,
+    /// `key` as a JSON string, quotes included.
+    pub key_json: String,
+    pub addr: SocketAddr,
+    /// `None` once closed (shutdown, or every Node worker closed it).
+    pub listener: Option<TcpListener>,
+    /// Reuseport: the socket of each slot after the first.
+    pub slot_listeners: Vec<Option<TcpListener>>,
+    /// Node: the `data` of the first worker that asked (a TLS server's
+    /// ticket keys), raw JSON, echoed to every worker.
+    pub data: String,
+    /// Accepted connections no worker holds.
+    pub pending: VecDeque<Conn>,
+    /// Connections may wait in the backlog that the loop chose not to accept.
+    pub backlog_waiting: bool,
+    /// Round-robin position: the worker index to try first.
+    pub cursor: usize,
+}
+
+impl Server {
+    pub(crate) fn new(key: String, listener: TcpListener, addr: SocketAddr) -> Server {
+        Server {
+            key_json: wire::json_string(&key),
+            key,
+            addr,
+            listener: Some(listener),
+            slot_listeners: Vec::new(),
+            data: "null".into(),
+            pending: VecDeque::new(),
+            backlog_waiting: true,
+            cursor: 0,
+        }
+    }
+}
+
+/// The token of server `k`'s listener.
+pub(crate) fn token(k: usize) -> Token {
+    Token(FIRST_SERVER_TOKEN + k)
+}
+
+/// The server whose listener `token` is, if it is one.
+pub(crate) fn owner(token: Token) -> Option<usize> {
+    token
+        .0
+        .checked_sub(FIRST_SERVER_TOKEN)
+        .filter(|k| *k < MAX_SERVERS)
+}
+
+impl EventLoop {
+    /// Adds a server; in rr its listener is registered for accepting.
+    pub(super) fn add_server(&mut self, server: Server) -> io::Result<usize> {
+        let k = self.servers.len();
+        if self.settings.sched == Sched::RoundRobin {
+            if let Some(l) = &server.listener {
+                l.set_nonblocking(true)?;
+                self.poll.registry().register(
+                    &mut SourceFd(&l.as_raw_fd()),
+                    token(k),
+                    Interest::READABLE,
+                )?;
+            }
+        }
+        self.servers.push(server);
+        Ok(k)
+    }
+
+    /// Hands held connections to workers, then accepts while workers have room.
+    pub(super) fn pump(&mut self) {
+        for k in 0..self.servers.len() {
+            while let Some(conn) = self.servers[k].pending.pop_front() {
+                if let Err(conn) = self.dispatch(conn) {
+                    self.servers[k].pending.push_front(conn);
+                    break;
+                }
+            }
+            if self.servers[k].pending.is_empty()
+                && self.servers[k].backlog_waiting
+                && self.accept_paused_until.is_none()
+                && self.settings.sched == Sched::RoundRobin
+            {
+                self.accept_loop(k);
+            }
+        }
+    }
+
+    /// Notes that connections may wait on every server.
+    pub(super) fn backlogs_waiting(&mut self) {
+        for s in &mut self.servers {
+            s.backlog_waiting = true;
+        }
+    }
+
+    fn accept_loop(&mut self, k: usize) {
+        while self.pick(k).is_some() {
+            let Some(listener) = self.servers[k].listener.as_ref() else {
+                return;
+            };
+            match socket2::SockRef::from(listener).accept() {
+                Ok((socket, addr)) => {
+                    let peer = addr
+                        .as_socket()
+                        .unwrap_or(SocketAddr::from((Ipv4Addr::UNSPECIFIED, 0)));
+                    let conn = Conn {
+                        id: self.next_seq(),
+                        fd: OwnedFd::from(socket),
+                        peer,
+                        server: k,
+                        sent: self.now,
+                        refusals: 0,
+                    };
+                    if let Err(conn) = self.dispatch(conn) {
+                        self.servers[k].pending.push_back(conn);
+                        return;
+                    }
+                }
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                    self.servers[k].backlog_waiting = false;
+                    return;
+                }
+                Err(e) => match e.raw_os_error() {
+                    Some(libc::EINTR | libc::ECONNABORTED | libc::EPROTO | libc::EPERM) => {
+                        debug!("accept: {e}")
+                    }
+                    _ => {
+                        // Said once per episode, not on every retry.
+                        let now = self.now;
+                        if self
+                            .accept_warned_at
+                            .is_none_or(|t| now.saturating_duration_since(t) >= ACCEPT_WARN_EVERY)
+                        {
+                            warn!(
+                                "accept failed: {e}; pausing accepts until an fd is freed or {ACCEPT_RETRY:?} pass"
+                            );
+                            self.accept_warned_at = Some(now);
+                        } else {
+                            debug!("accept failed again: {e}");
+                        }
+                        self.accept_paused_until = Some(now + ACCEPT_RETRY);
+                        return;
+                    }
+                },
+            }
+        }
+    }
+
+    /// The worker that round-robin would give server `k`'s next connection to.
+    fn pick(&self, k: usize) -> Option<usize> {
+        super::policy::round_robin(self.servers[k].cursor, self.workers.len(), |i| {
+            self.workers[i]
+                .as_ref()
+                .is_some_and(|w| w.can_take(k, self.settings.max_unacked))
+        })
+    }
+
+    /// Sends `conn` to the next worker that takes it; gives it back if none can.
+    fn dispatch(&mut self, mut conn: Conn) -> Result<(), Conn> {
+        conn.sent = self.now;
+        let k = conn.server;
+        while let Some(i) = self.pick(k) {
+            let w = self.workers[i].as_mut().expect("picked workers exist");
+            let sent = match w.channel.as_mut().expect("picked workers have a channel") {
+                Link::Native(channel) => {
+                    self.enc.connection().entry(conn.id, conn.peer);
+                    channel.send(self.enc.as_bytes(), &[conn.fd.as_fd()], true)
+                }
+                Link::Node(link) => {
+                    self.line.clear();
+                    wire::newconn(&mut self.line, conn.id, &self.servers[k].key_json);
+                    let sent = link.send_now(&self.line, Some(conn.fd.as_fd()));
+                    if sent.is_ok() {
+                        link.handles.push_back(conn.id);
+                    }
+                    sent
+                }
+            };
+            match sent {
+                Ok(()) => {
+                    w.unacked.insert(conn.id, conn);
+                    self.servers[k].cursor = (i + 1) % self.workers.len();
+                    return Ok(());
+                }
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => w.channel_full = true,
+                Err(e) => {
+                    warn!(worker = w.id, "cannot send to worker {}: {e}", w.id);
+                    self.cut_off(i);
+                }
+            }
+        }
+        Err(conn)
+    }
+
+    /// Gives back a connection that a worker no longer holds, to go to
+    /// another worker first.
+    pub(super) fn hand_back(&mut self, conn: Conn) {
+        self.servers[conn.server].pending.push_front(conn);
+    }
+
+    /// Closes worker `i`'s channel: its unacknowledged connections go back
+    /// to `pending`; the worker, unless already stopping, gets SIGTERM and,
+    /// after `grace`, SIGKILL.
+    pub(super) fn disconnect(&mut self, i: usize, grace: Duration) {
+        let now = self.now;
+        let Some(w) = self.workers.get_mut(i).and_then(Option::as_mut) else {
+            return;
+        };
+        if let Some(channel) = w.channel.take() {
+            let _ = self
+                .poll
+                .registry()
+                .deregister(&mut SourceFd(&channel.as_fd().as_raw_fd()));
+        }
+        w.ready = false;
+        w.ping_at = None;
+        if !w.unacked.is_empty() {
+            info!(
+                worker = w.id,
+                "handing {} unacknowledged connections of worker {} to other workers",
+                w.unacked.len(),
+                w.id
+            );
+            let mut held: Vec<Conn> = w.unacked.drain().map(|(_, c)| c).collect();
+            held.sort_unstable_by_key(|c| c.id);
+            for c in held {
+                self.servers[c.server].pending.push_back(c);
+            }
+        }
+        if !w.stopping {
+            w.stopping = true;
+            w.signal(Signal::SIGTERM);
+            w.kill_at = Some(now + grace);
+        }
+    }
+
+    /// Stops accepting for good: the primary's listeners are closed, so
+    /// the backlog is refused once no worker holds a copy either;
+    /// connections already accepted still go to workers.
+    pub(super) fn close_listeners(&mut self) {
+        for k in 0..self.servers.len() {
+            self.close_server(k);
+        }
+        self.spare = None;
+        self.pump();
+    }
+
+    /// Closes server `k`'s listeners.
+    pub(super) fn close_server(&mut self, k: usize) {
+        if let Some(listener) = self.servers[k].listener.take() {
+            if self.settings.sched == Sched::RoundRobin {
+                let _ = self
+                    .poll
+                    .registry()
+                    .deregister(&mut SourceFd(&listener.as_raw_fd()));
+            }
+        }
+        self.servers[k].slot_listeners.clear();
+        self.servers[k].backlog_waiting = false;
+    }
+
+    /// Creates, in reuseport, the own `SO_REUSEPORT` socket of `slot`
+    /// for server `k` the first time (slot 1 uses the server's listener).
+    pub(super) fn ensure_slot_listener(&mut self, k: usize, slot: usize) -> io::Result<()> {
+        let backlog = self.settings.backlog;
+        let s = &mut self.servers[k];
+        if self.settings.sched != Sched::ReusePort || slot == 0 || s.listener.is_none() {
+            return Ok(());
+        }
+        if s.slot_listeners.len() < slot {
+            s.slot_listeners.resize_with(slot, || None);
+        }
+        if s.slot_listeners[slot - 1].is_none() {
+            s.slot_listeners[slot - 1] = Some(super::bind(s.addr, backlog, true)?);
+        }
+        Ok(())
+    }
+
+    /// The listening socket a worker of `slot` gets for server `k`: none in
+    /// rr; the shared one; or the slot's own (see
+    /// [`EventLoop::ensure_slot_listener`], to call first).
+    pub(super) fn slot_listener(&self, k: usize, slot: usize) -> Option<&TcpListener> {
+        let s = &self.servers[k];
+        match self.settings.sched {
+            Sched::RoundRobin => None,
+            Sched::Shared => s.listener.as_ref(),
+            Sched::ReusePort if slot == 0 => s.listener.as_ref(),
+            Sched::ReusePort => s.slot_listeners.get(slot - 1).and_then(Option::as_ref),
+        }
+    }
+
+    /// Closes a removed slot's own sockets (reuseport); connections queued
+    /// on them are lost once its worker exits too, a limit of `SO_REUSEPORT`.
+    pub(super) fn drop_slot_listener(&mut self, slot: usize) {
+        if slot == 0 {
+            return;
+        }
+        for s in &mut self.servers {
+            if let Some(l) = s.slot_listeners.get_mut(slot - 1) {
+                *l = None;
+            }
+        }
+    }
+}

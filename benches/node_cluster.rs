@@ -13,7 +13,12 @@
 //! each after a warm-up that is not counted, and is stopped (SIGTERM, then
 //! SIGKILL to whatever is left: no node process outlives it). Rounds
 //! alternate the order (A B C, then C B A) so that drift in the machine
-//! hits every contender alike; the figures of all rounds are pooled.
+//! hits every contender alike. Requests/s is the median of the rounds
+//! (their range is shown too); latencies, errors and CPU are pooled.
+//!
+//! The machine should be quiet: the bench measures the CPU that other
+//! processes use during each run and flags runs where they took more than
+//! [`BUSY_PCT`] % of it.
 //!
 //! Besides requests/s, latency and errors it reports the primary's CPU per
 //! request: `utime + stime` of the primary process (`/proc/PID/stat`)
@@ -29,7 +34,7 @@
 //! - `NODE_BENCH_CONNECTIONS`: concurrent connections (default 64);
 //! - `NODE_BENCH_SECONDS`: measured seconds per contender, load and round
 //!   (default 2, fractions allowed);
-//! - `NODE_BENCH_ROUNDS`: rounds (default 2);
+//! - `NODE_BENCH_ROUNDS`: rounds (default 3);
 //! - `NODE_BENCH_WARMUP_MS`: warm-up before each measured run (default 500);
 //! - `NODE_BENCH_CONTENDERS`: a comma-separated subset of `node-rr`,
 //!   `node-none`, `dist-rr`, `dist-shared`, `dist-reuseport`, `plain`.
@@ -59,6 +64,9 @@ const READY_TIMEOUT: Duration = Duration::from_secs(20);
 const STOP_TIMEOUT: Duration = Duration::from_secs(5);
 /// How long its workers may outlive it before they are SIGKILLed.
 const ORPHAN_GRACE: Duration = Duration::from_secs(2);
+/// Above this much CPU used by other processes during a run (% of the
+/// machine), the figures are flagged.
+const BUSY_PCT: f64 = 10.0;
 /// Load generator threads, as in `benches/balance.rs`.
 const LOAD_THREADS: usize = 2;
 
@@ -166,7 +174,7 @@ impl Settings {
             workers: setting("NODE_BENCH_WORKERS", cores),
             connections: setting("NODE_BENCH_CONNECTIONS", 64),
             seconds: setting("NODE_BENCH_SECONDS", 2.0),
-            rounds: setting("NODE_BENCH_ROUNDS", 2),
+            rounds: setting("NODE_BENCH_ROUNDS", 3),
             warmup: Duration::from_millis(setting("NODE_BENCH_WARMUP_MS", 500)),
             contenders,
         };
@@ -232,13 +240,19 @@ fn main() {
                 Ok(samples) => {
                     for (keepalive, sample) in samples {
                         eprintln!(
-                            "  round {} {:<24} {:<10} {:>8.0} req/s  errors {}  primary CPU {:.1} µs/req",
+                            "  round {} {:<24} {:<10} {:>8.0} req/s  errors {}  primary CPU {:.1} µs/req  others {:.0} %{}",
                             round + 1,
                             c.label,
                             load_name(keepalive),
                             sample.result.requests as f64 / sample.result.elapsed.as_secs_f64(),
                             sample.result.errors,
-                            sample.cpu_us / sample.result.requests.max(1) as f64
+                            sample.cpu_us / sample.result.requests.max(1) as f64,
+                            sample.others_pct,
+                            if sample.others_pct > BUSY_PCT {
+                                "  (the machine is not quiet)"
+                            } else {
+                                ""
+                            }
                         );
                         totals
                             .entry((c.key, keepalive))
@@ -271,6 +285,10 @@ struct Sample {
     /// Wall time of the run, from before the first request to after the
     /// drain.
     wall: Duration,
+    /// CPU used meanwhile by processes that are neither this bench (the
+    /// load generator) nor the contender's, in % of the whole machine:
+    /// how far from quiet the machine was.
+    others_pct: f64,
 }
 
 /// The measured runs of one contender and load, pooled over rounds.
@@ -284,6 +302,10 @@ struct Total {
     /// Smallest and largest share of one worker in any round, %.
     share_min: f64,
     share_max: f64,
+    /// Requests/s of each round.
+    rates: Vec<f64>,
+    /// The most CPU other processes used during a round, % of the machine.
+    others_pct: f64,
 }
 
 impl Total {
@@ -297,6 +319,8 @@ impl Total {
             latency_us: Histogram::new_with_max(3_600_000_000, 3).expect("a valid histogram"),
             share_min: f64::INFINITY,
             share_max: 0.0,
+            rates: Vec::new(),
+            others_pct: 0.0,
         }
     }
 
@@ -307,6 +331,9 @@ impl Total {
         self.elapsed += r.elapsed;
         self.wall += s.wall;
         self.cpu_us += s.cpu_us;
+        self.rates
+            .push(r.requests as f64 / r.elapsed.as_secs_f64().max(1e-9));
+        self.others_pct = self.others_pct.max(s.others_pct);
         let _ = self.latency_us.add(&r.latency_us);
         // The bodies name the process that answered (`worker <pid>`).
         let named: u64 = r.per_worker.values().sum();
@@ -319,6 +346,17 @@ impl Total {
             };
             self.share_min = self.share_min.min(100.0 * min as f64 / named as f64);
             self.share_max = self.share_max.max(100.0 * max as f64 / named as f64);
+        }
+    }
+
+    /// The median of the rounds' requests/s.
+    fn median_rate(&self) -> f64 {
+        let mut r = self.rates.clone();
+        r.sort_by(f64::total_cmp);
+        match r.len() {
+            0 => 0.0,
+            n if n % 2 == 1 => r[n / 2],
+            n => (r[n / 2 - 1] + r[n / 2]) / 2.0,
         }
     }
 }
@@ -502,12 +540,27 @@ impl Server {
         }
         spec.duration = Duration::from_secs_f64(s.seconds);
         let pid = self.pid();
+        let family: Vec<u32> = descendants(pid).iter().map(|p| p.pid).collect();
+        let ours = |family: &[u32]| -> u64 {
+            family.iter().filter_map(|&p| cpu_ticks(p)).sum::<u64>()
+                + cpu_ticks(std::process::id()).unwrap_or(0)
+        };
+        let machine_before = machine_busy_ticks();
+        let ours_before = ours(&family);
         let before = cpu_ticks(pid).ok_or("cannot read the primary's /proc/PID/stat")?;
         let start = Instant::now();
         let result =
             load::run_load(&spec, &|_, _| {}).map_err(|e| format!("load generator: {e}"))?;
         let wall = start.elapsed();
         let after = cpu_ticks(pid).ok_or("cannot read the primary's /proc/PID/stat")?;
+        let ours_after = ours(&family);
+        let machine_after = machine_busy_ticks();
+        let others_ticks = machine_after
+            .saturating_sub(machine_before)
+            .saturating_sub((ours_after + after).saturating_sub(ours_before + before));
+        let cores = std::thread::available_parallelism().map_or(1, |n| n.get()) as f64;
+        let others_pct =
+            100.0 * others_ticks as f64 / clock_ticks_per_sec() / wall.as_secs_f64() / cores;
         if let Ok(Some(status)) = self.child.try_wait() {
             return Err(format!(
                 "exited during the {} run ({status}); {}",
@@ -519,6 +572,7 @@ impl Server {
             result,
             cpu_us: (after.saturating_sub(before)) as f64 * 1e6 / clock_ticks_per_sec(),
             wall,
+            others_pct,
         })
     }
 
@@ -632,6 +686,23 @@ fn stat_fields(pid: u32) -> Option<Vec<String>> {
     let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
     let rest = &stat[stat.rfind(')')? + 1..];
     Some(rest.split_whitespace().map(str::to_string).collect())
+}
+
+/// The CPU time the whole machine spent busy in processes, or lost to the
+/// hypervisor (the first line of `/proc/stat`: user, nice, system, steal),
+/// in clock ticks. Interrupt time is left out: the loopback traffic of the
+/// bench itself is mostly softirq time, charged to no process.
+fn machine_busy_ticks() -> u64 {
+    let stat = std::fs::read_to_string("/proc/stat").unwrap_or_default();
+    let Some(line) = stat.lines().find(|l| l.starts_with("cpu ")) else {
+        return 0;
+    };
+    let f: Vec<u64> = line
+        .split_whitespace()
+        .skip(1)
+        .map(|v| v.parse().unwrap_or(0))
+        .collect();
+    [0, 1, 2, 7].iter().filter_map(|&i| f.get(i)).sum()
 }
 
 /// `utime + stime` of process `pid` (all its threads), in clock ticks.
@@ -752,8 +823,9 @@ fn markdown(
         out,
         "Measured with `cargo bench --bench node_cluster` on {}, Node {node_version}: \
          {} workers, {} connections, {} rounds × {} s per contender and load (order \
-         alternating between rounds, a {} ms warm-up before each run not counted), \
-         load generator ({LOAD_THREADS} threads) on the same machine.",
+         alternating between rounds, a {} ms warm-up before each run not counted; \
+         req/s is the median of the rounds), load generator ({LOAD_THREADS} threads) \
+         on the same machine.",
         lab::machine_description(),
         s.workers,
         s.connections,
@@ -773,16 +845,16 @@ fn markdown(
         );
         let _ = writeln!(
             out,
-            "| contender | req/s | errors | p50 ms | p99 ms | share min–max % | primary CPU µs/req | primary CPU % |"
+            "| contender | req/s | rounds min–max | errors | p50 ms | p99 ms | share min–max % | primary CPU µs/req | primary CPU % |"
         );
-        let _ = writeln!(out, "|---|---|---|---|---|---|---|---|");
+        let _ = writeln!(out, "|---|---|---|---|---|---|---|---|---|");
         for c in &s.contenders {
             if let Some(e) = failures.get(c.key) {
                 // The first clause: the log's tail is on stderr.
                 let first = e.split(';').next().unwrap_or("");
                 let _ = writeln!(
                     out,
-                    "| {} | failed: {} | | | | | | |",
+                    "| {} | failed: {} | | | | | | | |",
                     c.label,
                     first.replace('|', "\\|")
                 );
@@ -791,7 +863,8 @@ fn markdown(
             let Some(t) = totals.get(&(c.key, keepalive)) else {
                 continue;
             };
-            let secs = t.elapsed.as_secs_f64().max(1e-9);
+            let lo = t.rates.iter().copied().fold(f64::INFINITY, f64::min);
+            let hi = t.rates.iter().copied().fold(0.0, f64::max);
             let ms = |q: f64| {
                 if t.latency_us.is_empty() {
                     "–".to_string()
@@ -819,9 +892,11 @@ fn markdown(
             };
             let _ = writeln!(
                 out,
-                "| {} | {} | {} | {} | {} | {share} | {per_req} | {pct} |",
+                "| {} | {} | {}–{} | {} | {} | {} | {share} | {per_req} | {pct} |",
                 c.label,
-                thousands(t.requests as f64 / secs),
+                thousands(t.median_rate()),
+                thousands(lo),
+                thousands(hi),
                 t.errors,
                 ms(0.5),
                 ms(0.99),
@@ -841,6 +916,17 @@ fn markdown(
          connection dispatched) and as % of one core. In parentheses for the plain process: \
          its own CPU, serving included.",
         100.0 / n as f64
+    );
+    let others = totals.values().map(|t| t.others_pct).fold(0.0, f64::max);
+    let _ = writeln!(
+        out,
+        "- Other processes on the machine used at most {others:.0} % of its CPU during a \
+         measured run{}.",
+        if others > BUSY_PCT {
+            ": NOT QUIET, these figures are disturbed"
+        } else {
+            ""
+        }
     );
     out
 }

@@ -282,6 +282,8 @@ struct Sample {
     result: load::LoadResult,
     /// The primary's CPU time over the run, µs.
     cpu_us: f64,
+    /// The workers' CPU time over the run, all together, µs.
+    workers_cpu_us: f64,
     /// Wall time of the run, from before the first request to after the
     /// drain.
     wall: Duration,
@@ -298,6 +300,7 @@ struct Total {
     elapsed: Duration,
     wall: Duration,
     cpu_us: f64,
+    workers_cpu_us: f64,
     latency_us: Histogram<u64>,
     /// Smallest and largest share of one worker in any round, %.
     share_min: f64,
@@ -316,6 +319,7 @@ impl Total {
             elapsed: Duration::ZERO,
             wall: Duration::ZERO,
             cpu_us: 0.0,
+            workers_cpu_us: 0.0,
             latency_us: Histogram::new_with_max(3_600_000_000, 3).expect("a valid histogram"),
             share_min: f64::INFINITY,
             share_max: 0.0,
@@ -331,6 +335,7 @@ impl Total {
         self.elapsed += r.elapsed;
         self.wall += s.wall;
         self.cpu_us += s.cpu_us;
+        self.workers_cpu_us += s.workers_cpu_us;
         self.rates
             .push(r.requests as f64 / r.elapsed.as_secs_f64().max(1e-9));
         self.others_pct = self.others_pct.max(s.others_pct);
@@ -429,6 +434,17 @@ impl Server {
             // Its own group: the primary and, for Node's cluster, its
             // workers can be killed together.
             .process_group(0);
+        // SAFETY: prctl is async-signal-safe and only sets an attribute of
+        // the child. If the bench dies (Ctrl-C reaches only its own group),
+        // the primary gets SIGTERM and stops its workers.
+        unsafe {
+            cmd.pre_exec(|| {
+                if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGTERM) == -1 {
+                    return Err(std::io::Error::last_os_error());
+                }
+                Ok(())
+            });
+        }
         let child = cmd
             .spawn()
             .map_err(|e| format!("cannot start {cmd:?}: {e}"))?;
@@ -541,23 +557,24 @@ impl Server {
         spec.duration = Duration::from_secs_f64(s.seconds);
         let pid = self.pid();
         let family: Vec<u32> = descendants(pid).iter().map(|p| p.pid).collect();
-        let ours = |family: &[u32]| -> u64 {
-            family.iter().filter_map(|&p| cpu_ticks(p)).sum::<u64>()
-                + cpu_ticks(std::process::id()).unwrap_or(0)
-        };
+        let workers = |family: &[u32]| -> u64 { family.iter().filter_map(|&p| cpu_ticks(p)).sum() };
+        let me = || cpu_ticks(std::process::id()).unwrap_or(0);
         let machine_before = machine_busy_ticks();
-        let ours_before = ours(&family);
+        let (workers_before, me_before) = (workers(&family), me());
         let before = cpu_ticks(pid).ok_or("cannot read the primary's /proc/PID/stat")?;
         let start = Instant::now();
         let result =
             load::run_load(&spec, &|_, _| {}).map_err(|e| format!("load generator: {e}"))?;
         let wall = start.elapsed();
         let after = cpu_ticks(pid).ok_or("cannot read the primary's /proc/PID/stat")?;
-        let ours_after = ours(&family);
+        let (workers_after, me_after) = (workers(&family), me());
         let machine_after = machine_busy_ticks();
+        let workers_ticks = workers_after.saturating_sub(workers_before);
         let others_ticks = machine_after
             .saturating_sub(machine_before)
-            .saturating_sub((ours_after + after).saturating_sub(ours_before + before));
+            .saturating_sub(workers_ticks)
+            .saturating_sub(me_after.saturating_sub(me_before))
+            .saturating_sub(after.saturating_sub(before));
         let cores = std::thread::available_parallelism().map_or(1, |n| n.get()) as f64;
         let others_pct =
             100.0 * others_ticks as f64 / clock_ticks_per_sec() / wall.as_secs_f64() / cores;
@@ -571,6 +588,7 @@ impl Server {
         Ok(Sample {
             result,
             cpu_us: (after.saturating_sub(before)) as f64 * 1e6 / clock_ticks_per_sec(),
+            workers_cpu_us: workers_ticks as f64 * 1e6 / clock_ticks_per_sec(),
             wall,
             others_pct,
         })
@@ -845,16 +863,16 @@ fn markdown(
         );
         let _ = writeln!(
             out,
-            "| contender | req/s | rounds min–max | errors | p50 ms | p99 ms | share min–max % | primary CPU µs/req | primary CPU % |"
+            "| contender | req/s | rounds min–max | errors | p50 ms | p99 ms | share min–max % | primary CPU µs/req | primary CPU % | workers CPU µs/req |"
         );
-        let _ = writeln!(out, "|---|---|---|---|---|---|---|---|---|");
+        let _ = writeln!(out, "|---|---|---|---|---|---|---|---|---|---|");
         for c in &s.contenders {
             if let Some(e) = failures.get(c.key) {
                 // The first clause: the log's tail is on stderr.
                 let first = e.split(';').next().unwrap_or("");
                 let _ = writeln!(
                     out,
-                    "| {} | failed: {} | | | | | | | |",
+                    "| {} | failed: {} | | | | | | | | |",
                     c.label,
                     first.replace('|', "\\|")
                 );
@@ -879,10 +897,18 @@ fn markdown(
             };
             let per_req = t.cpu_us / t.requests.max(1) as f64;
             let pct = 100.0 * t.cpu_us / 1e6 / t.wall.as_secs_f64().max(1e-9);
-            let per_req = if per_req < 10.0 {
-                format!("{per_req:.2}")
+            let figure = |v: f64| {
+                if v < 10.0 {
+                    format!("{v:.2}")
+                } else {
+                    format!("{v:.1}")
+                }
+            };
+            let per_req = figure(per_req);
+            let workers_per_req = if c.kind == Kind::Plain {
+                "–".to_string()
             } else {
-                format!("{per_req:.1}")
+                figure(t.workers_cpu_us / t.requests.max(1) as f64)
             };
             let (per_req, pct) = if c.kind == Kind::Plain {
                 // No primary: the process that serves, for comparison.
@@ -892,7 +918,7 @@ fn markdown(
             };
             let _ = writeln!(
                 out,
-                "| {} | {} | {}–{} | {} | {} | {} | {share} | {per_req} | {pct} |",
+                "| {} | {} | {}–{} | {} | {} | {} | {share} | {per_req} | {pct} | {workers_per_req} |",
                 c.label,
                 thousands(t.median_rate()),
                 thousands(lo),
@@ -914,7 +940,8 @@ fn markdown(
          - primary CPU: user + system time of the primary process (`/proc/PID/stat`, 10 ms \
          ticks) over the measured run, per request served (with `Connection: close`, per \
          connection dispatched) and as % of one core. In parentheses for the plain process: \
-         its own CPU, serving included.",
+         its own CPU, serving included. workers CPU: the same for all the worker processes \
+         together.",
         100.0 / n as f64
     );
     let others = totals.values().map(|t| t.others_pct).fold(0.0, f64::max);

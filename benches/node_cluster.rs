@@ -17,8 +17,9 @@
 //! (their range is shown too); latencies, errors and CPU are pooled.
 //!
 //! The machine should be quiet: the bench measures the CPU that other
-//! processes use during each run and flags runs where they took more than
-//! [`BUSY_PCT`] % of it.
+//! processes use during each run (from `/proc/stat` less its own and the
+//! contender's), measures a run again when they took more than
+//! [`BUSY_PCT`] % of it, and says so in the table when they still did.
 //!
 //! Besides requests/s, latency and errors it reports the primary's CPU per
 //! request: `utime + stime` of the primary process (`/proc/PID/stat`)
@@ -36,6 +37,8 @@
 //!   (default 2, fractions allowed);
 //! - `NODE_BENCH_ROUNDS`: rounds (default 3);
 //! - `NODE_BENCH_WARMUP_MS`: warm-up before each measured run (default 500);
+//! - `NODE_BENCH_RETRIES`: how many times a run disturbed by other
+//!   processes is measured again (default 2; the least disturbed counts);
 //! - `NODE_BENCH_CONTENDERS`: a comma-separated subset of `node-rr`,
 //!   `node-none`, `dist-rr`, `dist-shared`, `dist-reuseport`, `plain`.
 
@@ -129,6 +132,7 @@ struct Settings {
     seconds: f64,
     rounds: usize,
     warmup: Duration,
+    retries: usize,
     contenders: Vec<Contender>,
 }
 
@@ -176,6 +180,7 @@ impl Settings {
             seconds: setting("NODE_BENCH_SECONDS", 2.0),
             rounds: setting("NODE_BENCH_ROUNDS", 3),
             warmup: Duration::from_millis(setting("NODE_BENCH_WARMUP_MS", 500)),
+            retries: setting("NODE_BENCH_RETRIES", 2),
             contenders,
         };
         if s.workers == 0
@@ -373,7 +378,26 @@ fn run_contender(s: &Settings, c: Contender, log: &Path) -> Result<Vec<(bool, Sa
     let outcome = (|| {
         server.wait_ready()?;
         for keepalive in [false, true] {
-            samples.push((keepalive, server.measure(s, keepalive)?));
+            // A run disturbed by other processes is measured again (the
+            // warm-up too), up to `retries` times; the least disturbed
+            // one counts.
+            let mut best = server.measure(s, keepalive)?;
+            for _ in 0..s.retries {
+                if best.others_pct <= BUSY_PCT {
+                    break;
+                }
+                eprintln!(
+                    "  {} {}: other processes took {:.0} % of the CPU: measuring again",
+                    c.label,
+                    load_name(keepalive),
+                    best.others_pct
+                );
+                let again = server.measure(s, keepalive)?;
+                if again.others_pct < best.others_pct {
+                    best = again;
+                }
+            }
+            samples.push((keepalive, best));
         }
         Ok(())
     })();

@@ -220,6 +220,12 @@ fn main() {
         eprintln!("node_cluster: cannot create {}: {e}", logs.display());
         std::process::exit(1);
     }
+    // Only this run's logs: an earlier run with more rounds left others.
+    for entry in std::fs::read_dir(&logs).into_iter().flatten().flatten() {
+        if entry.path().extension().is_some_and(|e| e == "log") {
+            let _ = std::fs::remove_file(entry.path());
+        }
+    }
     eprintln!(
         "node_cluster: {} contenders × 2 loads × {} rounds of {} s (+ {:?} warm-up); node {node_version}; logs in {}",
         settings.contenders.len(),

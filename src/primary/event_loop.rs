@@ -505,7 +505,6 @@ impl EventLoop {
                 }
                 // The primary's copies are closed now: room for more, and
                 // fds for an accept that ran out of them.
-                self.backlogs_waiting();
                 self.accept_paused_until = None;
                 None
             }

@@ -70,7 +70,11 @@ pub(crate) struct Server {
     pub data: String,
     /// Accepted connections no worker holds.
     pub pending: VecDeque<Conn>,
-    /// Connections may wait in the backlog that the loop chose not to accept.
+    /// Connections may wait in the backlog: set by the listener's
+    /// (edge-triggered) readiness, cleared only by an accept that found
+    /// none (`WouldBlock`). It stays set when accepting stopped for want of
+    /// a worker with room, so room freed later (an acknowledgement, a
+    /// worker ready) resumes accepting without a wasted `accept`.
     pub backlog_waiting: bool,
 }
 
@@ -136,13 +140,6 @@ impl EventLoop {
             {
                 self.accept_loop(k);
             }
-        }
-    }
-
-    /// Notes that connections may wait on every server.
-    pub(super) fn backlogs_waiting(&mut self) {
-        for s in &mut self.servers {
-            s.backlog_waiting = true;
         }
     }
 

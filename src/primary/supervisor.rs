@@ -346,7 +346,6 @@ impl EventLoop {
             self.told_systemd_ready = true;
             tell_systemd(&format!("READY=1\nSTATUS={total} workers ready"));
         }
-        self.backlogs_waiting();
         self.emit(Event::WorkerReady { id, pid });
         if role == Role::Candidate {
             self.advance_reload();
@@ -527,7 +526,6 @@ impl EventLoop {
         let now = self.now;
         if self.accept_paused_until.is_some_and(|t| t <= now) {
             self.accept_paused_until = None;
-            self.backlogs_waiting();
         }
         if self.reload.retry_at.is_some_and(|t| t <= now) {
             self.reload.retry_at = None;

@@ -165,7 +165,6 @@ impl EventLoop {
                         self.hand_back(conn);
                     }
                 }
-                self.backlogs_waiting();
                 self.accept_paused_until = None;
             }
             FromWorker::HandleAck => {
@@ -319,7 +318,6 @@ impl EventLoop {
             if let (Some(_), Some(Link::Node(link))) = (&fd, w.channel.as_mut()) {
                 link.handles.push_back(0);
             }
-            self.backlogs_waiting();
         }
     }
 

@@ -46,6 +46,13 @@
 //! contender's); a run where they took more than [`BUSY_PCT`] % of the
 //! machine is measured again, and the table says so when they still did.
 //!
+//! On a small machine a run's figure also depends on where the scheduler
+//! puts the load generator, the primary and the workers, and that holds for
+//! the whole run: on 2 cores, runs of the same contender in a row differ by
+//! up to ±15 %. Many short rounds give the median more to work with than a
+//! few long ones; the tables show the range of the rounds, and a target
+//! whose per-round ratios fall on both sides of its goal says so.
+//!
 //! Nothing runs unless cargo passes `--bench`. nginx and Node contenders are
 //! skipped, with a note, when their program is missing.
 //!
@@ -53,9 +60,9 @@
 //! - `PERF_WORKERS`: workers per contender (default: the CPUs);
 //! - `PERF_CONNECTIONS`: concurrent connections (default 64);
 //! - `PERF_SECONDS`: measured seconds per contender, load and round
-//!   (default 2, fractions allowed);
-//! - `PERF_ROUNDS`: rounds (default 3);
-//! - `PERF_WARMUP_MS`: warm-up before each measured run (default 300);
+//!   (default 1, fractions allowed);
+//! - `PERF_ROUNDS`: rounds (default 6);
+//! - `PERF_WARMUP_MS`: warm-up before each measured run (default 200);
 //! - `PERF_RETRIES`: how many times a run disturbed by other processes is
 //!   measured again (default 1; the least disturbed counts);
 //! - `PERF_IDLE_CONNECTIONS`: kept-alive connections held open for the
@@ -353,9 +360,9 @@ impl Settings {
         let s = Settings {
             workers: setting("PERF_WORKERS", cores),
             connections: setting("PERF_CONNECTIONS", 64),
-            seconds: setting("PERF_SECONDS", 2.0),
-            rounds: setting("PERF_ROUNDS", 3),
-            warmup: Duration::from_millis(setting("PERF_WARMUP_MS", 300)),
+            seconds: setting("PERF_SECONDS", 1.0),
+            rounds: setting("PERF_ROUNDS", 6),
+            warmup: Duration::from_millis(setting("PERF_WARMUP_MS", 200)),
             retries: setting("PERF_RETRIES", 1),
             idle_connections: setting("PERF_IDLE_CONNECTIONS", 10_000),
             long_connections: setting("PERF_LONG_CONNECTIONS", 200_000),
@@ -1399,6 +1406,8 @@ struct Target {
     goal: String,
     /// `None`: not measured (a contender missing or failed).
     met: Option<bool>,
+    /// The rounds fall on both sides of the goal: within the noise.
+    straddles: bool,
 }
 
 /// `a / b` of the median req/s of two contenders under one load, with the
@@ -1418,6 +1427,7 @@ fn ratio(
             measured: format!("not measured ({a} or {b} missing)"),
             goal: goal_text,
             met: None,
+            straddles: false,
         };
     };
     let r = ta.median_rate() / tb.median_rate();
@@ -1437,6 +1447,7 @@ fn ratio(
         ),
         goal: goal_text,
         met: Some(r >= goal),
+        straddles: lo < goal && hi >= goal,
     }
 }
 
@@ -1720,6 +1731,7 @@ fn markdown(
                     ),
                     goal: latency_goal,
                     met: Some(d <= LATENCY_US),
+                    straddles: false,
                 }
             }
             _ => Target {
@@ -1727,6 +1739,7 @@ fn markdown(
                 measured: "not measured".into(),
                 goal: latency_goal,
                 met: None,
+                straddles: false,
             },
         },
     );
@@ -1748,6 +1761,7 @@ fn markdown(
                     ),
                     goal,
                     met: Some(d <= FLAT_KIB),
+                    straddles: false,
                 }
             }
             Err(_) => Target {
@@ -1755,6 +1769,7 @@ fn markdown(
                 measured: "failed".into(),
                 goal,
                 met: None,
+                straddles: false,
             },
         });
     }
@@ -1765,7 +1780,7 @@ fn markdown(
     for t in &targets {
         let _ = writeln!(
             out,
-            "| {} | {} | {} | {} |",
+            "| {} | {} | {} | {}{} |",
             t.what,
             t.measured,
             t.goal,
@@ -1773,6 +1788,11 @@ fn markdown(
                 Some(true) => "yes",
                 Some(false) => "**no**",
                 None => "–",
+            },
+            if t.straddles {
+                " (rounds on both sides)"
+            } else {
+                ""
             }
         );
     }

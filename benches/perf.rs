@@ -62,7 +62,8 @@
 //! - `PERF_SECONDS`: measured seconds per contender, load and round
 //!   (default 1, fractions allowed);
 //! - `PERF_ROUNDS`: rounds (default 6);
-//! - `PERF_WARMUP_MS`: warm-up before each measured run (default 200);
+//! - `PERF_WARMUP_MS`: warm-up before each measured run (default 200; at
+//!   least 500 for the Node contenders);
 //! - `PERF_RETRIES`: how many times a run disturbed by other processes is
 //!   measured again (default 1; the least disturbed counts);
 //! - `PERF_IDLE_CONNECTIONS`: kept-alive connections held open for the
@@ -106,6 +107,8 @@ const ORPHAN_GRACE: Duration = Duration::from_secs(2);
 /// Above this much CPU used by other processes during a run (% of the
 /// machine), the run is measured again, then flagged.
 const BUSY_PCT: f64 = 10.0;
+/// The shortest warm-up of a Node contender (that of `benches/node_cluster.rs`).
+const NODE_WARMUP: Duration = Duration::from_millis(500);
 /// Load generator threads, as in `benches/balance.rs`.
 const LOAD_THREADS: usize = 2;
 /// The workers of the memory phase.
@@ -878,8 +881,15 @@ impl Server {
     /// A warm-up, then the measured run with the CPU times read before and
     /// after.
     fn measure(&mut self, s: &Settings, load: Load) -> Result<Sample, String> {
-        if !s.warmup.is_zero() {
-            load::run_load(&self.spec(s, load, s.warmup), &|_, _| {})
+        let warmup = match self.program {
+            // Node's JIT needs longer than the demo worker and nginx.
+            Program::NodeCluster | Program::Distributor { node: true, .. } => {
+                s.warmup.max(NODE_WARMUP)
+            }
+            _ => s.warmup,
+        };
+        if !warmup.is_zero() {
+            load::run_load(&self.spec(s, load, warmup), &|_, _| {})
                 .map_err(|e| format!("load generator: {e}"))?;
         }
         let spec = self.spec(s, load, Duration::from_secs_f64(s.seconds));

@@ -349,8 +349,12 @@ impl Settings {
             match c.program {
                 Program::Nginx if nginx.is_none() => skipped.push((
                     c,
-                    "nginx is not installed (not on PATH, not /usr/sbin/nginx; PERF_NGINX names it)"
-                        .to_string(),
+                    match std::env::var("PERF_NGINX") {
+                        Ok(p) => format!("PERF_NGINX={p:?} does not run (`-v`)"),
+                        Err(_) => "nginx is not installed (not on PATH, not /usr/sbin/nginx; \
+                                   PERF_NGINX names it)"
+                            .to_string(),
+                    },
                 )),
                 Program::NodeCluster | Program::Distributor { node: true, .. }
                     if node.is_none() =>
@@ -1432,9 +1436,13 @@ fn ratio(
 ) -> Target {
     let goal_text = format!("≥ {goal:.2}×");
     let (Some(ta), Some(tb)) = (totals.get(&(a, load)), totals.get(&(b, load))) else {
+        let missing: Vec<&str> = [a, b]
+            .into_iter()
+            .filter(|k| !totals.contains_key(&(*k, load)))
+            .collect();
         return Target {
             what: what.to_string(),
-            measured: format!("not measured ({a} or {b} missing)"),
+            measured: format!("not measured (no {})", missing.join(", no ")),
             goal: goal_text,
             met: None,
             straddles: false,
@@ -1484,8 +1492,8 @@ fn markdown(
         s.seconds,
         s.warmup.as_millis(),
         env!("CARGO_PKG_VERSION"),
-        nginx_version(s.nginx.as_deref()).unwrap_or_else(|| "not installed".into()),
-        s.node.as_deref().unwrap_or("not installed"),
+        nginx_version(s.nginx.as_deref()).unwrap_or_else(|| not_run(s, true)),
+        s.node.clone().unwrap_or_else(|| not_run(s, false)),
     );
     let demo: Vec<&Contender> = s
         .contenders
@@ -1850,6 +1858,17 @@ fn markdown(
         started.elapsed().as_secs_f64()
     );
     out
+}
+
+/// Why nginx (or Node) has no version in the header: it is missing, or no
+/// contender needs it.
+fn not_run(s: &Settings, nginx: bool) -> String {
+    let missing = s.skipped.iter().any(|(c, _)| match c.program {
+        Program::Nginx => nginx,
+        Program::NodeCluster | Program::Distributor { node: true, .. } => !nginx,
+        Program::Distributor { node: false, .. } => false,
+    });
+    if missing { "not installed" } else { "not run" }.to_string()
 }
 
 /// The first clause of an error (the log's tail is on stderr).

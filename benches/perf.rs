@@ -100,6 +100,9 @@ const CLUSTER_PRIMARY: &str = "benches/node/cluster_primary.js";
 const NGINX_BODY: &str = "Hello from nginx\\n";
 /// How long a contender may take to serve, all its workers ready.
 const READY_TIMEOUT: Duration = Duration::from_secs(20);
+/// How long a contender must have served with all its worker processes
+/// started before it counts as ready when its log does not say so.
+const LOG_SILENT_READY: Duration = Duration::from_secs(2);
 /// How long a primary may take to stop after SIGTERM before SIGKILL.
 const STOP_TIMEOUT: Duration = Duration::from_secs(5);
 /// How long its workers may outlive it before they are SIGKILLed.
@@ -821,6 +824,9 @@ impl Server {
     fn wait_ready(&mut self) -> Result<(), String> {
         let deadline = Instant::now() + READY_TIMEOUT;
         let mut last_error;
+        // Since when it has served with all its workers started, for when
+        // the log does not say (its wording changed).
+        let mut complete_since: Option<Instant> = None;
         loop {
             if let Ok(Some(status)) = self.child.try_wait() {
                 return Err(format!(
@@ -832,6 +838,20 @@ impl Server {
                 Ok(_) => {
                     if self.log_says_ready() {
                         break;
+                    }
+                    if descendants(self.pid()).len() >= self.workers {
+                        let since = *complete_since.get_or_insert_with(Instant::now);
+                        if since.elapsed() >= LOG_SILENT_READY {
+                            eprintln!(
+                                "  warning: the log of pid {} does not say that all workers are \
+                                 ready; going by its {} processes, serving for {LOG_SILENT_READY:?}",
+                                self.pid(),
+                                self.workers
+                            );
+                            break;
+                        }
+                    } else {
+                        complete_since = None;
                     }
                     last_error = "serves, but the log does not say all workers are ready".into();
                 }

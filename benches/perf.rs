@@ -28,8 +28,8 @@
 //!   (`PERF_LONG_CONNECTIONS`, in 1 s runs, RSS read after each: it should
 //!   stay flat); with `PERF_IDLE_CONNECTIONS` kept-alive connections open
 //!   (plain `TcpStream`s from this process, one request each so that every
-//!   one is known served; `RLIMIT_NOFILE` is raised to its hard limit when
-//!   needed); and after they are closed.
+//!   one is known served; the soft `RLIMIT_NOFILE` is raised, within the
+//!   hard limit, when it is too low); and after they are closed.
 //! - **Node apps** (when `node` is on PATH): the unmodified
 //!   [benches/node/app.js](node/app.js) under Node's cluster primary
 //!   (`rr`) and under `distributor --sched rr`, short connections only.
@@ -48,8 +48,8 @@
 //!
 //! On a small machine a run's figure also depends on where the scheduler
 //! puts the load generator, the primary and the workers, and that holds for
-//! the whole run: on 2 cores, runs of the same contender in a row differ by
-//! up to ±15 %. Many short rounds give the median more to work with than a
+//! the whole run: on a 2-core VM, rounds of the same contender spread by
+//! 15 to 30 % (min to max). Many short rounds give the median more to work with than a
 //! few long ones; the tables show the range of the rounds, and a target
 //! whose per-round ratios fall on both sides of its goal says so.
 //!

@@ -808,28 +808,28 @@ fn fails(args: &[&str], env: &[(&str, &str)], dir: &Path) -> (i32, String) {
 fn bad_weights_and_sched_values_are_usage_errors() {
     let dir = util::TempDir::new("sched-cli");
     let base = ["-w", "2", "-l", "127.0.0.1:0"];
-    for weights in ["0", "1001", "3,x", "2,,1", "-1", "", "1.5", "3;1"] {
-        let arg = format!("--weights={weights}");
-        let mut args = base.to_vec();
-        args.push(&arg);
-        let (code, line) = fails(&args, &[], dir.path());
-        assert_eq!(code, 2, "--weights {weights:?}: {line}");
-        assert!(line.starts_with("error: "), "{line}");
-        assert!(line.contains("--weights"), "{line}");
+    let bad: [(&str, &[&str]); 2] = [
+        (
+            "--weights",
+            &["0", "1001", "3,x", "2,,1", "-1", "", "1.5", "3;1"],
+        ),
+        ("--sched", &["fastest", "least", "p3c", ""]),
+    ];
+    for (option, values) in bad {
+        for value in values {
+            let arg = format!("{option}={value}");
+            let mut args = base.to_vec();
+            args.push(&arg);
+            let (code, line) = fails(&args, &[], dir.path());
+            assert_eq!(code, 2, "{option} {value:?}: {line}");
+            assert!(line.starts_with("error: "), "{line}");
+            assert!(line.contains(option), "{line}");
+        }
     }
     let (code, line) = fails(&base, &[("DISTRIBUTOR_WEIGHTS", "2,0")], dir.path());
     assert_eq!(code, 2, "DISTRIBUTOR_WEIGHTS=2,0: {line}");
     assert!(line.contains("weight"), "{line}");
 
-    for sched in ["fastest", "least", "p3c", ""] {
-        let arg = format!("--sched={sched}");
-        let mut args = base.to_vec();
-        args.push(&arg);
-        let (code, line) = fails(&args, &[], dir.path());
-        assert_eq!(code, 2, "--sched {sched:?}: {line}");
-        assert!(line.starts_with("error: "), "{line}");
-        assert!(line.contains("--sched"), "{line}");
-    }
     let (code, line) = fails(&base, &[("DISTRIBUTOR_SCHED", "fastest")], dir.path());
     assert_eq!(code, 2, "DISTRIBUTOR_SCHED=fastest: {line}");
     assert!(line.contains("fastest"), "{line}");

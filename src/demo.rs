@@ -105,8 +105,11 @@ pub fn run_demo_worker(mut listener: WorkerListener) -> io::Result<()> {
         for event in events.iter() {
             if event.token() == CHANNEL {
                 loop {
-                    // Connections done free their fds before more arrive.
-                    close_all(&mut listener, &mut closing)?;
+                    // Connections done free their fds before more arrive
+                    // (once per CONNECTION message: a burst is one report).
+                    if !listener.has_buffered() {
+                        close_all(&mut listener, &mut closing)?;
+                    }
                     match listener.next_event() {
                         Ok(WorkerEvent::Connection(stream, _peer)) => {
                             stream.set_nonblocking(true)?;

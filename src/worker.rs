@@ -306,6 +306,16 @@ impl WorkerListener {
         Ok(())
     }
 
+    /// Whether events already received wait to be taken: the next
+    /// [`WorkerListener::next_event`] or [`WorkerListener::accept`] returns
+    /// one without reading the channel (a CONNECTION carries up to
+    /// [`protocol::MAX_FDS`] connections when the primary hands out a
+    /// burst). An event loop can use it to report and close the
+    /// connections it finished once per burst rather than once each.
+    pub fn has_buffered(&self) -> bool {
+        !self.pending.is_empty()
+    }
+
     /// A user message that `accept` set aside, oldest first.
     pub fn take_message(&mut self) -> Option<Vec<u8>> {
         self.messages.pop_front()

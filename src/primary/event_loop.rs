@@ -120,6 +120,8 @@ pub(crate) struct EventLoop {
     pub(super) live_sched: Sched,
     /// The policy's view of the workers, reused for each connection.
     pub(super) candidates: Vec<super::policy::Candidate>,
+    /// Workers with connections staged in their batch this turn.
+    pub(super) batched: Vec<usize>,
     /// Accepting paused after an accept error, until then.
     pub(super) accept_paused_until: Option<Instant>,
     /// When an accept error was last logged as a warning.
@@ -205,6 +207,7 @@ impl EventLoop {
             policy,
             live_sched,
             candidates: Vec::new(),
+            batched: Vec::new(),
             accept_paused_until: None,
             accept_warned_at: None,
             reload: Reload::default(),

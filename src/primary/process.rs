@@ -197,6 +197,11 @@ pub(crate) struct WorkerProc {
     pub kill_at: Option<Instant>,
     /// Connections sent and not yet acknowledged, by connection id.
     pub unacked: HashMap<u64, Conn>,
+    /// Connections given to it during this turn's burst and not sent yet:
+    /// they go in one CONNECTION message at the end of the burst (or when
+    /// [`MAX_FDS`](crate::protocol::MAX_FDS) are staged). Empty between
+    /// turns.
+    pub batch: Vec<Conn>,
     /// Connections this worker acknowledged.
     pub taken: u64,
     /// Connections it reported finished (DONE, a running total); `None`
@@ -327,6 +332,11 @@ impl WorkerProc {
             term_at: None,
             kill_at: None,
             unacked: HashMap::new(),
+            batch: if speaks == Protocol::Native {
+                Vec::with_capacity(crate::protocol::MAX_FDS)
+            } else {
+                Vec::new()
+            },
             taken: 0,
             finished: None,
             last_seen: now,
@@ -364,7 +374,7 @@ impl WorkerProc {
         let open = self
             .finished
             .map_or(0, |done| self.taken.saturating_sub(done));
-        self.unacked.len() as u64 + open
+        (self.unacked.len() + self.batch.len()) as u64 + open
     }
 
     /// Whether the primary may send it a connection of `server` now.
@@ -374,7 +384,7 @@ impl WorkerProc {
             && !self.channel_full
             && self.servers & (1 << server) != 0
             && self.channel.as_ref().is_some_and(|c| !c.blocked())
-            && self.unacked.len() < max_unacked
+            && self.unacked.len() + self.batch.len() < max_unacked
     }
 }
 

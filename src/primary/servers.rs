@@ -42,6 +42,7 @@ use super::event_loop::EventLoop;
 use super::node::wire;
 use super::policy::Candidate;
 use super::process::{Conn, Link, Protocol};
+use crate::protocol::MAX_FDS;
 
 /// The most servers (listening addresses) one primary serves.
 pub(crate) const MAX_SERVERS: usize = 64;
@@ -124,21 +125,31 @@ impl EventLoop {
         Ok(k)
     }
 
-    /// Hands held connections to workers, then accepts while workers have room.
+    /// Hands held connections to workers, then accepts while workers have
+    /// room; what a burst gave each worker goes in one message at the end.
     pub(super) fn pump(&mut self) {
         for k in 0..self.servers.len() {
-            while let Some(conn) = self.servers[k].pending.pop_front() {
-                if let Err(conn) = self.dispatch(conn) {
-                    self.servers[k].pending.push_front(conn);
+            // A batch that found its worker's channel full comes back to
+            // `pending` and that worker is marked full, so the next pass
+            // gives it to the others: each pass but the last marks one.
+            for _ in 0..=self.workers.len() {
+                while let Some(conn) = self.servers[k].pending.pop_front() {
+                    if let Err(conn) = self.dispatch(conn) {
+                        self.servers[k].pending.push_front(conn);
+                        break;
+                    }
+                }
+                if self.servers[k].pending.is_empty()
+                    && self.servers[k].backlog_waiting
+                    && self.accept_paused_until.is_none()
+                    && !self.settings.sched.is_kernel()
+                {
+                    self.accept_loop(k);
+                }
+                self.send_batches();
+                if self.servers[k].pending.is_empty() || !self.can_place(k) {
                     break;
                 }
-            }
-            if self.servers[k].pending.is_empty()
-                && self.servers[k].backlog_waiting
-                && self.accept_paused_until.is_none()
-                && !self.settings.sched.is_kernel()
-            {
-                self.accept_loop(k);
             }
         }
     }
@@ -163,6 +174,10 @@ impl EventLoop {
                     };
                     if let Err(conn) = self.dispatch(conn) {
                         self.servers[k].pending.push_back(conn);
+                        return;
+                    }
+                    if !self.servers[k].pending.is_empty() {
+                        // A full batch met a full channel: those go first.
                         return;
                     }
                 }
@@ -229,16 +244,26 @@ impl EventLoop {
         self.settings.weights.get(slot).copied().unwrap_or(1).max(1)
     }
 
-    /// Sends `conn` to the next worker that takes it; gives it back if none can.
+    /// Gives `conn` to the worker the policy picks: a native worker's goes
+    /// into its batch (sent by [`EventLoop::send_batches`] at the end of
+    /// the burst, or now if the batch is full), a Node worker's is sent at
+    /// once (Node's `newconn` carries one). Gives it back if no worker can
+    /// take it.
     fn dispatch(&mut self, mut conn: Conn) -> Result<(), Conn> {
         conn.sent = self.now;
         let k = conn.server;
         while let Some(i) = self.pick(k) {
             let w = self.workers[i].as_mut().expect("picked workers exist");
             let sent = match w.channel.as_mut().expect("picked workers have a channel") {
-                Link::Native(channel) => {
-                    self.enc.connection().entry(conn.id, conn.peer);
-                    channel.send(self.enc.as_bytes(), &[conn.fd.as_fd()], true)
+                Link::Native(_) => {
+                    if w.batch.is_empty() {
+                        self.batched.push(i);
+                    }
+                    w.batch.push(conn);
+                    if w.batch.len() == MAX_FDS {
+                        self.send_batch(i);
+                    }
+                    return Ok(());
                 }
                 Link::Node(link) => {
                     self.line.clear();
@@ -265,6 +290,58 @@ impl EventLoop {
         Err(conn)
     }
 
+    /// Sends every batch staged this turn.
+    fn send_batches(&mut self) {
+        let mut batched = std::mem::take(&mut self.batched);
+        for i in batched.drain(..) {
+            self.send_batch(i);
+        }
+        self.batched = batched;
+    }
+
+    /// Sends worker `i`'s batch as one CONNECTION message, its fds in one
+    /// `SCM_RIGHTS`. If the channel is full, the batch goes back to the
+    /// front of `pending`, in order, and the worker is marked full; if the
+    /// channel is broken, the worker is cut off and the batch goes back too.
+    fn send_batch(&mut self, i: usize) {
+        let Some(w) = self.workers.get_mut(i).and_then(Option::as_mut) else {
+            return;
+        };
+        if w.batch.is_empty() {
+            return;
+        }
+        let sent = match w.channel.as_ref() {
+            Some(Link::Native(channel)) => {
+                let enc = self.enc.connection();
+                let mut fds = [channel.as_fd(); MAX_FDS];
+                for (fd, c) in fds.iter_mut().zip(&w.batch) {
+                    enc.entry(c.id, c.peer);
+                    *fd = c.fd.as_fd();
+                }
+                channel.send(self.enc.as_bytes(), &fds[..w.batch.len()], true)
+            }
+            _ => Err(io::Error::from(io::ErrorKind::NotConnected)),
+        };
+        match sent {
+            Ok(()) => {
+                for c in w.batch.drain(..) {
+                    w.unacked.insert(c.id, c);
+                }
+            }
+            Err(e) => {
+                for c in w.batch.drain(..).rev() {
+                    self.servers[c.server].pending.push_front(c);
+                }
+                if e.kind() == io::ErrorKind::WouldBlock {
+                    w.channel_full = true;
+                } else {
+                    warn!(worker = w.id, "cannot send to worker {}: {e}", w.id);
+                    self.cut_off(i);
+                }
+            }
+        }
+    }
+
     /// Gives back a connection that a worker no longer holds, to go to
     /// another worker first.
     pub(super) fn hand_back(&mut self, conn: Conn) {
@@ -287,6 +364,9 @@ impl EventLoop {
         }
         w.ready = false;
         w.ping_at = None;
+        for c in w.batch.drain(..).rev() {
+            self.servers[c.server].pending.push_front(c);
+        }
         if !w.unacked.is_empty() {
             info!(
                 worker = w.id,

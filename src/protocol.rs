@@ -29,6 +29,10 @@ pub const ENV_FD: &str = "DISTRIBUTOR_FD";
 pub const ENV_PROTOCOL: &str = "DISTRIBUTOR_PROTOCOL";
 /// Environment variable with the worker's id (1, 2, 3, ...).
 pub const ENV_WORKER_ID: &str = "DISTRIBUTOR_WORKER_ID";
+/// Environment variable saying whether the primary reads DONE reports:
+/// `0` in the kernel balancing modes, where no policy uses them (a worker
+/// then sends none); `1` otherwise. Absent means `1`.
+pub const ENV_REPORT_FINISHED: &str = "DISTRIBUTOR_REPORT_FINISHED";
 
 /// Message types, primary to worker.
 pub(crate) const T_CONNECTION: u8 = 0x01;

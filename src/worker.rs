@@ -146,6 +146,8 @@ pub struct WorkerListener {
     /// Connections finished (`finished`), and the total last reported.
     finished: u64,
     finished_reported: u64,
+    /// The primary reads DONE reports (`DISTRIBUTOR_REPORT_FINISHED`).
+    reports_wanted: bool,
 }
 
 /// How often at most a worker in a kernel mode reports its figures.
@@ -224,6 +226,8 @@ impl WorkerListener {
             last_report: Instant::now(),
             finished: 0,
             finished_reported: 0,
+            reports_wanted: std::env::var_os(protocol::ENV_REPORT_FINISHED)
+                .is_none_or(|v| v != "0"),
         })
     }
 
@@ -285,7 +289,14 @@ impl WorkerListener {
     /// every connection it takes: sends DONE(0) now, so that load-aware
     /// scheduling counts its acknowledged connections as in flight until
     /// reported finished. Call it once, before the first connection.
+    ///
+    /// In the kernel balancing modes the primary says it reads no reports
+    /// (`DISTRIBUTOR_REPORT_FINISHED=0`): then this and
+    /// [`WorkerListener::flush_reports`] send nothing.
     pub fn report_finished(&mut self) -> io::Result<()> {
+        if !self.reports_wanted {
+            return Ok(());
+        }
         let mut enc = Encoder::default();
         self.channel
             .send(enc.done(self.finished).as_bytes(), &[], false)?;
@@ -297,7 +308,7 @@ impl WorkerListener {
     /// on their own (mio) rather than in `accept`/`next_event`; call it
     /// before waiting.
     pub fn flush_reports(&mut self) -> io::Result<()> {
-        if self.finished != self.finished_reported {
+        if self.reports_wanted && self.finished != self.finished_reported {
             let mut enc = Encoder::default();
             self.channel
                 .send(enc.done(self.finished).as_bytes(), &[], false)?;

@@ -60,6 +60,23 @@ fn stats_figures(sched: Sched, listener: TcpListener) {
     );
     if sched == Sched::RoundRobin {
         assert!(seen.values().all(|&n| n == 10), "rr is exact: {seen:?}");
+        // The demo reports its finished connections where the primary
+        // reads them...
+        let ok = util::poll_until(Duration::from_secs(10), || {
+            let stats = handle.stats().expect("stats");
+            stats
+                .workers
+                .iter()
+                .all(|w| w.finished == Some(w.connections) && w.in_flight == 0)
+        });
+        assert!(ok, "finished never caught up: {:?}", handle.stats());
+    } else {
+        // ...and sends none in the kernel modes, where no policy uses them.
+        let stats = handle.stats().expect("stats");
+        assert!(
+            stats.workers.iter().all(|w| w.finished.is_none()),
+            "{stats:?}"
+        );
     }
     handle.shutdown().expect("shutdown");
     runner

@@ -424,8 +424,10 @@ def main():
         sel.register(listener, selectors.EVENT_READ)
     count = AcceptCount()
 
-    srv.chan = chan
-    send_msg(chan, struct.pack(">BQ", DONE, 0))  # it reports finished connections
+    # DONE reports, unless the primary says it reads none (kernel modes).
+    if os.environ.get("DISTRIBUTOR_REPORT_FINISHED", "1") != "0":
+        srv.chan = chan
+        send_msg(chan, struct.pack(">BQ", DONE, 0))  # it reports finished connections
     send_msg(chan, struct.pack(">BH", HELLO, 1))  # ready
 
     while True:

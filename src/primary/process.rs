@@ -288,7 +288,13 @@ impl WorkerProc {
                 command
                     .env(protocol::ENV_PROTOCOL, protocol::VERSION.to_string())
                     .env(protocol::ENV_WORKER_ID, id.to_string())
-                    .env(protocol::ENV_FD, child_channel.to_string());
+                    .env(protocol::ENV_FD, child_channel.to_string())
+                    // In a kernel mode (a listening socket to share) no
+                    // policy reads completion reports: spare them.
+                    .env(
+                        protocol::ENV_REPORT_FINISHED,
+                        if listen.is_some() { "0" } else { "1" },
+                    );
             }
             Protocol::Node => {
                 command

@@ -79,7 +79,9 @@ pub struct WorkerStats {
     /// finished once it reports completions; what `least-conn` weighs.
     pub in_flight: u64,
     /// Connections it reported finished (a running total); `None` for a
-    /// worker that does not report completions.
+    /// worker that does not report completions, and in the kernel modes,
+    /// where the primary asks workers for no reports
+    /// (`DISTRIBUTOR_REPORT_FINISHED=0`).
     pub finished: Option<u64>,
     /// Its slot's weight (`--weights`).
     pub weight: u32,

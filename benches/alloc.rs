@@ -181,7 +181,7 @@ fn run() -> Result<bool, String> {
     let listener = TcpListener::bind("127.0.0.1:0").map_err(|e| format!("bind: {e}"))?;
     let demo = WorkerCommand::new(env!("CARGO_BIN_EXE_distributor"), Vec::<String>::new())
         .env(distributor::demo::DEMO_WORKER_ENV, "1");
-    let mut primary = Primary::builder()
+    let primary = Primary::builder()
         .workers(workers)
         .listener(listener)
         .sched(Sched::RoundRobin)
@@ -235,7 +235,7 @@ fn run() -> Result<bool, String> {
         );
         ok &= per <= 0.01;
     }
-    handle.shutdown();
+    handle.shutdown().map_err(|e| format!("shutdown: {e}"))?;
     match runner.join() {
         Ok(Ok(())) => {}
         Ok(Err(e)) => return Err(format!("primary: {e}")),

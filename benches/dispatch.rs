@@ -1,6 +1,7 @@
-//! Micro-benchmarks of the dispatch path: handing one fd over a channel
-//! (the primary's `sendmsg` with `SCM_RIGHTS` and the worker's `recvmsg`,
-//! then the close of the received copy), and the policy's pick.
+//! Micro-benchmarks of the dispatch path: handing fds over a channel (the
+//! primary's `sendmsg` with `SCM_RIGHTS` and the worker's `recvmsg`, then
+//! the close of the received copies), one per message and 16 in one
+//! message as a burst goes, and the policy's pick.
 
 use std::hint::black_box;
 use std::net::TcpListener;
@@ -23,6 +24,24 @@ fn channel(c: &mut Criterion) {
     c.bench_function("channel: send one fd, receive it, close it", |b| {
         b.iter(|| {
             send_with_fds(primary.as_fd(), enc.as_bytes(), &[conn.as_fd()], true).unwrap();
+            let got = recv_with_fds(worker.as_fd(), &mut buf, &mut fds, true).unwrap();
+            black_box(got);
+            fds.clear();
+        })
+    });
+    // A burst: 16 connections in one message (divide by 16 for the cost
+    // of one).
+    let many: Vec<TcpListener> = (0..16)
+        .map(|_| TcpListener::bind("127.0.0.1:0").expect("bind"))
+        .collect();
+    let borrowed: Vec<_> = many.iter().map(|l| l.as_fd()).collect();
+    enc.connection();
+    for id in 0..16 {
+        enc.entry(id, "127.0.0.1:40000".parse().unwrap());
+    }
+    c.bench_function("channel: send 16 fds in one message, receive, close", |b| {
+        b.iter(|| {
+            send_with_fds(primary.as_fd(), enc.as_bytes(), &borrowed, true).unwrap();
             let got = recv_with_fds(worker.as_fd(), &mut buf, &mut fds, true).unwrap();
             black_box(got);
             fds.clear();

@@ -49,6 +49,12 @@ fn check_worker(primary: &Primary, id: u64, pid: u32) {
         Some("1"),
         "{env:?}"
     );
+    // rr: the primary reads completion reports.
+    assert_eq!(
+        env.get("DISTRIBUTOR_REPORT_FINISHED").map(String::as_str),
+        Some("1"),
+        "{env:?}"
+    );
     let channel: i32 = env
         .get("DISTRIBUTOR_FD")
         .and_then(|v| v.parse().ok())
@@ -59,6 +65,7 @@ fn check_worker(primary: &Primary, id: u64, pid: u32) {
         [
             "DISTRIBUTOR_FD",
             "DISTRIBUTOR_PROTOCOL",
+            "DISTRIBUTOR_REPORT_FINISHED",
             "DISTRIBUTOR_WORKER_ID"
         ],
         "unexpected DISTRIBUTOR_* variables"

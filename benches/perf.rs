@@ -30,6 +30,11 @@
 //!   (plain `TcpStream`s from this process, one request each so that every
 //!   one is known served; the soft `RLIMIT_NOFILE` is raised, within the
 //!   hard limit, when it is too low); and after they are closed.
+//! - **The plain loop**: the reference the primary is measured against,
+//!   this bench started again as the plainest primary (accept until
+//!   `WouldBlock`; for each connection one `sendmsg` with `SCM_RIGHTS` to
+//!   the next demo worker, blocking, and a `close` at once; no ledger, no
+//!   policy, no supervision): its CPU per connection beside rr's.
 //! - **Node apps** (when `node` is on PATH): the unmodified
 //!   [benches/node/app.js](node/app.js) under Node's cluster primary
 //!   (`rr`) and under `distributor --sched rr`, short connections only.
@@ -74,7 +79,8 @@
 //!   `/usr/sbin/nginx`);
 //! - `PERF_CONTENDERS`: a comma-separated subset of `dist-rr`,
 //!   `dist-least-conn`, `dist-p2c`, `dist-shared`, `dist-reuseport`,
-//!   `nginx`, `node-rr`, `dist-node-rr`, and `memory` (the memory phase).
+//!   `plain-loop`, `nginx`, `node-rr`, `dist-node-rr`, and `memory` (the
+//!   memory phase).
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::fmt::Write as _;
@@ -136,6 +142,12 @@ const RR_VS_REUSEPORT_KEEPALIVE: f64 = 0.98;
 const REUSEPORT_VS_NGINX: f64 = 0.95;
 const RR_VS_NGINX: f64 = 0.85;
 const LATENCY_US: f64 = 20.0;
+/// Primary CPU per connection in rr, µs (the issue's figure for a 2-core VM).
+const RR_CPU_US: f64 = 8.0;
+/// rr's primary CPU per connection against the plain loop's: half.
+const VS_PLAIN_LOOP: f64 = 0.5;
+/// Against Node's cluster primary on the same Node app: a sixth.
+const VS_NODE_PRIMARY: f64 = 1.0 / 6.0;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
 enum Load {
@@ -166,6 +178,9 @@ enum Program {
     Nginx,
     /// `node cluster_primary.js N`, `NODE_CLUSTER_SCHED_POLICY=rr`.
     NodeCluster,
+    /// The reference: this bench as a plain accept, sendmsg, close loop
+    /// over N demo workers ([`plain_loop`]).
+    PlainLoop,
 }
 
 #[derive(Debug, Clone, Copy)]
@@ -181,9 +196,10 @@ struct Contender {
 const DEMO_LOADS: &[Load] = &[Load::Close, Load::KeepAlive];
 const LATENCY_LOADS: &[Load] = &[Load::Close, Load::KeepAlive, Load::Single];
 const NODE_LOADS: &[Load] = &[Load::Close];
+const PLAIN_LOADS: &[Load] = &[Load::Close, Load::Single];
 
 /// In table order; a round runs them in this order or reversed.
-const CONTENDERS: [Contender; 8] = [
+const CONTENDERS: [Contender; 9] = [
     Contender {
         key: "dist-rr",
         label: "distributor rr",
@@ -228,6 +244,12 @@ const CONTENDERS: [Contender; 8] = [
             node: false,
         },
         loads: LATENCY_LOADS,
+    },
+    Contender {
+        key: "plain-loop",
+        label: "plain loop (accept, sendmsg, close)",
+        program: Program::PlainLoop,
+        loads: PLAIN_LOADS,
     },
     Contender {
         key: "nginx",
@@ -399,6 +421,16 @@ impl Settings {
 }
 
 fn main() {
+    if let Ok(n) = std::env::var(PLAIN_LOOP_ENV) {
+        // Started by this bench as the plain-loop contender.
+        match plain_loop(n.parse().unwrap_or(1)) {
+            Ok(()) => std::process::exit(0),
+            Err(e) => {
+                eprintln!("plain loop: {e}");
+                std::process::exit(1);
+            }
+        }
+    }
     // `cargo bench` passes `--bench`; `cargo test --benches` does not.
     if !std::env::args().any(|a| a == "--bench") {
         return;
@@ -747,6 +779,12 @@ impl Server {
                     .env("NODE_CLUSTER_SCHED_POLICY", "rr");
                 cmd
             }
+            Program::PlainLoop => {
+                let exe = std::env::current_exe().map_err(|e| format!("this bench: {e}"))?;
+                let mut cmd = Command::new(exe);
+                cmd.env(PLAIN_LOOP_ENV, &n);
+                cmd
+            }
         };
         let out = File::create(log).map_err(|e| format!("{}: {e}", log.display()))?;
         let err = out
@@ -820,6 +858,7 @@ impl Server {
             // One line per worker; not "start worker processes".
             Program::Nginx => text.matches("start worker process ").count() >= n,
             Program::NodeCluster => text.contains(&format!("{n} workers listening on")),
+            Program::PlainLoop => text.contains(&format!("plain loop: {n} workers ready")),
         }
     }
 
@@ -1424,6 +1463,7 @@ fn markdown(
     let mut cpu_rows = Vec::new();
     for c in &demo {
         if !matches!(c.program, Program::Distributor { sched, .. } if ["rr", "least-conn", "p2c"].contains(&sched))
+            && c.program != Program::PlainLoop
         {
             continue;
         }
@@ -1616,6 +1656,63 @@ fn markdown(
             },
         },
     );
+    // The primary's CPU per connection (short connections, rounds pooled).
+    let cpu = |key: &str| {
+        totals
+            .get(&(key, Load::Close))
+            .filter(|t| t.requests > 0)
+            .map(|t| t.cpu_us / t.requests as f64)
+    };
+    let rr_cpu_what = "primary CPU per connection, rr, one request per connection".to_string();
+    let rr_cpu_goal = format!("≤ {RR_CPU_US:.0} µs");
+    targets.push(match cpu("dist-rr") {
+        Some(us) => Target {
+            what: rr_cpu_what,
+            measured: format!("**{us:.1} µs**"),
+            goal: rr_cpu_goal,
+            met: Some(us <= RR_CPU_US),
+            straddles: false,
+        },
+        None => Target {
+            what: rr_cpu_what,
+            measured: "not measured".into(),
+            goal: rr_cpu_goal,
+            met: None,
+            straddles: false,
+        },
+    });
+    for (a, b, goal, what) in [
+        (
+            "dist-rr",
+            "plain-loop",
+            VS_PLAIN_LOOP,
+            "primary CPU per connection, rr / the plain loop",
+        ),
+        (
+            "dist-node-rr",
+            "node-rr",
+            VS_NODE_PRIMARY,
+            "primary CPU per connection, ours / Node's primary (Node app)",
+        ),
+    ] {
+        let goal_text = format!("≤ {goal:.2}×");
+        targets.push(match (cpu(a), cpu(b)) {
+            (Some(x), Some(y)) if y > 0.0 => Target {
+                what: what.to_string(),
+                measured: format!("**{:.2}×** ({x:.1} vs {y:.1} µs)", x / y),
+                goal: goal_text,
+                met: Some(x / y <= goal),
+                straddles: false,
+            },
+            _ => Target {
+                what: what.to_string(),
+                measured: "not measured".into(),
+                goal: goal_text,
+                met: None,
+                straddles: false,
+            },
+        });
+    }
     if let Some(m) = memory {
         let what = "primary RSS flat over the long run of short connections".to_string();
         let goal = format!("≤ {FLAT_KIB:+} KiB after its first second");
@@ -1721,7 +1818,7 @@ fn not_run(s: &Settings, nginx: bool) -> String {
     let missing = s.skipped.iter().any(|(c, _)| match c.program {
         Program::Nginx => nginx,
         Program::NodeCluster | Program::Distributor { node: true, .. } => !nginx,
-        Program::Distributor { node: false, .. } => false,
+        Program::Distributor { node: false, .. } | Program::PlainLoop => false,
     });
     if missing { "not installed" } else { "not run" }.to_string()
 }
@@ -1794,5 +1891,142 @@ fn throughput_table(
             ms(0.5),
             ms(0.99),
         );
+    }
+}
+
+/// The environment variable that makes this bench the plain-loop
+/// contender, with its number of workers.
+const PLAIN_LOOP_ENV: &str = "PERF_PLAIN_LOOP";
+
+/// The reference the issue measures the primary against: the plainest
+/// primary there is. It starts `workers` demo workers (the `distributor`
+/// binary, speaking the protocol), listens on 127.0.0.1:$PORT, and on
+/// each readiness of the listener accepts until `WouldBlock`, sending
+/// each connection at once to the next worker in turn (one CONNECTION
+/// per connection, a blocking `sendmsg` with `SCM_RIGHTS`) and closing
+/// its copy right away. It keeps no ledger (a worker that dies loses what
+/// it was sent), has no policy, no supervision and no metrics; it reads
+/// and drops what workers send so that they never block on it. Workers
+/// are told to send no completion reports.
+fn plain_loop(workers: usize) -> Result<(), String> {
+    use distributor::__private::{recv_with_fds, send_with_fds, seqpacket_pair};
+    use distributor::protocol::{Encoder, MAX_MESSAGE};
+    use mio::net::TcpListener;
+    use mio::{Events, Interest, Poll, Token};
+    use nix::fcntl::{FcntlArg, FdFlag, fcntl};
+    use std::os::fd::{AsFd, AsRawFd};
+
+    let port: u16 = std::env::var("PORT")
+        .ok()
+        .and_then(|p| p.parse().ok())
+        .ok_or("PORT is not set")?;
+    let workers = workers.max(1);
+    let mut listener = TcpListener::bind(SocketAddr::from(([127, 0, 0, 1], port)))
+        .map_err(|e| format!("bind: {e}"))?;
+    let mut channels = Vec::with_capacity(workers);
+    let mut children = Vec::with_capacity(workers);
+    for id in 1..=workers {
+        let (ours, theirs) = seqpacket_pair().map_err(|e| format!("socketpair: {e}"))?;
+        // Inherited by this worker only: close-on-exec is cleared for the
+        // spawn and the parent's copy closed right after.
+        fcntl(theirs.as_raw_fd(), FcntlArg::F_SETFD(FdFlag::empty()))
+            .map_err(|e| format!("fcntl: {e}"))?;
+        let child = Command::new(DISTRIBUTOR)
+            .env(distributor::demo::DEMO_WORKER_ENV, "1")
+            .env("DISTRIBUTOR_FD", theirs.as_raw_fd().to_string())
+            .env("DISTRIBUTOR_PROTOCOL", "1")
+            .env("DISTRIBUTOR_WORKER_ID", id.to_string())
+            .env("DISTRIBUTOR_REPORT_FINISHED", "0")
+            .stdin(Stdio::null())
+            .spawn()
+            .map_err(|e| format!("worker: {e}"))?;
+        children.push(child);
+        drop(theirs);
+        // Blocking: a send waits for room, as the plainest loop does;
+        // receives use MSG_DONTWAIT.
+        channels.push(ours);
+    }
+    let mut poll = Poll::new().map_err(|e| e.to_string())?;
+    const LISTENER: Token = Token(usize::MAX);
+    const SIGNALS: Token = Token(usize::MAX - 1);
+    poll.registry()
+        .register(&mut listener, LISTENER, Interest::READABLE)
+        .map_err(|e| e.to_string())?;
+    // SIGTERM: close the channels, so that the workers exit, and reap them.
+    let mut signals = signal_hook_mio::v1_0::Signals::new([libc::SIGTERM, libc::SIGINT])
+        .map_err(|e| format!("signals: {e}"))?;
+    poll.registry()
+        .register(&mut signals, SIGNALS, Interest::READABLE)
+        .map_err(|e| e.to_string())?;
+    for (i, c) in channels.iter().enumerate() {
+        poll.registry()
+            .register(
+                &mut mio::unix::SourceFd(&c.as_raw_fd()),
+                Token(i),
+                Interest::READABLE,
+            )
+            .map_err(|e| e.to_string())?;
+    }
+    let mut enc = Encoder::default();
+    let mut buf = vec![0u8; MAX_MESSAGE];
+    let mut fds = Vec::new();
+    let mut events = Events::with_capacity(256);
+    let (mut next, mut id, mut hellos) = (0usize, 0u64, 0usize);
+    loop {
+        if let Err(e) = poll.poll(&mut events, None) {
+            if e.kind() == std::io::ErrorKind::Interrupted {
+                continue;
+            }
+            return Err(format!("poll: {e}"));
+        }
+        for event in events.iter() {
+            if event.token() == SIGNALS {
+                drop(channels);
+                for mut c in children {
+                    let _ = c.wait();
+                }
+                return Ok(());
+            }
+            if event.token() == LISTENER {
+                loop {
+                    match listener.accept() {
+                        Ok((stream, peer)) => {
+                            id += 1;
+                            enc.connection().entry(id, peer);
+                            let channel = channels[next].as_fd();
+                            next = (next + 1) % channels.len();
+                            send_with_fds(channel, enc.as_bytes(), &[stream.as_fd()], false)
+                                .map_err(|e| format!("send: {e}"))?;
+                            drop(stream);
+                        }
+                        Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => break,
+                        Err(e) if e.kind() == std::io::ErrorKind::ConnectionAborted => {}
+                        Err(e) => return Err(format!("accept: {e}")),
+                    }
+                }
+            } else {
+                let channel = channels[event.token().0].as_fd();
+                loop {
+                    fds.clear();
+                    match recv_with_fds(channel, &mut buf, &mut fds, true) {
+                        Ok(got) if got.len == 0 && fds.is_empty() => {
+                            return Err("a worker closed its channel".into());
+                        }
+                        Ok(got) => {
+                            if buf.first() == Some(&0x80) && got.len == 3 {
+                                hellos += 1;
+                                if hellos == workers {
+                                    eprintln!(
+                                        "plain loop: {workers} workers ready on 127.0.0.1:{port}"
+                                    );
+                                }
+                            }
+                        }
+                        Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => break,
+                        Err(e) => return Err(format!("receive: {e}")),
+                    }
+                }
+            }
+        }
     }
 }

@@ -28,14 +28,22 @@ fn lines_are_prefixed_on_the_right_stream_and_a_last_partial_line_is_completed()
         p.stderr.wait_for(&format!("[worker {id}] err {id}"));
     }
     // Stop only once both have written their partial line and are `sleep`.
-    let pids: Vec<u32> = p
-        .stderr
-        .snapshot()
-        .iter()
-        .filter_map(|l| util::parse_started(l))
-        .map(|(_, pid)| pid)
-        .collect();
-    assert_eq!(pids.len(), 2);
+    // (The relay may pass a worker's first line before the primary logs
+    // that worker's start: wait for both start lines.)
+    let started = || -> Vec<u32> {
+        p.stderr
+            .snapshot()
+            .iter()
+            .filter_map(|l| util::parse_started(l))
+            .map(|(_, pid)| pid)
+            .collect()
+    };
+    assert!(
+        util::poll_until(Duration::from_secs(20), || started().len() == 2),
+        "stderr:\n{}",
+        p.stderr.dump()
+    );
+    let pids = started();
     for pid in pids {
         assert!(util::poll_until(Duration::from_secs(20), || {
             util::proc_comm(pid).as_deref() == Some("sleep")

@@ -207,6 +207,29 @@ fn load(addr: SocketAddr, n: usize, threads: usize, keepalive: bool) -> Result<D
     Client::start(addr, n, threads, keepalive)?.run()
 }
 
+/// One phase: a warm-up of `connections / 5` (tables and buffers grow to
+/// the size this load needs), then `connections` counted. Returns the
+/// allocations and bytes this process made meanwhile, and how long it took.
+fn count(
+    addr: SocketAddr,
+    connections: usize,
+    threads: usize,
+    keepalive: bool,
+) -> Result<(u64, u64, Duration), String> {
+    load(addr, connections / 5, threads, keepalive)?;
+    let client = Client::start(addr, connections, threads, keepalive)?;
+    let (a0, b0) = (
+        ALLOCATIONS.load(Ordering::Relaxed),
+        BYTES.load(Ordering::Relaxed),
+    );
+    let took = client.run()?;
+    let (a1, b1) = (
+        ALLOCATIONS.load(Ordering::Relaxed),
+        BYTES.load(Ordering::Relaxed),
+    );
+    Ok((a1 - a0, b1 - b0, took))
+}
+
 fn run() -> Result<bool, String> {
     let connections = setting("ALLOC_CONNECTIONS", 100_000).max(1000);
     let workers = setting("ALLOC_WORKERS", 2).max(1);
@@ -233,55 +256,29 @@ fn run() -> Result<bool, String> {
     );
     println!("| phase | connections | allocations | bytes | per connection | seconds |");
     println!("|---|---|---|---|---|---|");
-    let mut ok = true;
-    let mut result = Ok(());
-    for (name, keepalive) in [
+    let phases = [
         ("short (one request each)", false),
         ("kept alive (two requests each)", true),
-    ] {
-        // Warm-up: tables and buffers grow to the size this load needs.
-        if let Err(e) = load(addr, connections / 5, threads, keepalive) {
-            result = Err(e);
-            break;
-        }
-        let client = match Client::start(addr, connections, threads, keepalive) {
-            Ok(c) => c,
-            Err(e) => {
-                result = Err(e);
-                break;
-            }
-        };
-        let (a0, b0) = (
-            ALLOCATIONS.load(Ordering::Relaxed),
-            BYTES.load(Ordering::Relaxed),
-        );
-        let took = match client.run() {
-            Ok(t) => t,
-            Err(e) => {
-                result = Err(e);
-                break;
-            }
-        };
-        let (a1, b1) = (
-            ALLOCATIONS.load(Ordering::Relaxed),
-            BYTES.load(Ordering::Relaxed),
-        );
-        let per = (a1 - a0) as f64 / connections as f64;
-        println!(
-            "| {name} | {connections} | {} | {} | {per:.4} | {:.1} |",
-            a1 - a0,
-            b1 - b0,
-            took.as_secs_f64()
-        );
-        ok &= per <= 0.001;
-    }
+    ];
+    let result: Result<Vec<bool>, String> = phases
+        .into_iter()
+        .map(|(name, keepalive)| {
+            let (allocations, bytes, took) = count(addr, connections, threads, keepalive)?;
+            let per = allocations as f64 / connections as f64;
+            println!(
+                "| {name} | {connections} | {allocations} | {bytes} | {per:.4} | {:.1} |",
+                took.as_secs_f64()
+            );
+            Ok(per <= 0.001)
+        })
+        .collect();
     handle.shutdown().map_err(|e| format!("shutdown: {e}"))?;
     match runner.join() {
         Ok(Ok(())) => {}
         Ok(Err(e)) => return Err(format!("primary: {e}")),
         Err(_) => return Err("the primary's thread panicked".into()),
     }
-    result?;
+    let ok = result?.iter().all(|&ok| ok);
     println!(
         "\nGoal: no allocation per connection (at most 0.001 per connection, for timers and logs): {}",
         if ok { "met" } else { "NOT met" }

@@ -46,16 +46,12 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::fmt::Write as _;
 use std::fs::File;
 use std::net::SocketAddr;
-use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use distributor::lab::{self, load};
 use hdrhistogram::Histogram;
-use nix::errno::Errno;
-use nix::sys::signal::{Signal, kill, killpg};
-use nix::unistd::Pid;
 
 #[path = "common/procs.rs"]
 mod procs;
@@ -66,10 +62,6 @@ const APP: &str = "benches/node/app.js";
 const CLUSTER_PRIMARY: &str = "benches/node/cluster_primary.js";
 /// How long a contender may take to serve, all its workers listening.
 const READY_TIMEOUT: Duration = Duration::from_secs(20);
-/// How long a primary may take to stop after SIGTERM before SIGKILL.
-const STOP_TIMEOUT: Duration = Duration::from_secs(5);
-/// How long its workers may outlive it before they are SIGKILLed.
-const ORPHAN_GRACE: Duration = Duration::from_secs(2);
 /// Above this much CPU used by other processes during a run (% of the
 /// machine), the figures are flagged.
 const BUSY_PCT: f64 = 10.0;
@@ -463,21 +455,8 @@ impl Server {
             .env_remove("NODE_CHANNEL_FD")
             .stdin(Stdio::null())
             .stdout(out)
-            .stderr(err)
-            // Its own group: the primary and, for Node's cluster, its
-            // workers can be killed together.
-            .process_group(0);
-        // SAFETY: prctl is async-signal-safe and only sets an attribute of
-        // the child. If the bench dies (Ctrl-C reaches only its own group),
-        // the primary gets SIGTERM and stops its workers.
-        unsafe {
-            cmd.pre_exec(|| {
-                if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGTERM) == -1 {
-                    return Err(std::io::Error::last_os_error());
-                }
-                Ok(())
-            });
-        }
+            .stderr(err);
+        own_group(&mut cmd);
         let child = cmd
             .spawn()
             .map_err(|e| format!("cannot start {cmd:?}: {e}"))?;
@@ -588,29 +567,9 @@ impl Server {
             load::run_load(&spec, &|_, _| {}).map_err(|e| format!("load generator: {e}"))?;
         }
         spec.duration = Duration::from_secs_f64(s.seconds);
-        let pid = self.pid();
-        let family: Vec<u32> = descendants(pid).iter().map(|p| p.pid).collect();
-        let workers = |family: &[u32]| -> u64 { family.iter().filter_map(|&p| cpu_ticks(p)).sum() };
-        let me = || cpu_ticks(std::process::id()).unwrap_or(0);
-        let machine_before = machine_busy_ticks();
-        let (workers_before, me_before) = (workers(&family), me());
-        let before = cpu_ticks(pid).ok_or("cannot read the primary's /proc/PID/stat")?;
-        let start = Instant::now();
-        let result =
-            load::run_load(&spec, &|_, _| {}).map_err(|e| format!("load generator: {e}"))?;
-        let wall = start.elapsed();
-        let after = cpu_ticks(pid).ok_or("cannot read the primary's /proc/PID/stat")?;
-        let (workers_after, me_after) = (workers(&family), me());
-        let machine_after = machine_busy_ticks();
-        let workers_ticks = workers_after.saturating_sub(workers_before);
-        let others_ticks = machine_after
-            .saturating_sub(machine_before)
-            .saturating_sub(workers_ticks)
-            .saturating_sub(me_after.saturating_sub(me_before))
-            .saturating_sub(after.saturating_sub(before));
-        let cores = std::thread::available_parallelism().map_or(1, |n| n.get()) as f64;
-        let others_pct =
-            100.0 * others_ticks as f64 / clock_ticks_per_sec() / wall.as_secs_f64() / cores;
+        let (result, cpu) = measure_cpu(self.pid(), || {
+            load::run_load(&spec, &|_, _| {}).map_err(|e| format!("load generator: {e}"))
+        })?;
         if let Ok(Some(status)) = self.child.try_wait() {
             return Err(format!(
                 "exited during the {} run ({status}); {}",
@@ -620,62 +579,17 @@ impl Server {
         }
         Ok(Sample {
             result,
-            cpu_us: (after.saturating_sub(before)) as f64 * 1e6 / clock_ticks_per_sec(),
-            workers_cpu_us: workers_ticks as f64 * 1e6 / clock_ticks_per_sec(),
-            wall,
-            others_pct,
+            cpu_us: cpu.primary_us,
+            workers_cpu_us: cpu.workers_us,
+            wall: cpu.wall,
+            others_pct: cpu.others_pct,
         })
     }
 
-    /// SIGTERM to the primary, SIGKILL to its group after [`STOP_TIMEOUT`],
-    /// and SIGKILL to any process it started that is still there after
-    /// [`ORPHAN_GRACE`]. Returns what went wrong, for the log.
+    /// Stops it: see [`stop_group`]. Returns what went wrong, for the log.
     fn stop(&mut self) -> Vec<String> {
         self.stopped = true;
-        let mut warnings = Vec::new();
-        let pid = self.pid();
-        let family = descendants(pid);
-        let _ = kill(Pid::from_raw(pid as i32), Signal::SIGTERM);
-        let deadline = Instant::now() + STOP_TIMEOUT;
-        let exited = loop {
-            match self.child.try_wait() {
-                Ok(Some(_)) | Err(_) => break true,
-                Ok(None) if Instant::now() >= deadline => break false,
-                Ok(None) => std::thread::sleep(Duration::from_millis(10)),
-            }
-        };
-        if !exited {
-            warnings.push(format!(
-                "pid {pid} still running {STOP_TIMEOUT:?} after SIGTERM: SIGKILL to its group"
-            ));
-            let _ = killpg(Pid::from_raw(pid as i32), Signal::SIGKILL);
-            let _ = self.child.kill();
-            let _ = self.child.wait();
-        }
-        // The workers go with their primary: Node's cluster workers on
-        // SIGTERM or channel EOF, distributor's by PR_SET_PDEATHSIG.
-        let deadline = Instant::now() + ORPHAN_GRACE;
-        let mut left = still_there(&family);
-        while !left.is_empty() && Instant::now() < deadline {
-            std::thread::sleep(Duration::from_millis(10));
-            left = still_there(&family);
-        }
-        for p in &left {
-            warnings.push(format!(
-                "process {} ({}) outlived the primary: SIGKILL",
-                p.pid,
-                p.comm.trim()
-            ));
-            let _ = kill(Pid::from_raw(p.pid as i32), Signal::SIGKILL);
-        }
-        // Anything left in the group (Node's workers share it); ESRCH when
-        // none is, as it should be.
-        match killpg(Pid::from_raw(pid as i32), Signal::SIGKILL) {
-            Ok(()) => warnings.push(format!("processes left in group {pid}: SIGKILL")),
-            Err(Errno::ESRCH) => {}
-            Err(e) => warnings.push(format!("killpg({pid}): {e}")),
-        }
-        warnings
+        stop_group(&mut self.child)
     }
 }
 
@@ -683,13 +597,7 @@ impl Drop for Server {
     /// On an early return or a panic: nothing survives the bench.
     fn drop(&mut self) {
         if !self.stopped {
-            let family = descendants(self.pid());
-            let _ = killpg(Pid::from_raw(self.pid() as i32), Signal::SIGKILL);
-            let _ = self.child.kill();
-            let _ = self.child.wait();
-            for p in still_there(&family) {
-                let _ = kill(Pid::from_raw(p.pid as i32), Signal::SIGKILL);
-            }
+            kill_group(&mut self.child);
         }
     }
 }

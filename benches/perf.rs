@@ -40,7 +40,8 @@
 //!   (`rr`) and under `distributor --sched rr`, short connections only.
 //!   `cargo bench --bench node_cluster` has the full comparison.
 //!
-//! Process handling follows `benches/node_cluster.rs`: each contender gets a
+//! Process handling is shared with `benches/node_cluster.rs`
+//! (`benches/common/procs.rs`): each contender gets a
 //! fresh primary and workers on a free port, in a process group of its own,
 //! with `PR_SET_PDEATHSIG` (SIGTERM) so that nothing outlives the bench; a
 //! warm-up that is not counted before each measured run; SIGTERM, then
@@ -87,16 +88,12 @@ use std::fmt::Write as _;
 use std::fs::File;
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpStream};
-use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use distributor::lab::{self, load};
 use hdrhistogram::Histogram;
-use nix::errno::Errno;
-use nix::sys::signal::{Signal, kill, killpg};
-use nix::unistd::Pid;
 
 #[path = "common/procs.rs"]
 mod procs;
@@ -113,10 +110,6 @@ const READY_TIMEOUT: Duration = Duration::from_secs(20);
 /// How long a contender must have served with all its worker processes
 /// started before it counts as ready when its log does not say so.
 const LOG_SILENT_READY: Duration = Duration::from_secs(2);
-/// How long a primary may take to stop after SIGTERM before SIGKILL.
-const STOP_TIMEOUT: Duration = Duration::from_secs(5);
-/// How long its workers may outlive it before they are SIGKILLed.
-const ORPHAN_GRACE: Duration = Duration::from_secs(2);
 /// Above this much CPU used by other processes during a run (% of the
 /// machine), the run is measured again, then flagged.
 const BUSY_PCT: f64 = 10.0;
@@ -802,24 +795,11 @@ impl Server {
             .env_remove("DISTRIBUTOR_METRICS")
             .stdin(Stdio::null())
             .stdout(out)
-            .stderr(err)
-            // Its own group: the primary and its workers can be killed
-            // together.
-            .process_group(0);
+            .stderr(err);
         if !matches!(program, Program::NodeCluster) {
             cmd.env_remove("NODE_CLUSTER_SCHED_POLICY");
         }
-        // SAFETY: prctl is async-signal-safe and only sets an attribute of
-        // the child. If the bench dies (Ctrl-C reaches only its own group),
-        // the primary gets SIGTERM and stops its workers.
-        unsafe {
-            cmd.pre_exec(|| {
-                if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGTERM) == -1 {
-                    return Err(std::io::Error::last_os_error());
-                }
-                Ok(())
-            });
-        }
+        own_group(&mut cmd);
         let child = cmd
             .spawn()
             .map_err(|e| format!("cannot start {cmd:?}: {e}"))?;
@@ -965,28 +945,9 @@ impl Server {
 
     /// One measured run of `spec`.
     fn measure_spec(&mut self, spec: &load::LoadSpec) -> Result<Sample, String> {
-        let pid = self.pid();
-        let family: Vec<u32> = descendants(pid).iter().map(|p| p.pid).collect();
-        let workers = |family: &[u32]| -> u64 { family.iter().filter_map(|&p| cpu_ticks(p)).sum() };
-        let me = || cpu_ticks(std::process::id()).unwrap_or(0);
-        let machine_before = machine_busy_ticks();
-        let (workers_before, me_before) = (workers(&family), me());
-        let before = cpu_ticks(pid).ok_or("cannot read the primary's /proc/PID/stat")?;
-        let start = Instant::now();
-        let result =
-            load::run_load(spec, &|_, _| {}).map_err(|e| format!("load generator: {e}"))?;
-        let wall = start.elapsed();
-        let after = cpu_ticks(pid).ok_or("cannot read the primary's /proc/PID/stat")?;
-        let (workers_after, me_after) = (workers(&family), me());
-        let machine_after = machine_busy_ticks();
-        let others_ticks = machine_after
-            .saturating_sub(machine_before)
-            .saturating_sub(workers_after.saturating_sub(workers_before))
-            .saturating_sub(me_after.saturating_sub(me_before))
-            .saturating_sub(after.saturating_sub(before));
-        let cores = std::thread::available_parallelism().map_or(1, |n| n.get()) as f64;
-        let others_pct =
-            100.0 * others_ticks as f64 / clock_ticks_per_sec() / wall.as_secs_f64() / cores;
+        let (result, cpu) = measure_cpu(self.pid(), || {
+            load::run_load(spec, &|_, _| {}).map_err(|e| format!("load generator: {e}"))
+        })?;
         if let Ok(Some(status)) = self.child.try_wait() {
             return Err(format!(
                 "exited during a run ({status}); {}",
@@ -995,60 +956,16 @@ impl Server {
         }
         Ok(Sample {
             result,
-            cpu_us: (after.saturating_sub(before)) as f64 * 1e6 / clock_ticks_per_sec(),
-            wall,
-            others_pct,
+            cpu_us: cpu.primary_us,
+            wall: cpu.wall,
+            others_pct: cpu.others_pct,
         })
     }
 
-    /// SIGTERM to the primary, SIGKILL to its group after [`STOP_TIMEOUT`],
-    /// and SIGKILL to any process it started that is still there after
-    /// [`ORPHAN_GRACE`]. Returns what went wrong, for the log.
+    /// Stops it: see [`stop_group`]. Returns what went wrong, for the log.
     fn stop(&mut self) -> Vec<String> {
         self.stopped = true;
-        let mut warnings = Vec::new();
-        let pid = self.pid();
-        let family = descendants(pid);
-        let _ = kill(Pid::from_raw(pid as i32), Signal::SIGTERM);
-        let deadline = Instant::now() + STOP_TIMEOUT;
-        let exited = loop {
-            match self.child.try_wait() {
-                Ok(Some(_)) | Err(_) => break true,
-                Ok(None) if Instant::now() >= deadline => break false,
-                Ok(None) => std::thread::sleep(Duration::from_millis(10)),
-            }
-        };
-        if !exited {
-            warnings.push(format!(
-                "pid {pid} still running {STOP_TIMEOUT:?} after SIGTERM: SIGKILL to its group"
-            ));
-            let _ = killpg(Pid::from_raw(pid as i32), Signal::SIGKILL);
-            let _ = self.child.kill();
-            let _ = self.child.wait();
-        }
-        // The workers go with their primary: distributor's by
-        // PR_SET_PDEATHSIG, nginx's and Node's when their master stops them.
-        let deadline = Instant::now() + ORPHAN_GRACE;
-        let mut left = still_there(&family);
-        while !left.is_empty() && Instant::now() < deadline {
-            std::thread::sleep(Duration::from_millis(10));
-            left = still_there(&family);
-        }
-        for p in &left {
-            warnings.push(format!(
-                "process {} ({}) outlived the primary: SIGKILL",
-                p.pid,
-                p.comm.trim()
-            ));
-            let _ = kill(Pid::from_raw(p.pid as i32), Signal::SIGKILL);
-        }
-        // Anything left in the group; ESRCH when none is, as it should be.
-        match killpg(Pid::from_raw(pid as i32), Signal::SIGKILL) {
-            Ok(()) => warnings.push(format!("processes left in group {pid}: SIGKILL")),
-            Err(Errno::ESRCH) => {}
-            Err(e) => warnings.push(format!("killpg({pid}): {e}")),
-        }
-        warnings
+        stop_group(&mut self.child)
     }
 }
 
@@ -1056,13 +973,7 @@ impl Drop for Server {
     /// On an early return or a panic: nothing survives the bench.
     fn drop(&mut self) {
         if !self.stopped {
-            let family = descendants(self.pid());
-            let _ = killpg(Pid::from_raw(self.pid() as i32), Signal::SIGKILL);
-            let _ = self.child.kill();
-            let _ = self.child.wait();
-            for p in still_there(&family) {
-                let _ = kill(Pid::from_raw(p.pid as i32), Signal::SIGKILL);
-            }
+            kill_group(&mut self.child);
         }
     }
 }

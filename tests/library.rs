@@ -4,35 +4,32 @@
 mod util;
 
 use std::net::TcpListener;
-use std::thread;
 use std::time::Duration;
 
-use distributor::{Primary, Sched, WorkerCommand, WorkerState};
+use distributor::{Primary, Sched, WorkerState};
 use nix::sys::signal::Signal;
-use util::{Scrape, get_once, get_path, kill_pid, parse_worker};
-
-fn demo() -> WorkerCommand {
-    WorkerCommand::new(util::bin(), Vec::<String>::new())
-        .env(distributor::demo::DEMO_WORKER_ENV, "1")
-}
+use util::{
+    Library, Scrape, demo_command, get_once, get_path, kill_pid, parse_worker, run_library,
+};
 
 fn plain_listener() -> TcpListener {
     TcpListener::bind("127.0.0.1:0").expect("bind")
 }
 
 fn stats_figures(sched: Sched, listener: TcpListener) {
-    let mut primary = Primary::builder()
-        .workers(3)
-        .listener(listener)
-        .sched(sched)
-        .command(demo())
-        .handle_signals(false)
-        .build()
-        .expect("build");
-    let addr = primary.local_addr();
-    let events = primary.events();
-    let handle = primary.handle();
-    let runner = thread::spawn(move || primary.run());
+    let Library {
+        addr,
+        events,
+        handle,
+        runner,
+        ..
+    } = run_library(
+        Primary::builder()
+            .workers(3)
+            .listener(listener)
+            .sched(sched)
+            .command(demo_command()),
+    );
     util::wait_ready_events(&events, 3, false);
 
     let mut seen = std::collections::BTreeMap::new();
@@ -78,11 +75,7 @@ fn stats_figures(sched: Sched, listener: TcpListener) {
             "{stats:?}"
         );
     }
-    handle.shutdown().expect("shutdown");
-    runner
-        .join()
-        .expect("the primary's thread does not panic")
-        .expect("run ends cleanly");
+    util::shut_down(&handle, runner);
     assert!(handle.stats().is_err(), "a stopped primary answers no more");
 }
 
@@ -117,7 +110,7 @@ fn stats_count_what_each_worker_took_in_reuseport() {
     let err = Primary::builder()
         .listener(plain)
         .sched(Sched::ReusePort)
-        .command(demo())
+        .command(demo_command())
         .build()
         .expect_err("a plain listener is refused in reuseport mode");
     assert!(err.to_string().contains("SO_REUSEPORT"), "{err}");
@@ -127,17 +120,18 @@ fn stats_count_what_each_worker_took_in_reuseport() {
 #[test]
 fn handle_scales_and_reloads() {
     let listener = TcpListener::bind("127.0.0.1:0").expect("bind");
-    let mut primary = Primary::builder()
-        .workers(1)
-        .listener(listener)
-        .command(demo())
-        .handle_signals(false)
-        .build()
-        .expect("build");
-    let addr = primary.local_addr();
-    let events = primary.events();
-    let handle = primary.handle();
-    let runner = thread::spawn(move || primary.run());
+    let Library {
+        addr,
+        events,
+        handle,
+        runner,
+        ..
+    } = run_library(
+        Primary::builder()
+            .workers(1)
+            .listener(listener)
+            .command(demo_command()),
+    );
     util::wait_ready_events(&events, 1, false);
     handle.add_worker().expect("add");
     util::wait_ready_events(&events, 1, false);
@@ -159,8 +153,7 @@ fn handle_scales_and_reloads() {
     handle.remove_worker().expect("remove");
     let ok = util::poll_until(Duration::from_secs(20), || ids(&handle).len() == 1);
     assert!(ok, "after the removal: {:?}", ids(&handle));
-    handle.shutdown().expect("shutdown");
-    runner.join().expect("no panic").expect("clean run");
+    util::shut_down(&handle, runner);
 }
 
 /// The figures beyond the per-worker counts: states, per-slot restarts,
@@ -168,20 +161,21 @@ fn handle_scales_and_reloads() {
 /// through the builder, serves the same.
 #[test]
 fn stats_show_states_restarts_and_totals_and_the_endpoint_agrees() {
-    let mut primary = Primary::builder()
-        .workers(2)
-        .listener(plain_listener())
-        .metrics("127.0.0.1:0".parse().unwrap())
-        .command(demo())
-        .handle_signals(false)
-        .build()
-        .expect("build");
-    let addr = primary.local_addr();
-    let metrics = primary.metrics_addr().expect("a metrics address");
+    let Library {
+        addr,
+        metrics,
+        events,
+        handle,
+        runner,
+    } = run_library(
+        Primary::builder()
+            .workers(2)
+            .listener(plain_listener())
+            .metrics("127.0.0.1:0".parse().unwrap())
+            .command(demo_command()),
+    );
+    let metrics = metrics.expect("a metrics address");
     assert_ne!(metrics.port(), 0, "the bound port, not the one asked");
-    let events = primary.events();
-    let handle = primary.handle();
-    let runner = thread::spawn(move || primary.run());
     util::wait_ready_events(&events, 2, false);
 
     let stats = handle.stats().expect("stats");
@@ -241,6 +235,5 @@ fn stats_show_states_restarts_and_totals_and_the_endpoint_agrees() {
     );
     assert_eq!(get_path(metrics, "/healthz").expect("probe").status, 200);
 
-    handle.shutdown().expect("shutdown");
-    runner.join().expect("no panic").expect("clean run");
+    util::shut_down(&handle, runner);
 }

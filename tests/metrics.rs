@@ -78,16 +78,7 @@ fn scrape_until(
     what: &str,
     cond: impl Fn(&Scrape) -> bool,
 ) -> Scrape {
-    let mut last = None;
-    let ok = poll_until(DEADLINE, || {
-        let s = scrape(p, addr);
-        let done = cond(&s);
-        last = Some(s);
-        done
-    });
-    let last = last.expect("scraped at least once");
-    assert!(ok, "never {what}; last scrape:\n{}", last.text);
-    last
+    util::scrape_until(what, || scrape(p, addr), cond, || p.log().dump())
 }
 
 #[test]

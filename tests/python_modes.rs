@@ -8,7 +8,6 @@ mod util;
 
 use std::collections::BTreeMap;
 use std::net::{SocketAddr, TcpListener};
-use std::thread;
 
 use distributor::{Sched, WorkerCommand};
 use nix::sys::signal::Signal;
@@ -111,19 +110,20 @@ fn reports_while_running(sched: Sched, listener: TcpListener) {
     let Some(script) = hello_py() else {
         return;
     };
-    let mut primary = distributor::Primary::builder()
-        .workers(2)
-        .listener(listener)
-        .sched(sched)
-        .command(WorkerCommand::new("python3", [script]))
-        .worker_timeout(None)
-        .handle_signals(false)
-        .build()
-        .expect("build");
-    let addr = primary.local_addr();
-    let events = primary.events();
-    let handle = primary.handle();
-    let runner = thread::spawn(move || primary.run());
+    let util::Library {
+        addr,
+        events,
+        handle,
+        runner,
+        ..
+    } = util::run_library(
+        distributor::Primary::builder()
+            .workers(2)
+            .listener(listener)
+            .sched(sched)
+            .command(WorkerCommand::new("python3", [script]))
+            .worker_timeout(None),
+    );
 
     let workers = util::wait_ready_events(&events, 2, true);
     let seen = serve(addr, &workers, &String::new);
@@ -143,11 +143,7 @@ fn reports_while_running(sched: Sched, listener: TcpListener) {
         "the primary's figures {:?} never matched what clients saw {seen:?}",
         figures()
     );
-    handle.shutdown().expect("shutdown");
-    runner
-        .join()
-        .expect("the primary's thread does not panic")
-        .expect("run ends cleanly");
+    util::shut_down(&handle, runner);
 }
 
 #[test]

@@ -26,13 +26,7 @@ fn rolling_reloads_under_load_lose_no_request() {
         DEADLINE,
         Duration::from_secs(90),
     );
-    let progress = |what: &str| {
-        assert!(
-            load.wait_progress(100, DEADLINE),
-            "no progress {what}; log:\n{}",
-            primary.log().dump()
-        );
-    };
+    let progress = |what: &str| load.assert_progress(what, primary.log());
     progress("before the reloads");
     for round in 1..=3 {
         let mark = primary.log().len();

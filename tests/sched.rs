@@ -22,11 +22,11 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::thread::{self, JoinHandle};
 use std::time::Duration;
 
-use distributor::{Sched, WorkerCommand, WorkerState};
+use distributor::{Sched, WorkerState};
 use nix::sys::signal::Signal;
 use util::{
-    DEADLINE, HttpConn, Load, Mode, Primary, Proc, Response, Scrape, bin, describe, get_path,
-    kill_pid, parse_metrics_on, poll_until,
+    DEADLINE, HttpConn, Library, Load, Mode, Primary, Proc, Response, Scrape, bin, demo_command,
+    describe, get_path, kill_pid, parse_metrics_on, poll_until, run_library,
 };
 
 /// How long `/work?ms=` holds a worker: long enough that a handful of
@@ -90,21 +90,7 @@ fn scrape_until(
     what: &str,
     cond: impl Fn(&Scrape) -> bool,
 ) -> Scrape {
-    let mut last = None;
-    let ok = poll_until(DEADLINE, || {
-        let s = scrape(p, metrics);
-        let done = cond(&s);
-        last = Some(s);
-        done
-    });
-    let last = last.expect("scraped at least once");
-    assert!(
-        ok,
-        "never {what}; last scrape:\n{}\nlog:\n{}",
-        last.text,
-        p.log().dump()
-    );
-    last
+    util::scrape_until(what, || scrape(p, metrics), cond, || p.log().dump())
 }
 
 /// Waits until no worker has a connection in flight.
@@ -402,10 +388,6 @@ fn weights_give_shares_in_least_conn_for_sequential_requests() {
 // ---------------------------------------------------------------------------
 // In-flight accounting
 
-fn demo() -> WorkerCommand {
-    WorkerCommand::new(bin(), Vec::<String>::new()).env(distributor::demo::DEMO_WORKER_ENV, "1")
-}
-
 /// Client threads sending `GET /work?ms=MS` on new connections until
 /// stopped, counting every request they start.
 struct WorkLoad {
@@ -496,19 +478,20 @@ impl Watch {
 /// to those it took, and its slot's weight.
 #[test]
 fn in_flight_is_exact_through_kill_and_reload_in_the_library() {
-    let mut primary = distributor::Primary::builder()
-        .workers(2)
-        .listener(TcpListener::bind("127.0.0.1:0").expect("bind"))
-        .sched(Sched::LeastConn)
-        .weights(vec![3])
-        .command(demo())
-        .handle_signals(false)
-        .build()
-        .expect("build");
-    let addr = primary.local_addr();
-    let events = primary.events();
-    let handle = primary.handle();
-    let runner = thread::spawn(move || primary.run());
+    let Library {
+        addr,
+        events,
+        handle,
+        runner,
+        ..
+    } = run_library(
+        distributor::Primary::builder()
+            .workers(2)
+            .listener(TcpListener::bind("127.0.0.1:0").expect("bind"))
+            .sched(Sched::LeastConn)
+            .weights(vec![3])
+            .command(demo_command()),
+    );
     util::wait_ready_events(&events, 2, true);
 
     let load = Load::start(
@@ -587,11 +570,7 @@ fn in_flight_is_exact_through_kill_and_reload_in_the_library() {
     assert!(watch.max_seen <= sent, "{watch:?} after {sent} requests");
     assert!(watch.samples >= 75, "{watch:?}");
 
-    handle.shutdown().expect("shutdown");
-    runner
-        .join()
-        .expect("the primary's thread does not panic")
-        .expect("run ends cleanly");
+    util::shut_down(&handle, runner);
 }
 
 /// The binary (`least-conn`) under load through a SIGKILL of a worker and
@@ -680,13 +659,7 @@ fn sigusr2_switches_under_load_without_a_failed_request() {
         DEADLINE,
         Duration::from_secs(90),
     );
-    let progress = |what: &str| {
-        assert!(
-            load.wait_progress(100, DEADLINE),
-            "no progress {what}; log:\n{}",
-            p.log().dump()
-        );
-    };
+    let progress = |what: &str| load.assert_progress(what, p.log());
     progress("before the switches");
     for (from, to) in [("rr", "least-conn"), ("least-conn", "p2c"), ("p2c", "rr")] {
         switch(&p, from, to);
@@ -736,17 +709,18 @@ fn switching_is_refused_in_a_kernel_mode() {
     assert_eq!(p.get().status, 200);
     p.assert_running();
 
-    let mut primary = distributor::Primary::builder()
-        .workers(1)
-        .listener(TcpListener::bind("127.0.0.1:0").expect("bind"))
-        .command(demo())
-        .handle_signals(false)
-        .build()
-        .expect("build");
-    let addr = primary.local_addr();
-    let events = primary.events();
-    let handle = primary.handle();
-    let runner = thread::spawn(move || primary.run());
+    let Library {
+        addr,
+        events,
+        handle,
+        runner,
+        ..
+    } = run_library(
+        distributor::Primary::builder()
+            .workers(1)
+            .listener(TcpListener::bind("127.0.0.1:0").expect("bind"))
+            .command(demo_command()),
+    );
     util::wait_ready_events(&events, 1, true);
     for sched in [Sched::PowerOfTwo, Sched::LeastConn, Sched::RoundRobin] {
         handle.set_sched(sched).expect("set_sched");
@@ -761,8 +735,7 @@ fn switching_is_refused_in_a_kernel_mode() {
         handle.stats().expect("stats").sched == Sched::LeastConn
     });
     assert!(ok, "{:?}", handle.stats());
-    handle.shutdown().expect("shutdown");
-    runner.join().expect("no panic").expect("clean run");
+    util::shut_down(&handle, runner);
 }
 
 // ---------------------------------------------------------------------------

@@ -6,7 +6,154 @@
 use std::collections::{BTreeMap, BTreeSet};
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream};
-use std::time::Duration;
+use std::os::unix::process::CommandExt;
+use std::process::{Child, Command};
+use std::time::{Duration, Instant};
+
+use nix::errno::Errno;
+use nix::sys::signal::{Signal, kill, killpg};
+use nix::unistd::Pid;
+
+/// How long a contender's primary may take to stop after SIGTERM before
+/// SIGKILL.
+pub const STOP_TIMEOUT: Duration = Duration::from_secs(5);
+/// How long its workers may outlive it before they are SIGKILLed.
+pub const ORPHAN_GRACE: Duration = Duration::from_secs(2);
+
+/// Makes `cmd` start in a process group of its own (so that the
+/// contender's primary and its workers can be killed together) with
+/// `PR_SET_PDEATHSIG` SIGTERM: if the bench dies (Ctrl-C reaches only its
+/// own group), the primary gets SIGTERM and stops its workers.
+pub fn own_group(cmd: &mut Command) {
+    cmd.process_group(0);
+    // SAFETY: prctl is async-signal-safe and only sets an attribute of
+    // the child.
+    unsafe {
+        cmd.pre_exec(|| {
+            if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGTERM) == -1 {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
+}
+
+/// Stops a contender started with [`own_group`]: SIGTERM to its primary,
+/// SIGKILL to its group after [`STOP_TIMEOUT`], and SIGKILL to any process
+/// it started that is still there after [`ORPHAN_GRACE`] (workers go with
+/// their primary: distributor's by `PR_SET_PDEATHSIG`, nginx's and Node's
+/// when their master stops them). Returns what went wrong, for the log.
+pub fn stop_group(child: &mut Child) -> Vec<String> {
+    let mut warnings = Vec::new();
+    let pid = child.id();
+    let family = descendants(pid);
+    let _ = kill(Pid::from_raw(pid as i32), Signal::SIGTERM);
+    let deadline = Instant::now() + STOP_TIMEOUT;
+    let exited = loop {
+        match child.try_wait() {
+            Ok(Some(_)) | Err(_) => break true,
+            Ok(None) if Instant::now() >= deadline => break false,
+            Ok(None) => std::thread::sleep(Duration::from_millis(10)),
+        }
+    };
+    if !exited {
+        warnings.push(format!(
+            "pid {pid} still running {STOP_TIMEOUT:?} after SIGTERM: SIGKILL to its group"
+        ));
+        let _ = killpg(Pid::from_raw(pid as i32), Signal::SIGKILL);
+        let _ = child.kill();
+        let _ = child.wait();
+    }
+    let deadline = Instant::now() + ORPHAN_GRACE;
+    let mut left = still_there(&family);
+    while !left.is_empty() && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(10));
+        left = still_there(&family);
+    }
+    for p in &left {
+        warnings.push(format!(
+            "process {} ({}) outlived the primary: SIGKILL",
+            p.pid,
+            p.comm.trim()
+        ));
+        let _ = kill(Pid::from_raw(p.pid as i32), Signal::SIGKILL);
+    }
+    // Anything left in the group (Node's workers share it); ESRCH when
+    // none is, as it should be.
+    match killpg(Pid::from_raw(pid as i32), Signal::SIGKILL) {
+        Ok(()) => warnings.push(format!("processes left in group {pid}: SIGKILL")),
+        Err(Errno::ESRCH) => {}
+        Err(e) => warnings.push(format!("killpg({pid}): {e}")),
+    }
+    warnings
+}
+
+/// The CPU a contender and the rest of the machine used over one run.
+pub struct CpuUse {
+    /// The primary's user + system time, µs.
+    pub primary_us: f64,
+    /// Its descendants' (the workers'), µs.
+    pub workers_us: f64,
+    /// What processes that are neither this bench nor the contender's
+    /// used, in % of the whole machine.
+    pub others_pct: f64,
+    /// Wall time of the run.
+    pub wall: Duration,
+}
+
+/// Runs `run` (the load) and measures, from `/proc`, the CPU time the
+/// primary `pid`, its descendants, and other processes used meanwhile.
+pub fn measure_cpu<T>(
+    pid: u32,
+    run: impl FnOnce() -> Result<T, String>,
+) -> Result<(T, CpuUse), String> {
+    let family: Vec<u32> = descendants(pid).iter().map(|p| p.pid).collect();
+    let workers = || -> u64 { family.iter().filter_map(|&p| cpu_ticks(p)).sum() };
+    let me = || cpu_ticks(std::process::id()).unwrap_or(0);
+    let primary = || cpu_ticks(pid).ok_or("cannot read the primary's /proc/PID/stat");
+    let machine_before = machine_busy_ticks();
+    let (workers_before, me_before) = (workers(), me());
+    let before = primary()?;
+    let start = Instant::now();
+    let result = run()?;
+    let wall = start.elapsed();
+    let after = primary()?;
+    let (workers_after, me_after) = (workers(), me());
+    let machine_after = machine_busy_ticks();
+    let workers_ticks = workers_after.saturating_sub(workers_before);
+    let primary_ticks = after.saturating_sub(before);
+    let others_ticks = machine_after
+        .saturating_sub(machine_before)
+        .saturating_sub(workers_ticks)
+        .saturating_sub(me_after.saturating_sub(me_before))
+        .saturating_sub(primary_ticks);
+    let cores = std::thread::available_parallelism().map_or(1, |n| n.get()) as f64;
+    let tick_us = 1e6 / clock_ticks_per_sec();
+    Ok((
+        result,
+        CpuUse {
+            primary_us: primary_ticks as f64 * tick_us,
+            workers_us: workers_ticks as f64 * tick_us,
+            others_pct: 100.0 * others_ticks as f64
+                / clock_ticks_per_sec()
+                / wall.as_secs_f64()
+                / cores,
+            wall,
+        },
+    ))
+}
+
+/// On an early return or a panic: SIGKILL to the contender's group, its
+/// primary and anything it started, so that nothing survives the bench.
+pub fn kill_group(child: &mut Child) {
+    let family = descendants(child.id());
+    let _ = killpg(Pid::from_raw(child.id() as i32), Signal::SIGKILL);
+    let _ = child.kill();
+    let _ = child.wait();
+    for p in still_there(&family) {
+        let _ = kill(Pid::from_raw(p.pid as i32), Signal::SIGKILL);
+    }
+}
 
 /// A free port on 127.0.0.1: bound, read, released.
 pub fn free_port() -> Result<u16, String> {

@@ -140,6 +140,16 @@ impl Load {
         super::poll_until(timeout, || self.ok_so_far() >= target)
     }
 
+    /// Asserts that 100 more requests are answered within
+    /// [`super::DEADLINE`]; the message names `what` and holds `log`.
+    pub fn assert_progress(&self, what: &str, log: &super::Lines) {
+        assert!(
+            self.wait_progress(100, super::DEADLINE),
+            "no progress {what}; log:\n{}",
+            log.dump()
+        );
+    }
+
     /// Stops the threads and sums what they saw.
     pub fn stop(mut self) -> LoadStats {
         self.stop.store(true, Ordering::SeqCst);

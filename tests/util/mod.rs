@@ -35,7 +35,7 @@ pub use procfs::{
     kill_pid, pid_gone, proc_comm, proc_cpu_ticks, proc_cpu_time, proc_environ, proc_fd_count,
     proc_fds, proc_ppid, proc_rss_kib, proc_state, signal_child_of, stop_process, wait_gone,
 };
-pub use prom::{Sample, Scrape};
+pub use prom::{Sample, Scrape, scrape_until};
 
 /// How long to wait for something that should happen "soon" (a log line,
 /// a process exit). Generous on purpose.
@@ -433,6 +433,55 @@ pub fn exit_lines(p: &Primary) -> BTreeMap<u64, (u32, String, u64)> {
         exits.insert(id, (pid, how.to_string(), taken));
     }
     exits
+}
+
+/// The built-in demo worker (this crate's binary) as a library
+/// primary's command.
+pub fn demo_command() -> distributor::WorkerCommand {
+    distributor::WorkerCommand::new(bin(), Vec::<String>::new())
+        .env(distributor::demo::DEMO_WORKER_ENV, "1")
+}
+
+/// A library primary running on a thread of the test.
+pub struct Library {
+    /// Where it accepts.
+    pub addr: SocketAddr,
+    /// Its metrics endpoint, if it has one.
+    pub metrics: Option<SocketAddr>,
+    pub events: crossbeam_channel::Receiver<Event>,
+    pub handle: distributor::Handle,
+    pub runner: std::thread::JoinHandle<Result<(), distributor::PrimaryError>>,
+}
+
+/// Builds `builder` with the process's signals left to the test
+/// (`handle_signals(false)`) and runs it on its own thread.
+pub fn run_library(builder: distributor::Builder) -> Library {
+    let mut primary = builder.handle_signals(false).build().expect("build");
+    let (addr, metrics) = (primary.local_addr(), primary.metrics_addr());
+    let events = primary.events();
+    let handle = primary.handle();
+    let runner = std::thread::spawn(move || primary.run());
+    Library {
+        addr,
+        metrics,
+        events,
+        handle,
+        runner,
+    }
+}
+
+/// Shuts a [`run_library`] primary down and joins its thread (the
+/// primary's shutdown timeout bounds the wait); panics unless its run
+/// ended cleanly.
+pub fn shut_down(
+    handle: &distributor::Handle,
+    runner: std::thread::JoinHandle<Result<(), distributor::PrimaryError>>,
+) {
+    handle.shutdown().expect("shutdown");
+    runner
+        .join()
+        .expect("the primary's thread does not panic")
+        .expect("run ends cleanly");
 }
 
 /// Waits up to [`DEADLINE`] for `n` `Event::WorkerReady` on `events` from

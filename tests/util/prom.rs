@@ -153,3 +153,29 @@ fn parse_sample(line: &str) -> Sample {
         value,
     }
 }
+
+/// Calls `scrape` until `cond` holds on what it returns (bounded by
+/// [`super::DEADLINE`]); returns the last scrape. Panics naming `what`,
+/// with the last scrape and `log` (the primary's log, for the message).
+pub fn scrape_until(
+    what: &str,
+    mut scrape: impl FnMut() -> Scrape,
+    cond: impl Fn(&Scrape) -> bool,
+    log: impl Fn() -> String,
+) -> Scrape {
+    let mut last = None;
+    let ok = super::poll_until(super::DEADLINE, || {
+        let s = scrape();
+        let done = cond(&s);
+        last = Some(s);
+        done
+    });
+    let last = last.expect("scraped at least once");
+    assert!(
+        ok,
+        "never {what}; last scrape:\n{}\nlog:\n{}",
+        last.text,
+        log()
+    );
+    last
+}

@@ -4,12 +4,13 @@
 mod util;
 
 use std::net::TcpListener;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
-use distributor::{Primary, Sched, WorkerState};
+use distributor::{Event, Primary, Sched, WorkerState};
 use nix::sys::signal::Signal;
 use util::{
-    Library, Scrape, demo_command, get_once, get_path, kill_pid, parse_worker, run_library,
+    HttpConn, Library, Load, Mode, Scrape, demo_command, get_once, get_path, kill_pid,
+    parse_worker, run_library,
 };
 
 fn plain_listener() -> TcpListener {
@@ -82,6 +83,113 @@ fn stats_figures(sched: Sched, listener: TcpListener) {
 #[test]
 fn stats_count_what_each_worker_took_in_rr() {
     stats_figures(Sched::RoundRobin, plain_listener());
+}
+
+/// A worker acknowledges a connection when it receives it, not when its
+/// client speaks: a silent client's connection is acknowledged at once and
+/// counted in flight, so that with room for one unacknowledged connection
+/// the next clients are served while it stays silent; its close is then
+/// reported finished.
+#[test]
+fn a_silent_client_is_acknowledged_without_waiting_for_it() {
+    let Library {
+        addr,
+        events,
+        handle,
+        runner,
+        ..
+    } = run_library(
+        Primary::builder()
+            .workers(1)
+            .listener(plain_listener())
+            .sched(Sched::RoundRobin)
+            .max_unacked(1)
+            .command(demo_command()),
+    );
+    util::wait_ready_events(&events, 1, false);
+    let silent = HttpConn::connect(addr).expect("connect");
+    let ok = util::poll_until(util::DEADLINE, || {
+        let w = &handle.stats().expect("stats").workers[0];
+        w.connections == 1 && w.unacknowledged == 0 && w.in_flight == 1
+    });
+    assert!(
+        ok,
+        "the silent client's connection was never acknowledged: {:?}",
+        handle.stats()
+    );
+    for i in 0..3 {
+        let r = get_once(addr).unwrap_or_else(|e| panic!("request {i}: {e}"));
+        assert_eq!(r.status, 200, "{r:?}");
+    }
+    drop(silent);
+    let ok = util::poll_until(util::DEADLINE, || {
+        let w = &handle.stats().expect("stats").workers[0];
+        w.connections == 4 && w.finished == Some(4) && w.in_flight == 0
+    });
+    assert!(ok, "finished never caught up: {:?}", handle.stats());
+    util::shut_down(&handle, runner);
+}
+
+/// While connections arrive together the primary reads its workers'
+/// messages when the next connections wake it (or within a millisecond),
+/// not each as it comes (docs/performance.md, "quiet channels"); they must
+/// still reach the app during the load, not after it. The workers are
+/// `examples/cluster`'s, which send a message for each connection they
+/// take; eight clients keep connecting.
+#[test]
+fn worker_messages_arrive_while_connections_keep_coming() {
+    let exe = util::example_bin("cluster");
+    assert!(
+        exe.exists(),
+        "{} is missing: run `cargo test` without target filters, or `cargo build --examples` first",
+        exe.display()
+    );
+    let Library {
+        addr,
+        events,
+        handle,
+        runner,
+        ..
+    } = run_library(
+        Primary::builder()
+            .workers(2)
+            .listener(plain_listener())
+            .command(distributor::WorkerCommand::new(exe, Vec::<String>::new())),
+    );
+    util::wait_ready_events(&events, 2, false);
+    let load = Load::start(addr, &[Mode::Fresh; 8], util::DEADLINE, util::DEADLINE);
+    const WANTED: usize = 200;
+    let deadline = Instant::now() + util::DEADLINE + Duration::from_secs(5);
+    let mut messages = 0;
+    while messages < WANTED {
+        match events.recv_deadline(deadline) {
+            Ok(Event::Message { data, .. }) if data.starts_with(b"took a connection from ") => {
+                messages += 1;
+            }
+            Ok(_) => {}
+            Err(e) => panic!("only {messages} messages from the workers: {e}"),
+        }
+    }
+    let taken: u64 = handle
+        .stats()
+        .expect("stats")
+        .workers
+        .iter()
+        .map(|w| w.connections)
+        .sum();
+    // Still going: the load threads stop by themselves after DEADLINE.
+    let still_loading = load.wait_progress(1, Duration::from_secs(5));
+    let seen = load.stop();
+    assert_eq!(seen.failures(), 0, "{seen}");
+    assert!(
+        still_loading,
+        "{WANTED} messages came only after the load ended ({seen})"
+    );
+    assert!(
+        taken >= WANTED as u64,
+        "the stats counted {taken} connections taken while {WANTED} messages said so"
+    );
+    util::shut_down(&handle, runner);
 }
 
 #[test]

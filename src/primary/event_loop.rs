@@ -7,11 +7,22 @@
 //! - **Fairness between workers.** At most [`MAX_READS_PER_WAKE`] messages
 //!   are read from one channel per turn; a chatty worker is read again on
 //!   the next turn, after the others.
+//! - **Quiet channels under load.** The workers' channels live in a poll of
+//!   their own (`channels`). While connections arrive together (a turn
+//!   dispatched two or more in the last [`QUIET_TICK`]) and nothing waits
+//!   on a worker's answer, that poll is not watched but read at the start
+//!   of every turn: the acknowledgements and reports that follow each
+//!   hand-over are read when the next connections wake the primary, or at
+//!   the tick, instead of waking it each. Otherwise (one connection at a
+//!   time, idle, starting or stopping workers, held connections, a full
+//!   channel, paused accepts, a reload or a shutdown) every message wakes
+//!   it at once, as when the connection whose acknowledgement closes the
+//!   primary's copy is the only one there is.
 
 use std::collections::VecDeque;
 use std::io;
 use std::net::{Ipv4Addr, SocketAddr, TcpListener};
-use std::os::fd::OwnedFd;
+use std::os::fd::{AsRawFd, OwnedFd};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -40,7 +51,14 @@ const WAKER: Token = Token(1);
 const SIGNALS: Token = Token(2);
 /// The workers' notify socket: far from the worker and metrics tokens.
 const NOTIFY: Token = Token(usize::MAX - 1);
+/// The workers' channels' own poll, when watched.
+const CHANNELS: Token = Token(0);
 pub(super) const FIRST_WORKER: usize = 3;
+
+/// While a turn dispatched connections together this recently, workers'
+/// messages do not wake the primary by themselves; at most this late,
+/// they are read.
+pub(super) const QUIET_TICK: Duration = Duration::from_millis(1);
 
 /// The most messages read from one channel before the others get a turn.
 pub(super) const MAX_READS_PER_WAKE: usize = 64;
@@ -87,6 +105,14 @@ pub(super) struct Reload {
 
 pub(crate) struct EventLoop {
     pub(super) poll: Poll,
+    /// The workers' channels (tokens `FIRST_WORKER + index`); read at the
+    /// start of each turn, and watched by `poll` only while `prompt`.
+    pub(super) channels: Poll,
+    /// Whether a worker's message wakes the primary (`channels` is
+    /// registered in `poll`); see the module's "quiet channels".
+    prompt: bool,
+    /// When a turn last dispatched two or more connections.
+    last_burst: Option<Instant>,
     /// The listening addresses: with the native protocol the one bound
     /// at start; with Node's, those the workers asked for.
     pub(super) servers: Vec<Server>,
@@ -154,6 +180,12 @@ impl EventLoop {
         settings: Settings,
     ) -> io::Result<EventLoop> {
         let poll = Poll::new()?;
+        let channels = Poll::new()?;
+        poll.registry().register(
+            &mut SourceFd(&channels.as_raw_fd()),
+            CHANNELS,
+            Interest::READABLE,
+        )?;
         if let Some(m) = metrics.as_mut() {
             m.register(poll.registry())?;
         }
@@ -185,6 +217,9 @@ impl EventLoop {
         };
         let mut this = EventLoop {
             poll,
+            channels,
+            prompt: true,
+            last_burst: None,
             servers: Vec::new(),
             spare,
             exited_connections: 0,
@@ -291,12 +326,20 @@ impl EventLoop {
             self.start_worker(s, Role::Current)?;
         }
         let mut events = Events::with_capacity(256);
+        let mut channel_events = Events::with_capacity(256);
         loop {
             if self.shutdown_at.is_some() && self.workers.iter().all(Option::is_none) {
                 break;
             }
             let timeout = if self.readable_again.is_empty() {
+                let tick = self
+                    .last_burst
+                    .filter(|_| !self.prompt)
+                    .map(|t| t + QUIET_TICK);
                 self.next_deadline()
+                    .into_iter()
+                    .chain(tick)
+                    .min()
                     .map(|d| d.saturating_duration_since(Instant::now()))
             } else {
                 Some(Duration::ZERO)
@@ -308,6 +351,12 @@ impl EventLoop {
                 return Err(e);
             }
             self.now = Instant::now();
+            let seq = self.next_seq;
+            // Workers' messages first, so that what follows (stats,
+            // placement, timers) sees them.
+            if !self.prompt || events.iter().any(|e| e.token() == CHANNELS) {
+                self.read_channels(&mut channel_events);
+            }
             for event in events.iter() {
                 match event.token() {
                     t if servers::owner(t).is_some() => {
@@ -320,15 +369,7 @@ impl EventLoop {
                     SIGNALS => self.on_signals(),
                     NOTIFY => self.read_notices(),
                     t if metrics::owns(t) => self.on_metrics(event),
-                    Token(t) => {
-                        let i = t - FIRST_WORKER;
-                        if event.is_writable() {
-                            self.on_writable(i);
-                        }
-                        if event.is_readable() || event.is_read_closed() || event.is_error() {
-                            self.read_channel(i);
-                        }
-                    }
+                    _ => {}
                 }
             }
             for i in std::mem::take(&mut self.readable_again) {
@@ -336,6 +377,10 @@ impl EventLoop {
             }
             self.on_timers();
             self.pump();
+            if self.next_seq >= seq + 2 {
+                self.last_burst = Some(self.now);
+            }
+            self.watch_channels();
         }
         let held: usize = self.servers.iter().map(|s| s.pending.len()).sum();
         if held > 0 {
@@ -349,6 +394,75 @@ impl EventLoop {
         }
         info!("shutdown complete");
         Ok(())
+    }
+
+    /// Acts on what the workers' channels have ready.
+    fn read_channels(&mut self, events: &mut Events) {
+        loop {
+            if let Err(e) = self.channels.poll(events, Some(Duration::ZERO)) {
+                if e.kind() == io::ErrorKind::Interrupted {
+                    continue;
+                }
+                error!("cannot poll the workers' channels: {e}");
+                return;
+            }
+            for event in events.iter() {
+                let i = event.token().0 - FIRST_WORKER;
+                if event.is_writable() {
+                    self.on_writable(i);
+                }
+                if event.is_readable() || event.is_read_closed() || event.is_error() {
+                    self.read_channel(i);
+                }
+            }
+            if events.iter().count() < events.capacity() {
+                return;
+            }
+        }
+    }
+
+    /// Whether workers' messages must wake the primary now: unless
+    /// connections arrive together and nothing waits on a worker's answer.
+    fn prompt_wanted(&self) -> bool {
+        let busy = self.last_burst.is_some_and(|t| self.now < t + QUIET_TICK);
+        !busy
+            || self.shutdown_at.is_some()
+            || self.reload.candidate.is_some()
+            || !self.reload.queue.is_empty()
+            || self.accept_paused_until.is_some()
+            || self.servers.iter().any(|s| !s.pending.is_empty())
+            || self.workers.iter().flatten().any(|w| {
+                w.channel.as_ref().is_some_and(|c| {
+                    !w.ready || w.stopping || w.channel_full || c.blocked() || !w.batch.is_empty()
+                })
+            })
+    }
+
+    /// Watches the channels' poll, or stops watching it, as wanted.
+    fn watch_channels(&mut self) {
+        let want = self.prompt_wanted();
+        if want == self.prompt {
+            return;
+        }
+        let fd = self.channels.as_raw_fd();
+        let done = if want {
+            self.poll
+                .registry()
+                .register(&mut SourceFd(&fd), CHANNELS, Interest::READABLE)
+        } else {
+            self.poll.registry().deregister(&mut SourceFd(&fd))
+        };
+        match done {
+            Ok(()) if want => {
+                debug!("workers' channels: each message wakes the primary");
+                self.prompt = true;
+            }
+            Ok(()) => {
+                debug!("workers' channels: read once per turn while connections arrive together");
+                self.prompt = false;
+            }
+            Err(e) => warn!("cannot change how the workers' channels are watched: {e}"),
+        }
     }
 
     /// Reads every notification waiting on the workers' notify socket.

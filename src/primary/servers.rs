@@ -358,7 +358,7 @@ impl EventLoop {
         };
         if let Some(channel) = w.channel.take() {
             let _ = self
-                .poll
+                .channels
                 .registry()
                 .deregister(&mut SourceFd(&channel.as_fd().as_raw_fd()));
         }

@@ -4,25 +4,14 @@
 //! it reads completion reports. The worker is
 //! `tests/fixtures/burst_worker.py`, which records every message's number
 //! of connections and holds its HELLO until the test says go, so that the
-//! burst waits in the backlog first. While connections arrive together,
-//! the workers' answers are read once per turn rather than each waking the
-//! primary, and a tick reads what is left when they stop (the demo
-//! worker).
+//! burst waits in the backlog first.
 
 mod util;
 
 use std::path::Path;
-use std::process::Command;
 use std::time::Duration;
 
-use util::{
-    DEADLINE, Load, Mode, Primary, TempDir, bin, have_program, poll_until, repo_path, spawn_gets,
-};
-
-/// The primary's debug lines when its workers' channels stop waking it,
-/// and when they wake it again.
-const QUIET: &str = "workers' channels: read once per turn";
-const PROMPT: &str = "workers' channels: each message wakes the primary";
+use util::{DEADLINE, Primary, TempDir, have_program, poll_until, repo_path, spawn_gets};
 
 /// `distributor -w 1 EXTRA -- python3 burst_worker.py DIR`; `None` without
 /// python3.
@@ -137,47 +126,4 @@ fn workers_are_told_whether_the_primary_reads_completion_reports() {
             "DISTRIBUTOR_REPORT_FINISHED under --sched {sched}"
         );
     }
-}
-
-/// Eight clients connecting over and over make turns that dispatch several
-/// connections: the primary stops being woken by each acknowledgement and
-/// report. When they stop, the tick (a millisecond) reads what is left
-/// without anything else waking the primary: its copies of the
-/// connections are closed (its fds are back to what they were before the
-/// load) and each message wakes it again.
-#[test]
-fn channels_go_quiet_while_connections_arrive_together_and_the_tick_reads_the_rest() {
-    let mut cmd = Command::new(bin());
-    // No heartbeats: nothing but the tick is left to wake the primary
-    // once the load stops.
-    cmd.args(["-w", "2", "-l", "127.0.0.1:0", "--worker-timeout", "0"])
-        .env("RUST_LOG", "distributor=debug");
-    let p = Primary::start_command(cmd, 2);
-    p.wait_all_ready();
-    let fds_before = p.fd_count();
-    let load = Load::start(p.addr, &[Mode::Fresh; 8], DEADLINE, Duration::from_secs(60));
-    p.log().wait_for(QUIET);
-    load.assert_progress("after the channels went quiet", p.log());
-    let seen = load.stop();
-    assert_eq!(seen.failures(), 0, "{seen}");
-    let last_switch = || {
-        p.log()
-            .snapshot()
-            .into_iter()
-            .rev()
-            .find(|l| l.contains(QUIET) || l.contains(PROMPT))
-            .unwrap_or_default()
-    };
-    assert!(
-        poll_until(DEADLINE, || last_switch().contains(PROMPT)),
-        "the channels stayed quiet after the load; log:\n{}",
-        p.log().dump()
-    );
-    let ok = poll_until(DEADLINE, || p.fd_count() == fds_before);
-    assert!(
-        ok,
-        "the primary holds {} fds after the load, {fds_before} before; log:\n{}",
-        p.fd_count(),
-        p.log().dump()
-    );
 }

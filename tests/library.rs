@@ -4,13 +4,13 @@
 mod util;
 
 use std::net::TcpListener;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
-use distributor::{Event, Primary, Sched, WorkerState};
+use distributor::{Primary, Sched, WorkerState};
 use nix::sys::signal::Signal;
 use util::{
-    HttpConn, Library, Load, Mode, Scrape, demo_command, get_once, get_path, kill_pid,
-    parse_worker, run_library,
+    HttpConn, Library, Scrape, demo_command, get_once, get_path, kill_pid, parse_worker,
+    run_library,
 };
 
 fn plain_listener() -> TcpListener {
@@ -127,68 +127,6 @@ fn a_silent_client_is_acknowledged_without_waiting_for_it() {
         w.connections == 4 && w.finished == Some(4) && w.in_flight == 0
     });
     assert!(ok, "finished never caught up: {:?}", handle.stats());
-    util::shut_down(&handle, runner);
-}
-
-/// While connections arrive together the primary reads its workers'
-/// messages when the next connections wake it (or within a millisecond),
-/// not each as it comes (docs/performance.md, "quiet channels"); they must
-/// still reach the app during the load, not after it. The workers are
-/// `examples/cluster`'s, which send a message for each connection they
-/// take; eight clients keep connecting.
-#[test]
-fn worker_messages_arrive_while_connections_keep_coming() {
-    let exe = util::example_bin("cluster");
-    assert!(
-        exe.exists(),
-        "{} is missing: run `cargo test` without target filters, or `cargo build --examples` first",
-        exe.display()
-    );
-    let Library {
-        addr,
-        events,
-        handle,
-        runner,
-        ..
-    } = run_library(
-        Primary::builder()
-            .workers(2)
-            .listener(plain_listener())
-            .command(distributor::WorkerCommand::new(exe, Vec::<String>::new())),
-    );
-    util::wait_ready_events(&events, 2, false);
-    let load = Load::start(addr, &[Mode::Fresh; 8], util::DEADLINE, util::DEADLINE);
-    const WANTED: usize = 200;
-    let deadline = Instant::now() + util::DEADLINE + Duration::from_secs(5);
-    let mut messages = 0;
-    while messages < WANTED {
-        match events.recv_deadline(deadline) {
-            Ok(Event::Message { data, .. }) if data.starts_with(b"took a connection from ") => {
-                messages += 1;
-            }
-            Ok(_) => {}
-            Err(e) => panic!("only {messages} messages from the workers: {e}"),
-        }
-    }
-    let taken: u64 = handle
-        .stats()
-        .expect("stats")
-        .workers
-        .iter()
-        .map(|w| w.connections)
-        .sum();
-    // Still going: the load threads stop by themselves after DEADLINE.
-    let still_loading = load.wait_progress(1, Duration::from_secs(5));
-    let seen = load.stop();
-    assert_eq!(seen.failures(), 0, "{seen}");
-    assert!(
-        still_loading,
-        "{WANTED} messages came only after the load ended ({seen})"
-    );
-    assert!(
-        taken >= WANTED as u64,
-        "the stats counted {taken} connections taken while {WANTED} messages said so"
-    );
     util::shut_down(&handle, runner);
 }
 

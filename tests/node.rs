@@ -26,7 +26,7 @@ use serde_json::{Value, json};
 use util::{
     DEADLINE, HttpConn, Load, Mode, Primary, Proc, Scrape, bin, describe, get_once, get_path,
     have_program, kill_pid, parse_listening, parse_metrics_on, pid_gone, poll_until,
-    refuses_connections, repo_path, wait_gone,
+    refuses_connections, repo_path, spawn_gets, wait_gone,
 };
 
 // ---------------------------------------------------------------------------
@@ -1036,6 +1036,133 @@ fn metrics_count_what_node_workers_accepted() {
     let health = get_path(maddr, "/healthz").expect("GET /healthz");
     assert_eq!(health.status, 200, "{health:?}");
     stop_cleanly(p);
+}
+
+// ---------------------------------------------------------------------------
+// Quiet channels: while connections arrive together, the two lines a Node
+// worker writes for each (`NODE_HANDLE_ACK`, `accepted`) are read once per
+// turn of the primary's loop rather than each waking it, and a 1 ms tick
+// reads what is left (docs/performance.md).
+
+/// The primary's debug lines when its workers' channels stop waking it,
+/// and when they wake it again.
+const QUIET: &str = "workers' channels: read once per turn";
+const PROMPT: &str = "workers' channels: each message wakes the primary";
+
+/// Eight clients connecting at once make a turn that dispatches several
+/// connections: the channels go quiet. Then nothing else comes, and no
+/// heartbeats are asked for: the tick alone must read what is left, close
+/// the primary's copies of the connections (its fds are back to what they
+/// were before) and make each line wake the primary again.
+#[test]
+fn channels_go_quiet_while_connections_arrive_together_and_the_tick_reads_the_rest() {
+    if !have_node("channels_go_quiet_while_connections_arrive_together") {
+        return;
+    }
+    let mut cmd = node_command(
+        2,
+        &["--protocol", "node", "--worker-timeout", "0"],
+        "hello.js",
+        &[],
+    );
+    cmd.env("RUST_LOG", "distributor=debug");
+    let p = Primary::start_command(cmd, 2);
+    p.wait_all_ready();
+    let fds_before = p.fd_count();
+    // A burst lands in one turn of the primary unless the machine splits
+    // it: try again, bounded.
+    let mut quiet_at = None;
+    for _ in 0..50 {
+        let from = p.log().len();
+        for r in spawn_gets(p.addr, 8, DEADLINE).join() {
+            let r = r.expect("an answer");
+            assert_eq!(r.status, 200, "{r:?}");
+        }
+        quiet_at = p
+            .log()
+            .try_wait_from(from, Duration::from_millis(200), |l| l.contains(QUIET))
+            .map(|(at, _)| at);
+        if quiet_at.is_some() {
+            break;
+        }
+    }
+    let at = quiet_at.unwrap_or_else(|| {
+        panic!(
+            "50 bursts of 8 connections never made the channels quiet; log:\n{}",
+            p.log().dump()
+        )
+    });
+    p.log().wait_for_from(at, PROMPT);
+    let ok = poll_until(DEADLINE, || p.fd_count() == fds_before);
+    assert!(
+        ok,
+        "the primary holds {} fds after the load, {fds_before} before; log:\n{}",
+        p.fd_count(),
+        p.log().dump()
+    );
+    stop_cleanly(p);
+}
+
+/// Quiet channels still deliver: each worker's `process.send()` for every
+/// request reaches the library's app during the load, not after it, and
+/// the stats count the connections as they are accepted.
+#[test]
+fn node_messages_arrive_while_connections_keep_coming() {
+    if !have_node("node_messages_arrive_while_connections_keep_coming") {
+        return;
+    }
+    let mut primary = distributor::Primary::builder()
+        .workers(2)
+        .listen("127.0.0.1:0".parse().expect("an address"))
+        .protocol(Protocol::Node)
+        .command(
+            WorkerCommand::new("node", [fixture("messages.js")])
+                .env("PORT", "0")
+                .env("REQUEST_MESSAGES", "1"),
+        )
+        .handle_signals(false)
+        .build()
+        .expect("build");
+    let events = primary.events();
+    let handle = primary.handle();
+    let guard = ShutdownOnDrop(handle.clone());
+    let runner = thread::spawn(move || primary.run());
+    let ready = util::wait_ready_events(&events, 2, true);
+    assert_eq!(ready.len(), 2);
+    let addr = handle.stats().expect("stats").listeners[0];
+    let load = Load::start(addr, &[Mode::Fresh; 8], DEADLINE, DEADLINE);
+    const WANTED: usize = 200;
+    let mut requests = 0;
+    while requests < WANTED {
+        let (_, value) = next_message(&events);
+        if value.get("request").is_some() {
+            requests += 1;
+        }
+    }
+    let taken: u64 = handle
+        .stats()
+        .expect("stats")
+        .workers
+        .iter()
+        .map(|w| w.connections)
+        .sum();
+    // Still going: the load threads stop by themselves after DEADLINE.
+    let still_loading = load.wait_progress(1, Duration::from_secs(5));
+    let seen = load.stop();
+    assert_eq!(seen.failures(), 0, "{seen}");
+    assert!(
+        still_loading,
+        "{WANTED} messages came only after the load ended ({seen})"
+    );
+    assert!(
+        taken >= WANTED as u64,
+        "the stats counted {taken} connections accepted after {WANTED} requests were answered"
+    );
+    drop(guard);
+    runner
+        .join()
+        .expect("the primary's thread does not panic")
+        .expect("run ends cleanly");
 }
 
 // ---------------------------------------------------------------------------

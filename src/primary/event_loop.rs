@@ -7,17 +7,19 @@
 //! - **Fairness between workers.** At most [`MAX_READS_PER_WAKE`] messages
 //!   are read from one channel per turn; a chatty worker is read again on
 //!   the next turn, after the others.
-//! - **Quiet channels under load.** The workers' channels live in a poll of
-//!   their own (`channels`). While connections arrive together (a turn
-//!   dispatched two or more in the last [`QUIET_TICK`]) and nothing waits
-//!   on a worker's answer, that poll is not watched but read at the start
-//!   of every turn: the acknowledgements and reports that follow each
-//!   hand-over are read when the next connections wake the primary, or at
-//!   the tick, instead of waking it each. Otherwise (one connection at a
-//!   time, idle, starting or stopping workers, held connections, a full
-//!   channel, paused accepts, a reload or a shutdown) every message wakes
-//!   it at once, as when the connection whose acknowledgement closes the
-//!   primary's copy is the only one there is.
+//! - **Quiet channels under load (Node workers).** Node workers' channels
+//!   live in a poll of their own (`quiet`). While
+//!   connections arrive together (a turn dispatched two or more in the last
+//!   [`QUIET_TICK`]) and nothing waits on a worker's answer, that poll is
+//!   not watched but read at the start of every turn: the two lines a Node
+//!   worker writes for each connection (`NODE_HANDLE_ACK`, `accepted`) are
+//!   read when the next connections wake the primary, or at the tick,
+//!   instead of waking it each. Otherwise (one connection at a time; idle;
+//!   starting or stopping workers; held connections; a full channel; paused
+//!   accepts; a reload; a shutdown) every line wakes it at once. Native
+//!   workers' channels are watched by the main poll itself: their
+//!   acknowledgements come one per burst, and reading them late measured
+//!   no cheaper (docs/performance.md).
 
 use std::collections::VecDeque;
 use std::io;
@@ -51,7 +53,7 @@ const WAKER: Token = Token(1);
 const SIGNALS: Token = Token(2);
 /// The workers' notify socket: far from the worker and metrics tokens.
 const NOTIFY: Token = Token(usize::MAX - 1);
-/// The workers' channels' own poll, when watched.
+/// Node workers' channels' own poll, when watched.
 const CHANNELS: Token = Token(0);
 pub(super) const FIRST_WORKER: usize = 3;
 
@@ -105,11 +107,12 @@ pub(super) struct Reload {
 
 pub(crate) struct EventLoop {
     pub(super) poll: Poll,
-    /// The workers' channels (tokens `FIRST_WORKER + index`); read at the
-    /// start of each turn, and watched by `poll` only while `prompt`.
-    pub(super) channels: Poll,
-    /// Whether a worker's message wakes the primary (`channels` is
-    /// registered in `poll`); see the module's "quiet channels".
+    /// Node workers: their channels' own poll (tokens `FIRST_WORKER +
+    /// index`), watched by `poll` only while `prompt`, else read at the
+    /// start of each turn. Native workers' channels are in `poll`.
+    pub(super) quiet: Option<Poll>,
+    /// Whether a worker's message wakes the primary; see the module's
+    /// "quiet channels".
     prompt: bool,
     /// When a turn last dispatched two or more connections.
     last_burst: Option<Instant>,
@@ -180,12 +183,17 @@ impl EventLoop {
         settings: Settings,
     ) -> io::Result<EventLoop> {
         let poll = Poll::new()?;
-        let channels = Poll::new()?;
-        poll.registry().register(
-            &mut SourceFd(&channels.as_raw_fd()),
-            CHANNELS,
-            Interest::READABLE,
-        )?;
+        let quiet = if settings.protocol == Protocol::Node {
+            let quiet = Poll::new()?;
+            poll.registry().register(
+                &mut SourceFd(&quiet.as_raw_fd()),
+                CHANNELS,
+                Interest::READABLE,
+            )?;
+            Some(quiet)
+        } else {
+            None
+        };
         if let Some(m) = metrics.as_mut() {
             m.register(poll.registry())?;
         }
@@ -217,7 +225,7 @@ impl EventLoop {
         };
         let mut this = EventLoop {
             poll,
-            channels,
+            quiet,
             prompt: true,
             last_burst: None,
             servers: Vec::new(),
@@ -369,7 +377,11 @@ impl EventLoop {
                     SIGNALS => self.on_signals(),
                     NOTIFY => self.read_notices(),
                     t if metrics::owns(t) => self.on_metrics(event),
-                    _ => {}
+                    CHANNELS => {}
+                    Token(t) => {
+                        let i = t - FIRST_WORKER;
+                        self.on_channel_event(i, event);
+                    }
                 }
             }
             for i in std::mem::take(&mut self.readable_again) {
@@ -396,10 +408,28 @@ impl EventLoop {
         Ok(())
     }
 
-    /// Acts on what the workers' channels have ready.
+    /// Worker `i`'s channel is ready.
+    fn on_channel_event(&mut self, i: usize, event: &mio::event::Event) {
+        if event.is_writable() {
+            self.on_writable(i);
+        }
+        if event.is_readable() || event.is_read_closed() || event.is_error() {
+            self.read_channel(i);
+        }
+    }
+
+    /// The registry worker channels go in: the quiet poll's, or the main.
+    pub(super) fn channel_registry(&self) -> &mio::Registry {
+        self.quiet.as_ref().unwrap_or(&self.poll).registry()
+    }
+
+    /// Acts on what Node workers' channels have ready (the quiet poll).
     fn read_channels(&mut self, events: &mut Events) {
         loop {
-            if let Err(e) = self.channels.poll(events, Some(Duration::ZERO)) {
+            let Some(quiet) = self.quiet.as_mut() else {
+                return;
+            };
+            if let Err(e) = quiet.poll(events, Some(Duration::ZERO)) {
                 if e.kind() == io::ErrorKind::Interrupted {
                     continue;
                 }
@@ -407,13 +437,7 @@ impl EventLoop {
                 return;
             }
             for event in events.iter() {
-                let i = event.token().0 - FIRST_WORKER;
-                if event.is_writable() {
-                    self.on_writable(i);
-                }
-                if event.is_readable() || event.is_read_closed() || event.is_error() {
-                    self.read_channel(i);
-                }
+                self.on_channel_event(event.token().0 - FIRST_WORKER, event);
             }
             if events.iter().count() < events.capacity() {
                 return;
@@ -440,11 +464,13 @@ impl EventLoop {
 
     /// Watches the channels' poll, or stops watching it, as wanted.
     fn watch_channels(&mut self) {
+        let Some(fd) = self.quiet.as_ref().map(|q| q.as_raw_fd()) else {
+            return;
+        };
         let want = self.prompt_wanted();
         if want == self.prompt {
             return;
         }
-        let fd = self.channels.as_raw_fd();
         let done = if want {
             self.poll
                 .registry()

@@ -60,7 +60,11 @@ pub enum Event {
         pid: u32,
         status: ExitStatus,
     },
-    /// A worker sent a message (`WorkerListener::send`).
+    /// A worker sent a message (`WorkerListener::send`, or Node's
+    /// `process.send`). While connections arrive together, a Node worker's
+    /// channel is read once per turn of the primary's loop rather than on
+    /// each line, so its message may come up to a millisecond later than on
+    /// an idle primary.
     Message { id: u64, data: Vec<u8> },
 }
 

@@ -357,8 +357,11 @@ impl EventLoop {
             return;
         };
         if let Some(channel) = w.channel.take() {
+            // (The fields, not `channel_registry`: `w` borrows `workers`.)
             let _ = self
-                .channels
+                .quiet
+                .as_ref()
+                .unwrap_or(&self.poll)
                 .registry()
                 .deregister(&mut SourceFd(&channel.as_fd().as_raw_fd()));
         }

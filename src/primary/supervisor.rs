@@ -74,7 +74,7 @@ impl EventLoop {
             self.workers.len() - 1
         });
         let channel = w.channel.as_ref().expect("a new worker has a channel");
-        if let Err(e) = self.channels.registry().register(
+        if let Err(e) = self.channel_registry().register(
             &mut SourceFd(&channel.as_fd().as_raw_fd()),
             mio::Token(FIRST_WORKER + i),
             Interest::READABLE | Interest::WRITABLE,

@@ -35,6 +35,11 @@
 //!   `WouldBlock`; for each connection one `sendmsg` with `SCM_RIGHTS` to
 //!   the next demo worker, blocking, and a `close` at once; no ledger, no
 //!   policy, no supervision): its CPU per connection beside rr's.
+//! - **The plain loop over io_uring** (`uring-loop`): the same loop with
+//!   its accepts (one multishot accept), sends and closes (each send
+//!   hard-linked to its close) going through one ring, completions reaped
+//!   only when it waits ([`uring_loop`]): io_uring weighed as a lever, its
+//!   CPU per connection against the plain loop's.
 //! - **Node apps** (when `node` is on PATH): the unmodified
 //!   [benches/node/app.js](node/app.js) under Node's cluster primary
 //!   (`rr`) and under `distributor --sched rr`, short connections only.
@@ -80,8 +85,8 @@
 //!   `/usr/sbin/nginx`);
 //! - `PERF_CONTENDERS`: a comma-separated subset of `dist-rr`,
 //!   `dist-least-conn`, `dist-p2c`, `dist-shared`, `dist-reuseport`,
-//!   `plain-loop`, `nginx`, `node-rr`, `dist-node-rr`, and `memory` (the
-//!   memory phase).
+//!   `plain-loop`, `uring-loop`, `nginx`, `node-rr`, `dist-node-rr`, and
+//!   `memory` (the memory phase).
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::fmt::Write as _;
@@ -98,6 +103,8 @@ use hdrhistogram::Histogram;
 #[path = "common/procs.rs"]
 mod procs;
 use procs::*;
+#[path = "common/uring_loop.rs"]
+mod uring_loop;
 
 const ROOT: &str = env!("CARGO_MANIFEST_DIR");
 const DISTRIBUTOR: &str = env!("CARGO_BIN_EXE_distributor");
@@ -172,8 +179,9 @@ enum Program {
     /// `node cluster_primary.js N`, `NODE_CLUSTER_SCHED_POLICY=rr`.
     NodeCluster,
     /// The reference: this bench as a plain accept, sendmsg, close loop
-    /// over N demo workers ([`plain_loop`]).
-    PlainLoop,
+    /// over N demo workers ([`plain_loop`]); with `uring`, over io_uring
+    /// ([`uring_loop`]).
+    PlainLoop { uring: bool },
 }
 
 #[derive(Debug, Clone, Copy)]
@@ -192,7 +200,7 @@ const NODE_LOADS: &[Load] = &[Load::Close];
 const PLAIN_LOADS: &[Load] = &[Load::Close, Load::Single];
 
 /// In table order; a round runs them in this order or reversed.
-const CONTENDERS: [Contender; 9] = [
+const CONTENDERS: [Contender; 10] = [
     Contender {
         key: "dist-rr",
         label: "distributor rr",
@@ -241,7 +249,13 @@ const CONTENDERS: [Contender; 9] = [
     Contender {
         key: "plain-loop",
         label: "plain loop (accept, sendmsg, close)",
-        program: Program::PlainLoop,
+        program: Program::PlainLoop { uring: false },
+        loads: PLAIN_LOADS,
+    },
+    Contender {
+        key: "uring-loop",
+        label: "plain loop over io_uring",
+        program: Program::PlainLoop { uring: true },
         loads: PLAIN_LOADS,
     },
     Contender {
@@ -416,7 +430,8 @@ impl Settings {
 fn main() {
     if let Ok(n) = std::env::var(PLAIN_LOOP_ENV) {
         // Started by this bench as the plain-loop contender.
-        match plain_loop(n.parse().unwrap_or(1)) {
+        let uring = std::env::var_os(PLAIN_LOOP_URING_ENV).is_some_and(|v| v == "1");
+        match plain_loop(n.parse().unwrap_or(1), uring) {
             Ok(()) => std::process::exit(0),
             Err(e) => {
                 eprintln!("plain loop: {e}");
@@ -772,10 +787,11 @@ impl Server {
                     .env("NODE_CLUSTER_SCHED_POLICY", "rr");
                 cmd
             }
-            Program::PlainLoop => {
+            Program::PlainLoop { uring } => {
                 let exe = std::env::current_exe().map_err(|e| format!("this bench: {e}"))?;
                 let mut cmd = Command::new(exe);
-                cmd.env(PLAIN_LOOP_ENV, &n);
+                cmd.env(PLAIN_LOOP_ENV, &n)
+                    .env(PLAIN_LOOP_URING_ENV, if uring { "1" } else { "0" });
                 cmd
             }
         };
@@ -838,7 +854,7 @@ impl Server {
             // One line per worker; not "start worker processes".
             Program::Nginx => text.matches("start worker process ").count() >= n,
             Program::NodeCluster => text.contains(&format!("{n} workers listening on")),
-            Program::PlainLoop => text.contains(&format!("plain loop: {n} workers ready")),
+            Program::PlainLoop { .. } => text.contains(&format!("plain loop: {n} workers ready")),
         }
     }
 
@@ -1374,7 +1390,7 @@ fn markdown(
     let mut cpu_rows = Vec::new();
     for c in &demo {
         if !matches!(c.program, Program::Distributor { sched, .. } if ["rr", "least-conn", "p2c"].contains(&sched))
-            && c.program != Program::PlainLoop
+            && !matches!(c.program, Program::PlainLoop { .. })
         {
             continue;
         }
@@ -1678,6 +1694,15 @@ fn markdown(
         );
     }
 
+    // A lever weighed, not a target.
+    if let (Some(u), Some(p)) = (cpu("uring-loop"), cpu("plain-loop")) {
+        let _ = writeln!(
+            out,
+            "\nio_uring as a lever: the plain loop over io_uring costs **{:.2}×** the plain loop's primary CPU per connection ({u:.1} vs {p:.1} µs, 64 connections).",
+            u / p
+        );
+    }
+
     // Notes.
     let n = s.workers;
     let _ = writeln!(
@@ -1729,7 +1754,7 @@ fn not_run(s: &Settings, nginx: bool) -> String {
     let missing = s.skipped.iter().any(|(c, _)| match c.program {
         Program::Nginx => nginx,
         Program::NodeCluster | Program::Distributor { node: true, .. } => !nginx,
-        Program::Distributor { node: false, .. } | Program::PlainLoop => false,
+        Program::Distributor { node: false, .. } | Program::PlainLoop { .. } => false,
     });
     if missing { "not installed" } else { "not run" }.to_string()
 }
@@ -1808,6 +1833,8 @@ fn throughput_table(
 /// The environment variable that makes this bench the plain-loop
 /// contender, with its number of workers.
 const PLAIN_LOOP_ENV: &str = "PERF_PLAIN_LOOP";
+/// With [`PLAIN_LOOP_ENV`]: `1` for the loop over io_uring.
+const PLAIN_LOOP_URING_ENV: &str = "PERF_PLAIN_LOOP_URING";
 
 /// The reference the issue measures the primary against: the plainest
 /// primary there is. It starts `workers` demo workers (the `distributor`
@@ -1818,8 +1845,9 @@ const PLAIN_LOOP_ENV: &str = "PERF_PLAIN_LOOP";
 /// its copy right away. It keeps no ledger (a worker that dies loses what
 /// it was sent), has no policy, no supervision and no metrics; it reads
 /// and drops what workers send so that they never block on it. Workers
-/// are told to send no completion reports.
-fn plain_loop(workers: usize) -> Result<(), String> {
+/// are told to send no completion reports. With `uring`, the loop is
+/// [`uring_loop::run`] over the same workers.
+fn plain_loop(workers: usize, uring: bool) -> Result<(), String> {
     use distributor::__private::{recv_with_fds, send_with_fds, seqpacket_pair};
     use distributor::protocol::{Encoder, MAX_MESSAGE};
     use mio::net::TcpListener;
@@ -1832,7 +1860,9 @@ fn plain_loop(workers: usize) -> Result<(), String> {
         .and_then(|p| p.parse().ok())
         .ok_or("PORT is not set")?;
     let workers = workers.max(1);
-    let mut listener = TcpListener::bind(SocketAddr::from(([127, 0, 0, 1], port)))
+    // Blocking until the mio loop takes it: io_uring waits for a
+    // connection on a blocking listener rather than failing with EAGAIN.
+    let std_listener = std::net::TcpListener::bind(SocketAddr::from(([127, 0, 0, 1], port)))
         .map_err(|e| format!("bind: {e}"))?;
     let mut channels = Vec::with_capacity(workers);
     let mut children = Vec::with_capacity(workers);
@@ -1857,6 +1887,28 @@ fn plain_loop(workers: usize) -> Result<(), String> {
         // receives use MSG_DONTWAIT.
         channels.push(ours);
     }
+    if uring {
+        // SIGTERM or SIGINT: a byte on this pair, which the ring polls.
+        let (stop_rx, stop_tx) =
+            std::os::unix::net::UnixStream::pair().map_err(|e| format!("socketpair: {e}"))?;
+        for sig in [libc::SIGTERM, libc::SIGINT] {
+            signal_hook::low_level::pipe::register(
+                sig,
+                stop_tx.try_clone().map_err(|e| e.to_string())?,
+            )
+            .map_err(|e| format!("signals: {e}"))?;
+        }
+        let result = uring_loop::run(&std_listener, &channels, stop_rx.as_raw_fd(), port);
+        drop(channels);
+        for mut c in children {
+            let _ = c.wait();
+        }
+        return result;
+    }
+    std_listener
+        .set_nonblocking(true)
+        .map_err(|e| format!("listener: {e}"))?;
+    let mut listener = TcpListener::from_std(std_listener);
     let mut poll = Poll::new().map_err(|e| e.to_string())?;
     const LISTENER: Token = Token(usize::MAX);
     const SIGNALS: Token = Token(usize::MAX - 1);

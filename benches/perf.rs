@@ -808,6 +808,7 @@ impl Server {
             .env_remove("DISTRIBUTOR_LISTEN")
             .env_remove("DISTRIBUTOR_WEIGHTS")
             .env_remove("DISTRIBUTOR_MAX_UNACKED")
+            .env_remove("DISTRIBUTOR_DEFER_ACCEPT")
             .env_remove("DISTRIBUTOR_METRICS")
             .stdin(Stdio::null())
             .stdout(out)

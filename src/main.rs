@@ -108,6 +108,20 @@ struct Cli {
     )]
     max_unacked: usize,
 
+    /// TCP_DEFER_ACCEPT on the listening sockets: a connection is accepted
+    /// only once its client has sent something, or this long after it
+    /// connected if it sends nothing (whole seconds; 0, the default, is
+    /// off). For protocols where the client speaks first, like HTTP; never
+    /// for ones where the server does
+    #[arg(
+        long,
+        value_name = "DURATION",
+        default_value = "0",
+        env = "DISTRIBUTOR_DEFER_ACCEPT",
+        value_parser = parse_duration
+    )]
+    defer_accept: Duration,
+
     /// What counts a worker ready: hello (its protocol HELLO), notify
     /// (READY=1 on the NOTIFY_SOCKET it is given, like systemd's
     /// Type=notify), start (as soon as it is started, for apps that speak
@@ -465,7 +479,8 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         .command(command)
         .shutdown_timeout(cli.shutdown_timeout)
         .worker_timeout(Some(cli.worker_timeout))
-        .max_unacked(cli.max_unacked);
+        .max_unacked(cli.max_unacked)
+        .defer_accept(cli.defer_accept);
     if let Some(n) = cli.workers {
         builder = builder.workers(n);
     }

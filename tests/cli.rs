@@ -90,6 +90,20 @@ fn an_unparsable_shutdown_timeout_is_a_usage_error() {
 }
 
 #[test]
+fn an_unparsable_defer_accept_is_a_usage_error() {
+    let dir = TempDir::new("cli");
+    let (code, line) = fails(
+        &["-w", "1", "-l", "127.0.0.1:0", "--defer-accept", "soon"],
+        dir.path(),
+    );
+    assert_eq!(code, 2, "{line}");
+    assert!(
+        line.starts_with("error: invalid value 'soon' for '--defer-accept <DURATION>'"),
+        "{line}"
+    );
+}
+
+#[test]
 fn a_port_in_use_is_an_error() {
     let dir = TempDir::new("cli");
     let taken = TcpListener::bind("127.0.0.1:0").unwrap();

@@ -505,3 +505,50 @@ fn an_unparsable_metrics_address_is_exit_2() {
         "{line}"
     );
 }
+
+/// `--defer-accept`: a client that connects and sends nothing is not handed
+/// to a worker (the kernel keeps it until its first data), while one that
+/// sends its request is served; once the first sends, it is served too.
+/// Without the option the silent client is handed over at once: the worker
+/// holds it in flight, and two connections are counted, not one.
+#[test]
+fn defer_accept_hands_over_a_connection_once_its_client_has_sent() {
+    for defer in [true, false] {
+        let extra: &[&str] = if defer {
+            &["--defer-accept", "30s"]
+        } else {
+            &[]
+        };
+        let (p, maddr) = start(1, extra);
+        p.wait_all_ready();
+        let mut silent = HttpConn::connect(p.addr).expect("connect");
+        let r = p.get();
+        assert_eq!(r.status, 200, "{r:?}");
+        let total = |s: &Scrape| s.value("distributor_connections_total", &[]).unwrap_or(0.0);
+        let in_flight = |s: &Scrape| {
+            s.all("distributor_worker_in_flight")
+                .iter()
+                .map(|x| x.value)
+                .sum::<f64>()
+        };
+        if defer {
+            // The request's connection taken and finished, and nothing else.
+            let s = scrape_until(&p, maddr, "the request counted and finished", |s| {
+                total(s) >= 1.0 && in_flight(s) == 0.0
+            });
+            assert_eq!(
+                total(&s),
+                1.0,
+                "the silent client was handed over:\n{}",
+                s.text
+            );
+        } else {
+            scrape_until(&p, maddr, "the silent client handed over", |s| {
+                total(s) >= 2.0 && in_flight(s) == 1.0
+            });
+        }
+        let r = silent.get(true).expect("the silent client's request");
+        assert_eq!(r.status, 200, "{r:?}");
+        scrape_until(&p, maddr, "both counted", |s| total(s) >= 2.0);
+    }
+}

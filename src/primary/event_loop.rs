@@ -72,6 +72,8 @@ pub(crate) struct Settings {
     pub hello_timeout: Duration,
     pub worker_timeout: Option<Duration>,
     pub max_unacked: usize,
+    /// `TCP_DEFER_ACCEPT` on every listening socket; zero: off.
+    pub defer_accept: Duration,
     pub backoff: Backoff,
     pub handle_signals: bool,
     pub sched: Sched,

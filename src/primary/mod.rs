@@ -327,6 +327,7 @@ pub struct Builder {
     hello_timeout: Duration,
     worker_timeout: Option<Duration>,
     max_unacked: usize,
+    defer_accept: Duration,
     backoff: Backoff,
     handle_signals: bool,
     sched: Sched,
@@ -357,6 +358,7 @@ impl Default for Builder {
             hello_timeout: Duration::from_secs(5),
             worker_timeout: Some(Duration::from_secs(30)),
             max_unacked: DEFAULT_MAX_UNACKED,
+            defer_accept: Duration::ZERO,
             backoff: Backoff::default(),
             handle_signals: true,
             sched: Sched::RoundRobin,
@@ -448,6 +450,22 @@ impl Builder {
     /// the kernel's backlog holds the wait.
     pub fn max_unacked(mut self, n: usize) -> Self {
         self.max_unacked = n.max(1);
+        self
+    }
+
+    /// `TCP_DEFER_ACCEPT` on the listening sockets (default zero: off).
+    /// The kernel then completes a connection, and the primary (or in the
+    /// kernel modes a worker) accepts it, only once the client's first
+    /// data has arrived, or, for a client that sends nothing, after about
+    /// this long (whole seconds; the kernel counts in SYN-ACK
+    /// retransmissions). For protocols where the client speaks first
+    /// (HTTP): the worker finds the request there when it takes the
+    /// connection, and fewer wake-ups are spent on connections that have
+    /// nothing to read yet; the price is a little latency for each
+    /// connection (the accept waits for the data rather than overlapping
+    /// with it). Protocols where the server speaks first must leave it off.
+    pub fn defer_accept(mut self, t: Duration) -> Self {
+        self.defer_accept = t;
         self
     }
 
@@ -598,6 +616,7 @@ impl Builder {
             hello_timeout: self.hello_timeout,
             worker_timeout: self.worker_timeout,
             max_unacked: self.max_unacked,
+            defer_accept: self.defer_accept,
             backoff: self.backoff,
             handle_signals: self.handle_signals,
             sched: self.sched,

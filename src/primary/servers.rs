@@ -111,6 +111,9 @@ impl EventLoop {
     /// Adds a server; in rr its listener is registered for accepting.
     pub(super) fn add_server(&mut self, server: Server) -> io::Result<usize> {
         let k = self.servers.len();
+        if let Some(l) = &server.listener {
+            self.defer_accept(l)?;
+        }
         if !self.settings.sched.is_kernel() {
             if let Some(l) = &server.listener {
                 l.set_nonblocking(true)?;
@@ -428,12 +431,23 @@ impl EventLoop {
         }
         if s.slot_listeners[slot - 1].is_none() {
             let l = super::bind(s.addr, backlog, true)?;
+            self.defer_accept(&l)?;
+            let s = &mut self.servers[k];
             // Native workers get it by socket activation, blocking, as
             // systemd does; Node's libuv needs it non-blocking.
             l.set_nonblocking(self.settings.protocol == Protocol::Node)?;
             s.slot_listeners[slot - 1] = Some(l);
         }
         Ok(())
+    }
+
+    /// Sets `TCP_DEFER_ACCEPT` on a listening socket, when asked for.
+    fn defer_accept(&self, l: &TcpListener) -> io::Result<()> {
+        let seconds = self.settings.defer_accept.as_secs_f64().ceil() as u32;
+        if seconds == 0 {
+            return Ok(());
+        }
+        crate::sys::set_tcp_defer_accept(l.as_fd(), seconds)
     }
 
     /// The listening socket a worker of `slot` gets for server `k`: none in

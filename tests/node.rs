@@ -1111,22 +1111,23 @@ fn node_messages_arrive_while_connections_keep_coming() {
     if !have_node("node_messages_arrive_while_connections_keep_coming") {
         return;
     }
-    let mut primary = distributor::Primary::builder()
-        .workers(2)
-        .listen("127.0.0.1:0".parse().expect("an address"))
-        .protocol(Protocol::Node)
-        .command(
-            WorkerCommand::new("node", [fixture("messages.js")])
-                .env("PORT", "0")
-                .env("REQUEST_MESSAGES", "1"),
-        )
-        .handle_signals(false)
-        .build()
-        .expect("build");
-    let events = primary.events();
-    let handle = primary.handle();
+    let util::Library {
+        events,
+        handle,
+        runner,
+        ..
+    } = util::run_library(
+        distributor::Primary::builder()
+            .workers(2)
+            .listen("127.0.0.1:0".parse().expect("an address"))
+            .protocol(Protocol::Node)
+            .command(
+                WorkerCommand::new("node", [fixture("messages.js")])
+                    .env("PORT", "0")
+                    .env("REQUEST_MESSAGES", "1"),
+            ),
+    );
     let guard = ShutdownOnDrop(handle.clone());
-    let runner = thread::spawn(move || primary.run());
     let ready = util::wait_ready_events(&events, 2, true);
     assert_eq!(ready.len(), 2);
     let addr = handle.stats().expect("stats").listeners[0];

@@ -11,7 +11,8 @@ mod util;
 use std::path::Path;
 use std::time::Duration;
 
-use util::{DEADLINE, Primary, TempDir, have_program, poll_until, repo_path, spawn_gets};
+use nix::sys::signal::Signal;
+use util::{DEADLINE, Primary, TempDir, have_program, kill_pid, poll_until, repo_path, spawn_gets};
 
 /// `distributor -w 1 EXTRA -- python3 burst_worker.py DIR`; `None` without
 /// python3.
@@ -99,6 +100,43 @@ fn one_connection_at_a_time_goes_alone() {
     }
     assert!(poll_until(DEADLINE, || batches(dir.path(), 1).len() == 5));
     assert_eq!(batches(dir.path(), 1), vec![1; 5]);
+}
+
+/// After connections that came one at a time, the first connection of the
+/// next accept loop goes out alone and at once, before the `accept` that
+/// ends the loop (the worker starts on it while the primary makes that
+/// call); the others that waited meanwhile follow in one message. The ten
+/// wait in the backlog while the primary is stopped (SIGSTOP), so that
+/// one accept loop finds them all.
+#[test]
+fn after_lone_connections_the_first_of_the_next_loop_goes_at_once() {
+    let dir = TempDir::new("burst-lone");
+    let Some(p) = start(dir.path(), &[]) else {
+        return;
+    };
+    std::fs::write(dir.path().join("go"), "").expect("go file");
+    for _ in 0..3 {
+        let r = p.get();
+        assert_eq!(r.status, 200, "{r:?}");
+    }
+    assert!(poll_until(DEADLINE, || batches(dir.path(), 1).len() == 3));
+    kill_pid(p.pid(), Signal::SIGSTOP);
+    let clients = spawn_gets(p.addr, 10, DEADLINE);
+    let sent = clients.wait_sent(DEADLINE);
+    kill_pid(p.pid(), Signal::SIGCONT);
+    assert!(
+        sent,
+        "the clients could not send while the primary was stopped"
+    );
+    for r in clients.join() {
+        let r = r.expect("an answer");
+        assert_eq!(r.status, 200, "{r:?}");
+    }
+    assert!(poll_until(DEADLINE, || batches(dir.path(), 1)
+        .iter()
+        .sum::<usize>()
+        == 13));
+    assert_eq!(batches(dir.path(), 1), vec![1, 1, 1, 1, 9]);
 }
 
 #[test]

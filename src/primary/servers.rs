@@ -77,6 +77,13 @@ pub(crate) struct Server {
     /// a worker with room, so room freed later (an acknowledgement, a
     /// worker ready) resumes accepting without a wasted `accept`.
     pub backlog_waiting: bool,
+    /// The last accept loop that emptied the backlog took one connection
+    /// at most (and none since found more waiting than there was room
+    /// for): connections arrive one at a time, so the first of the next
+    /// loop goes out at once, before the `accept` that ends the loop,
+    /// rather than in a batch after it. The worker then starts on it while
+    /// the primary makes that call.
+    pub lone: bool,
 }
 
 impl Server {
@@ -90,6 +97,7 @@ impl Server {
             data: "null".into(),
             pending: VecDeque::new(),
             backlog_waiting: true,
+            lone: true,
         }
     }
 }
@@ -158,9 +166,24 @@ impl EventLoop {
     }
 
     fn accept_loop(&mut self, k: usize) {
+        let accepted = self.accept_while_room(k);
+        let s = &mut self.servers[k];
+        if !s.backlog_waiting {
+            // The backlog ran dry: how many arrived together.
+            s.lone = accepted <= 1;
+        } else if !self.can_place(k) {
+            // More wait than there was room for: a burst.
+            self.servers[k].lone = false;
+        }
+    }
+
+    /// Accepts and places until `WouldBlock`, no room, or an error;
+    /// returns how many it accepted.
+    fn accept_while_room(&mut self, k: usize) -> usize {
+        let mut accepted = 0usize;
         while self.can_place(k) {
             let Some(listener) = self.servers[k].listener.as_ref() else {
-                return;
+                return accepted;
             };
             match socket2::SockRef::from(listener).accept() {
                 Ok((socket, addr)) => {
@@ -177,16 +200,20 @@ impl EventLoop {
                     };
                     if let Err(conn) = self.dispatch(conn) {
                         self.servers[k].pending.push_back(conn);
-                        return;
+                        return accepted;
+                    }
+                    accepted += 1;
+                    if accepted == 1 && self.servers[k].lone {
+                        self.send_batches();
                     }
                     if !self.servers[k].pending.is_empty() {
                         // A full batch met a full channel: those go first.
-                        return;
+                        return accepted;
                     }
                 }
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
                     self.servers[k].backlog_waiting = false;
-                    return;
+                    return accepted;
                 }
                 Err(e) => match e.raw_os_error() {
                     Some(libc::EINTR | libc::ECONNABORTED | libc::EPROTO | libc::EPERM) => {
@@ -207,11 +234,12 @@ impl EventLoop {
                             debug!("accept failed again: {e}");
                         }
                         self.accept_paused_until = Some(now + ACCEPT_RETRY);
-                        return;
+                        return accepted;
                     }
                 },
             }
         }
+        accepted
     }
 
     /// Whether some worker can take a connection of server `k` now.

@@ -9,7 +9,7 @@
 //!   the next turn, after the others.
 //! - **Quiet channels under load (Node workers).** Node workers' channels
 //!   live in a poll of their own (`quiet`). While
-//!   connections arrive together (a turn dispatched two or more in the last
+//!   connections arrive together (a turn accepted two or more in the last
 //!   [`QUIET_TICK`]) and nothing waits on a worker's answer, that poll is
 //!   not watched but read at the start of every turn: the two lines a Node
 //!   worker writes for each connection (`NODE_HANDLE_ACK`, `accepted`) are
@@ -57,7 +57,7 @@ const NOTIFY: Token = Token(usize::MAX - 1);
 const CHANNELS: Token = Token(0);
 pub(super) const FIRST_WORKER: usize = 3;
 
-/// While a turn dispatched connections together this recently, workers'
+/// While a turn accepted two or more connections this recently, workers'
 /// messages do not wake the primary by themselves; at most this late,
 /// they are read.
 pub(super) const QUIET_TICK: Duration = Duration::from_millis(1);
@@ -116,7 +116,7 @@ pub(crate) struct EventLoop {
     /// Whether a worker's message wakes the primary; see the module's
     /// "quiet channels".
     prompt: bool,
-    /// When a turn last dispatched two or more connections.
+    /// When a turn last accepted two or more connections.
     last_burst: Option<Instant>,
     /// The listening addresses: with the native protocol the one bound
     /// at start; with Node's, those the workers asked for.

@@ -113,25 +113,30 @@ pub fn run_demo_worker(mut listener: WorkerListener) -> io::Result<()> {
                     match listener.next_event() {
                         Ok(WorkerEvent::Connection(stream, _peer)) => {
                             stream.set_nonblocking(true)?;
-                            let mut stream = TcpStream::from_std(stream);
-                            let i = free.pop().unwrap_or_else(|| {
-                                conns.push(None);
-                                conns.len() - 1
-                            });
-                            poll.registry().register(
-                                &mut stream,
-                                Token(i),
-                                Interest::READABLE | Interest::WRITABLE,
-                            )?;
-                            conns[i] = Some(HttpConn {
-                                stream,
+                            let mut conn = HttpConn {
+                                stream: TcpStream::from_std(stream),
                                 input: Vec::with_capacity(1024),
                                 output: Vec::with_capacity(256),
                                 written: 0,
                                 closing: false,
                                 body_left: 0,
+                            };
+                            // The request is usually there already: answer
+                            // first, and watch only a connection that stays.
+                            if !serve(&mut conn, &body, stopping).unwrap_or(false) {
+                                closing.push(conn);
+                                continue;
+                            }
+                            let i = free.pop().unwrap_or_else(|| {
+                                conns.push(None);
+                                conns.len() - 1
                             });
-                            drive(&mut conns, &mut free, &mut closing, i, &body, stopping);
+                            poll.registry().register(
+                                &mut conn.stream,
+                                Token(i),
+                                Interest::READABLE | Interest::WRITABLE,
+                            )?;
+                            conns[i] = Some(conn);
                         }
                         Ok(WorkerEvent::Message(_)) => {}
                         Ok(WorkerEvent::Stop) => {

@@ -1849,7 +1849,7 @@ const PLAIN_LOOP_URING_ENV: &str = "PERF_PLAIN_LOOP_URING";
 /// are told to send no completion reports. With `uring`, the loop is
 /// [`uring_loop::run`] over the same workers.
 fn plain_loop(workers: usize, uring: bool) -> Result<(), String> {
-    use distributor::__private::{recv_with_fds, send_with_fds, seqpacket_pair};
+    use distributor::__private::{send_with_fds, seqpacket_pair};
     use distributor::protocol::{Encoder, MAX_MESSAGE};
     use mio::net::TcpListener;
     use mio::{Events, Interest, Poll, Token};
@@ -1970,27 +1970,40 @@ fn plain_loop(workers: usize, uring: bool) -> Result<(), String> {
                 }
             } else {
                 let channel = channels[event.token().0].as_fd();
-                loop {
-                    fds.clear();
-                    match recv_with_fds(channel, &mut buf, &mut fds, true) {
-                        Ok(got) if got.len == 0 && fds.is_empty() => {
-                            return Err("a worker closed its channel".into());
-                        }
-                        Ok(got) => {
-                            if buf.first() == Some(&0x80) && got.len == 3 {
-                                hellos += 1;
-                                if hellos == workers {
-                                    eprintln!(
-                                        "plain loop: {workers} workers ready on 127.0.0.1:{port}"
-                                    );
-                                }
-                            }
-                        }
-                        Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => break,
-                        Err(e) => return Err(format!("receive: {e}")),
+                drain_channel(channel, &mut buf, &mut fds, &mut hellos, workers, port)?;
+            }
+        }
+    }
+}
+
+/// What the plain loops do with what a worker sends: read all there is
+/// (`WouldBlock` ends it) and drop it, counting HELLOs in `hellos` and
+/// saying `plain loop: N workers ready` once all `workers` have said it.
+/// An error when the worker closed its channel.
+fn drain_channel(
+    channel: std::os::fd::BorrowedFd<'_>,
+    buf: &mut [u8],
+    fds: &mut Vec<std::os::fd::OwnedFd>,
+    hellos: &mut usize,
+    workers: usize,
+    port: u16,
+) -> Result<(), String> {
+    loop {
+        fds.clear();
+        match distributor::__private::recv_with_fds(channel, buf, fds, true) {
+            Ok(got) if got.len == 0 && fds.is_empty() => {
+                return Err("a worker closed its channel".into());
+            }
+            Ok(got) => {
+                if buf.first() == Some(&0x80) && got.len == 3 {
+                    *hellos += 1;
+                    if *hellos == workers {
+                        eprintln!("plain loop: {workers} workers ready on 127.0.0.1:{port}");
                     }
                 }
             }
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => return Ok(()),
+            Err(e) => return Err(format!("receive: {e}")),
         }
     }
 }

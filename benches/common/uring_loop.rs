@@ -9,15 +9,14 @@
 //! `close` of the copy, submitted together with the wait for the next
 //! completions (`IORING_SETUP_DEFER_TASKRUN`: completions are reaped only
 //! when the loop asks). What the workers send (HELLO, ACK) is read as the
-//! plain loop reads it: a multishot poll per channel, then `recv` until
-//! `WouldBlock`. Connection entries carry no peer address (a multishot
+//! plain loop reads it (`drain_channel`, `recv` until `WouldBlock`), on a
+//! multishot poll per channel. Connection entries carry no peer address (a multishot
 //! accept returns none); the demo worker does not use it.
 
 use std::io;
 use std::net::{SocketAddr, TcpListener};
 use std::os::fd::{AsRawFd, OwnedFd, RawFd};
 
-use distributor::__private::recv_with_fds;
 use distributor::protocol::{Encoder, MAX_MESSAGE};
 use io_uring::{IoUring, cqueue, opcode, squeue, types};
 
@@ -109,32 +108,14 @@ pub fn run(
                 d if d & POLL != 0 => {
                     let i = (d & !POLL) as usize;
                     let channel = &channels[i];
-                    loop {
-                        fds.clear();
-                        match recv_with_fds(
-                            std::os::fd::AsFd::as_fd(channel),
-                            &mut buf,
-                            &mut fds,
-                            true,
-                        ) {
-                            Ok(got) if got.len == 0 && fds.is_empty() => {
-                                return Err("a worker closed its channel".into());
-                            }
-                            Ok(got) => {
-                                if buf.first() == Some(&0x80) && got.len == 3 {
-                                    hellos += 1;
-                                    if hellos == channels.len() {
-                                        eprintln!(
-                                            "plain loop: {} workers ready on 127.0.0.1:{port} (io_uring)",
-                                            channels.len()
-                                        );
-                                    }
-                                }
-                            }
-                            Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
-                            Err(e) => return Err(format!("receive: {e}")),
-                        }
-                    }
+                    super::drain_channel(
+                        std::os::fd::AsFd::as_fd(channel),
+                        &mut buf,
+                        &mut fds,
+                        &mut hellos,
+                        channels.len(),
+                        port,
+                    )?;
                     if !cqueue::more(flags) {
                         push(&mut ring, &poll_channel(channel.as_raw_fd(), i))?;
                     }

@@ -364,7 +364,9 @@ impl EventLoop {
             let seq = self.next_seq;
             // Workers' messages first, so that what follows (stats,
             // placement, timers) sees them.
-            if !self.prompt || events.iter().any(|e| e.token() == CHANNELS) {
+            if self.quiet.is_some()
+                && (!self.prompt || events.iter().any(|e| e.token() == CHANNELS))
+            {
                 self.read_channels(&mut channel_events);
             }
             for event in events.iter() {
@@ -391,10 +393,7 @@ impl EventLoop {
             }
             self.on_timers();
             self.pump();
-            if self.next_seq >= seq + 2 {
-                self.last_burst = Some(self.now);
-            }
-            self.watch_channels();
+            self.watch_channels(seq);
         }
         let held: usize = self.servers.iter().map(|s| s.pending.len()).sum();
         if held > 0 {
@@ -458,17 +457,21 @@ impl EventLoop {
             || self.accept_paused_until.is_some()
             || self.servers.iter().any(|s| !s.pending.is_empty())
             || self.workers.iter().flatten().any(|w| {
-                w.channel.as_ref().is_some_and(|c| {
-                    !w.ready || w.stopping || w.channel_full || c.blocked() || !w.batch.is_empty()
-                })
+                w.channel
+                    .as_ref()
+                    .is_some_and(|c| !w.ready || w.stopping || w.channel_full || c.blocked())
             })
     }
 
-    /// Watches the channels' poll, or stops watching it, as wanted.
-    fn watch_channels(&mut self) {
+    /// Watches the quiet poll, or stops watching it, as wanted after a
+    /// turn that started with connection id (or message seq) `seq`.
+    fn watch_channels(&mut self, seq: u64) {
         let Some(fd) = self.quiet.as_ref().map(|q| q.as_raw_fd()) else {
             return;
         };
+        if self.next_seq >= seq + 2 {
+            self.last_burst = Some(self.now);
+        }
         let want = self.prompt_wanted();
         if want == self.prompt {
             return;

@@ -167,10 +167,9 @@ impl EventLoop {
 
     fn accept_loop(&mut self, k: usize) {
         let accepted = self.accept_while_room(k);
-        let s = &mut self.servers[k];
-        if !s.backlog_waiting {
+        if !self.servers[k].backlog_waiting {
             // The backlog ran dry: how many arrived together.
-            s.lone = accepted <= 1;
+            self.servers[k].lone = accepted <= 1;
         } else if !self.can_place(k) {
             // More wait than there was room for: a burst.
             self.servers[k].lone = false;

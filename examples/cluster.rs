@@ -135,6 +135,10 @@ fn serve(stream: TcpStream, id: u64, shared: &Shared) {
         *shared.in_flight.lock().unwrap() -= 1;
         shared.idle.notify_all();
         if !answered {
+            // The FIN now, from this worker: the primary may still hold its
+            // copy of the connection, and a drop alone would leave the FIN
+            // (and the TCP teardown) to the primary's close of that copy.
+            let _ = stream.shutdown(std::net::Shutdown::Write);
             return;
         }
     }

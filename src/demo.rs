@@ -178,7 +178,10 @@ fn drive(
 
 /// Reports the connections in `closing` finished (one DONE for them all),
 /// then closes them: the primary knows a worker is free before its client
-/// can see the close and come back.
+/// can see the close and come back. Each is shut down for writing first,
+/// so that its FIN goes now: the primary may still hold its copy (until it
+/// reads the ACK), and a close alone would leave the FIN, and the whole TCP
+/// teardown, to the primary's close of that copy.
 fn close_all(listener: &mut WorkerListener, closing: &mut Vec<HttpConn>) -> io::Result<()> {
     if closing.is_empty() {
         return Ok(());
@@ -187,7 +190,9 @@ fn close_all(listener: &mut WorkerListener, closing: &mut Vec<HttpConn>) -> io::
         listener.finished();
     }
     listener.flush_reports()?;
-    closing.clear();
+    for c in closing.drain(..) {
+        let _ = c.stream.shutdown(std::net::Shutdown::Write);
+    }
     Ok(())
 }
 

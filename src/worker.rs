@@ -124,6 +124,11 @@ pub enum WorkerEvent {
 }
 
 /// The worker's end of its channel to the primary, used like a listener.
+///
+/// End a connection with [`TcpStream::shutdown`] (`Shutdown::Write`) before
+/// dropping it: the primary may still hold its copy of the connection (it
+/// closes it when it reads the acknowledgement), and a drop alone sends no
+/// FIN until that copy is closed, leaving the TCP teardown to the primary.
 #[derive(Debug)]
 pub struct WorkerListener {
     channel: Channel,

@@ -57,8 +57,10 @@ pub(crate) fn app_line(data: &[u8]) -> Result<Vec<u8>, String> {
 
 /// For the fuzz target: parses one line from a Node worker as the primary
 /// does, and writes what it would answer to a query; `Err` for a line that
-/// is not JSON.
+/// is not JSON. Panics where the per-connection fast path and the full
+/// parse read a line differently.
 pub fn fuzz_line(line: &[u8]) -> Result<Option<String>, String> {
+    wire::assert_fast_path_agrees(line);
     match wire::parse(line).map_err(|e| e.to_string())? {
         FromWorker::QueryServer(q) => {
             let key = wire::server_key(&q);

@@ -142,6 +142,61 @@ fn string<'a>(raw: Option<&'a RawValue>, name: &str) -> Result<&'a str, BadMessa
 
 /// Parses one line (without its newline).
 pub(crate) fn parse(line: &[u8]) -> Result<FromWorker<'_>, BadMessage> {
+    match per_connection(line) {
+        Some(m) => Ok(m),
+        None => parse_json(line),
+    }
+}
+
+/// The two lines a worker writes for every connection, in the exact form
+/// Node writes them (`JSON.stringify` of its own objects): recognized
+/// without a JSON parse, which was most of the primary's own CPU per
+/// connection with Node workers. Anything else, or any variation of these
+/// (spaces, other fields, a leading zero, a number too large), is `None`
+/// and goes to the full parse.
+fn per_connection(line: &[u8]) -> Option<FromWorker<'static>> {
+    if line == br#"{"cmd":"NODE_HANDLE_ACK"}"# {
+        return Some(FromWorker::HandleAck);
+    }
+    let rest = line.strip_prefix(br#"{"cmd":"NODE_CLUSTER","ack":"#)?;
+    let (ack, rest) = leading_u64(rest)?;
+    let (accepted, rest) = match rest.strip_prefix(br#","accepted":true,"seq":"#) {
+        Some(rest) => (true, rest),
+        None => (false, rest.strip_prefix(br#","accepted":false,"seq":"#)?),
+    };
+    let (_seq, rest) = leading_u64(rest)?;
+    (rest == b"}").then_some(FromWorker::Accepted { ack, accepted })
+}
+
+/// For the fuzzer: where the per-connection fast path recognizes a line,
+/// the full parse must read the same message from it.
+pub(crate) fn assert_fast_path_agrees(line: &[u8]) {
+    if let Some(fast) = per_connection(line) {
+        assert_eq!(
+            Ok(fast),
+            parse_json(line),
+            "the fast path differs from the full parse on {:?}",
+            String::from_utf8_lossy(line)
+        );
+    }
+}
+
+/// A JSON number that fits a `u64` at the start of `s` (digits only, no
+/// leading zero), and what follows it.
+fn leading_u64(s: &[u8]) -> Option<(u64, &[u8])> {
+    let len = s.iter().take_while(|b| b.is_ascii_digit()).count();
+    let digits = &s[..len];
+    if digits.is_empty() || (digits.len() > 1 && digits[0] == b'0') {
+        return None;
+    }
+    let n = digits.iter().try_fold(0u64, |n, d| {
+        n.checked_mul(10)?.checked_add(u64::from(d - b'0'))
+    })?;
+    Some((n, &s[len..]))
+}
+
+/// [`parse`] by a full JSON parse.
+fn parse_json(line: &[u8]) -> Result<FromWorker<'_>, BadMessage> {
     let text = std::str::from_utf8(line).map_err(|_| bad("not UTF-8"))?;
     let fields: Fields<'_> = match serde_json::from_str(text) {
         Ok(f) => f,
@@ -339,6 +394,51 @@ mod tests {
             parse(br#"{"cmd":"NODE_CLUSTER","act":"exitedAfterDisconnect","seq":9}"#),
             Ok(FromWorker::ExitedAfterDisconnect { seq: 9 })
         );
+    }
+
+    #[test]
+    fn the_per_connection_lines_parse_as_the_full_parse_does() {
+        let lines: &[&[u8]] = &[
+            br#"{"cmd":"NODE_HANDLE_ACK"}"#,
+            br#"{"cmd":"NODE_CLUSTER","ack":2,"accepted":true,"seq":3}"#,
+            br#"{"cmd":"NODE_CLUSTER","ack":0,"accepted":false,"seq":0}"#,
+            br#"{"cmd":"NODE_CLUSTER","ack":18446744073709551615,"accepted":true,"seq":1}"#,
+        ];
+        for line in lines {
+            let fast = per_connection(line);
+            assert!(fast.is_some(), "{}", String::from_utf8_lossy(line));
+            assert_eq!(fast.map(Ok), Some(parse_json(line)));
+        }
+        // Variations go to the full parse, which decides.
+        let others: &[&[u8]] = &[
+            br#"{"cmd":"NODE_HANDLE_ACK" }"#,
+            br#"{"cmd":"NODE_HANDLE_NACK"}"#,
+            br#"{"cmd":"NODE_CLUSTER","ack":02,"accepted":true,"seq":3}"#,
+            br#"{"cmd":"NODE_CLUSTER","ack":18446744073709551616,"accepted":true,"seq":1}"#,
+            br#"{"cmd":"NODE_CLUSTER","ack":-1,"accepted":true,"seq":1}"#,
+            br#"{"cmd":"NODE_CLUSTER","ack":2,"accepted":true,"seq":3,"x":1}"#,
+            br#"{"cmd":"NODE_CLUSTER","ack":2,"accepted":1,"seq":3}"#,
+            br#"{"cmd":"NODE_CLUSTER","ack":2,"accepted":true,"seq":}"#,
+            br#"{"cmd":"NODE_CLUSTER","ack":,"accepted":true,"seq":3}"#,
+            br#"{"cmd":"NODE_CLUSTER","ack":2,"accepted":true,"seq":3}}"#,
+            br#"{"cmd":"NODE_CLUSTER","ack":2.5,"accepted":true,"seq":3}"#,
+        ];
+        for line in others {
+            assert_eq!(
+                per_connection(line),
+                None,
+                "{}",
+                String::from_utf8_lossy(line)
+            );
+        }
+        assert_eq!(
+            parse(br#"{"cmd":"NODE_CLUSTER","ack":2,"accepted":true,"seq":3,"x":1}"#),
+            Ok(FromWorker::Accepted {
+                ack: 2,
+                accepted: true
+            })
+        );
+        assert!(parse(br#"{"cmd":"NODE_CLUSTER","ack":-1,"accepted":true,"seq":1}"#).is_err());
     }
 
     #[test]

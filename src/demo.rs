@@ -123,7 +123,7 @@ pub fn run_demo_worker(mut listener: WorkerListener) -> io::Result<()> {
                             };
                             // The request is usually there already: answer
                             // first, and watch only a connection that stays.
-                            if !serve(&mut conn, &body, stopping).unwrap_or(false) {
+                            if !serve(&mut conn, &body, stopping, true).unwrap_or(false) {
                                 closing.push(conn);
                                 continue;
                             }
@@ -170,7 +170,7 @@ fn drive(
     let Some(conn) = conns.get_mut(i).and_then(Option::as_mut) else {
         return;
     };
-    if !serve(conn, body, stopping).unwrap_or(false) {
+    if !serve(conn, body, stopping, false).unwrap_or(false) {
         closing.extend(conns[i].take());
         free.push(i);
     }
@@ -197,13 +197,25 @@ fn close_all(listener: &mut WorkerListener, closing: &mut Vec<HttpConn>) -> io::
 }
 
 /// Returns whether the connection stays open.
-fn serve(conn: &mut HttpConn, body: &str, stopping: bool) -> io::Result<bool> {
+///
+/// A `fresh` connection, not registered with the poll yet, stops reading
+/// at a short read rather than at `WouldBlock`: a short read took all
+/// there was, and its registration, if it stays open, reports whatever
+/// came since (data or the peer's FIN). That is one `read` less per short
+/// connection, as nginx does. A registered connection is edge-triggered
+/// and reads on until `WouldBlock`, lest a FIN that came with the data go
+/// unseen.
+fn serve(conn: &mut HttpConn, body: &str, stopping: bool, fresh: bool) -> io::Result<bool> {
     let mut eof = false;
     let mut chunk = [0u8; 4096];
     while !conn.closing {
         match conn.stream.read(&mut chunk) {
             Ok(0) => {
                 eof = true;
+                break;
+            }
+            Ok(n) if fresh && n < chunk.len() => {
+                conn.input.extend_from_slice(&chunk[..n]);
                 break;
             }
             Ok(n) => conn.input.extend_from_slice(&chunk[..n]),

@@ -7,17 +7,26 @@
 //! - **Fairness between workers.** At most [`MAX_READS_PER_WAKE`] messages
 //!   are read from one channel per turn; a chatty worker is read again on
 //!   the next turn, after the others.
-//! - **Quiet channels under load (Node workers).** Node workers' channels
-//!   live in a poll of their own (`quiet`). While
-//!   connections arrive together (a turn accepted two or more in the last
-//!   [`QUIET_TICK`]) and nothing waits on a worker's answer, that poll is
-//!   not watched but read at the start of every turn: the two lines a Node
-//!   worker writes for each connection (`NODE_HANDLE_ACK`, `accepted`) are
-//!   read when the next connections wake the primary, or at the tick,
-//!   instead of waking it each. Otherwise (one connection at a time; idle;
-//!   starting or stopping workers; held connections; a full channel; paused
-//!   accepts; a reload; a shutdown) every line wakes it at once. Native
-//!   workers' channels are watched by the main poll itself: their
+//! - **The workers' channels** live in a poll of their own (`channels`),
+//!   which the main poll watches (token `CHANNELS`); each wake-up for a
+//!   worker's message reads it with a zero-timeout poll.
+//! - **Fresh counts for load-aware placement.** A worker reports a finished
+//!   connection (DONE) before its client can see the close, so a client
+//!   that connects again comes after the report. With least-conn and p2c
+//!   the channels are read after each `accept` and before the placement:
+//!   whatever a worker reported before that connection arrived is counted.
+//!   (A turn's accept loop can run well after its wake-up on a busy
+//!   machine.)
+//! - **Quiet channels under load (Node workers).** While connections
+//!   arrive together (a turn accepted two or more in the last
+//!   [`QUIET_TICK`]) and nothing waits on a worker's answer, the channels'
+//!   poll is not watched but read at the start of every turn: the two
+//!   lines a Node worker writes for each connection (`NODE_HANDLE_ACK`,
+//!   `accepted`) are read when the next connections wake the primary, or at
+//!   the tick, instead of waking it each. Otherwise (one connection at a
+//!   time; idle; starting or stopping workers; held connections; a full
+//!   channel; paused accepts; a reload; a shutdown) every line wakes it at
+//!   once. Native workers' channels are always watched: their
 //!   acknowledgements come one per burst, and reading them late measured
 //!   no cheaper (docs/performance.md).
 
@@ -53,7 +62,7 @@ const WAKER: Token = Token(1);
 const SIGNALS: Token = Token(2);
 /// The workers' notify socket: far from the worker and metrics tokens.
 const NOTIFY: Token = Token(usize::MAX - 1);
-/// Node workers' channels' own poll, when watched.
+/// The workers' channels' own poll, when watched.
 const CHANNELS: Token = Token(0);
 pub(super) const FIRST_WORKER: usize = 3;
 
@@ -109,10 +118,12 @@ pub(super) struct Reload {
 
 pub(crate) struct EventLoop {
     pub(super) poll: Poll,
-    /// Node workers: their channels' own poll (tokens `FIRST_WORKER +
-    /// index`), watched by `poll` only while `prompt`, else read at the
-    /// start of each turn. Native workers' channels are in `poll`.
-    pub(super) quiet: Option<Poll>,
+    /// The workers' channels' own poll (tokens `FIRST_WORKER + index`),
+    /// watched by `poll` while `prompt` (always, for native workers), else
+    /// read at the start of each turn.
+    pub(super) channels: Poll,
+    /// What `channels` has ready (reused).
+    channel_events: Events,
     /// Whether a worker's message wakes the primary; see the module's
     /// "quiet channels".
     prompt: bool,
@@ -185,17 +196,12 @@ impl EventLoop {
         settings: Settings,
     ) -> io::Result<EventLoop> {
         let poll = Poll::new()?;
-        let quiet = if settings.protocol == Protocol::Node {
-            let quiet = Poll::new()?;
-            poll.registry().register(
-                &mut SourceFd(&quiet.as_raw_fd()),
-                CHANNELS,
-                Interest::READABLE,
-            )?;
-            Some(quiet)
-        } else {
-            None
-        };
+        let channels = Poll::new()?;
+        poll.registry().register(
+            &mut SourceFd(&channels.as_raw_fd()),
+            CHANNELS,
+            Interest::READABLE,
+        )?;
         if let Some(m) = metrics.as_mut() {
             m.register(poll.registry())?;
         }
@@ -227,7 +233,8 @@ impl EventLoop {
         };
         let mut this = EventLoop {
             poll,
-            quiet,
+            channels,
+            channel_events: Events::with_capacity(256),
             prompt: true,
             last_burst: None,
             servers: Vec::new(),
@@ -336,7 +343,6 @@ impl EventLoop {
             self.start_worker(s, Role::Current)?;
         }
         let mut events = Events::with_capacity(256);
-        let mut channel_events = Events::with_capacity(256);
         loop {
             if self.shutdown_at.is_some() && self.workers.iter().all(Option::is_none) {
                 break;
@@ -364,10 +370,8 @@ impl EventLoop {
             let seq = self.next_seq;
             // Workers' messages first, so that what follows (stats,
             // placement, timers) sees them.
-            if self.quiet.is_some()
-                && (!self.prompt || events.iter().any(|e| e.token() == CHANNELS))
-            {
-                self.read_channels(&mut channel_events);
+            if !self.prompt || events.iter().any(|e| e.token() == CHANNELS) {
+                self.read_channels();
             }
             for event in events.iter() {
                 match event.token() {
@@ -419,31 +423,31 @@ impl EventLoop {
         }
     }
 
-    /// The registry worker channels go in: the quiet poll's, or the main.
+    /// The registry worker channels go in.
     pub(super) fn channel_registry(&self) -> &mio::Registry {
-        self.quiet.as_ref().unwrap_or(&self.poll).registry()
+        self.channels.registry()
     }
 
-    /// Acts on what Node workers' channels have ready (the quiet poll).
-    fn read_channels(&mut self, events: &mut Events) {
+    /// Acts on what the workers' channels have ready.
+    pub(super) fn read_channels(&mut self) {
+        // (Taken out for the loop: the handlers borrow `self`.)
+        let mut events = std::mem::replace(&mut self.channel_events, Events::with_capacity(0));
         loop {
-            let Some(quiet) = self.quiet.as_mut() else {
-                return;
-            };
-            if let Err(e) = quiet.poll(events, Some(Duration::ZERO)) {
+            if let Err(e) = self.channels.poll(&mut events, Some(Duration::ZERO)) {
                 if e.kind() == io::ErrorKind::Interrupted {
                     continue;
                 }
                 error!("cannot poll the workers' channels: {e}");
-                return;
+                break;
             }
             for event in events.iter() {
                 self.on_channel_event(event.token().0 - FIRST_WORKER, event);
             }
             if events.iter().count() < events.capacity() {
-                return;
+                break;
             }
         }
+        self.channel_events = events;
     }
 
     /// Whether workers' messages must wake the primary now: unless
@@ -463,12 +467,13 @@ impl EventLoop {
             })
     }
 
-    /// Watches the quiet poll, or stops watching it, as wanted after a
+    /// Watches the channels' poll, or stops watching it, as wanted after a
     /// turn that started with connection id (or message seq) `seq`.
     fn watch_channels(&mut self, seq: u64) {
-        let Some(fd) = self.quiet.as_ref().map(|q| q.as_raw_fd()) else {
+        if self.settings.protocol != Protocol::Node {
             return;
-        };
+        }
+        let fd = self.channels.as_raw_fd();
         if self.next_seq >= seq + 2 {
             self.last_burst = Some(self.now);
         }

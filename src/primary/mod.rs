@@ -119,6 +119,12 @@ impl Sched {
     pub fn is_kernel(self) -> bool {
         matches!(self, Sched::Shared | Sched::ReusePort)
     }
+
+    /// Whether its placement reads the workers' load (connections in
+    /// flight), and so wants their reports read before it places.
+    pub(crate) fn reads_load(self) -> bool {
+        matches!(self, Sched::LeastConn | Sched::PowerOfTwo)
+    }
 }
 
 impl fmt::Display for Sched {

@@ -189,6 +189,11 @@ impl EventLoop {
                     let peer = addr
                         .as_socket()
                         .unwrap_or(SocketAddr::from((Ipv4Addr::UNSPECIFIED, 0)));
+                    if self.live_sched.reads_load() {
+                        // What workers reported before this connection
+                        // came (a client's previous one finished) counts.
+                        self.read_channels();
+                    }
                     let conn = Conn {
                         id: self.next_seq(),
                         fd: OwnedFd::from(socket),
@@ -389,9 +394,7 @@ impl EventLoop {
         if let Some(channel) = w.channel.take() {
             // (The fields, not `channel_registry`: `w` borrows `workers`.)
             let _ = self
-                .quiet
-                .as_ref()
-                .unwrap_or(&self.poll)
+                .channels
                 .registry()
                 .deregister(&mut SourceFd(&channel.as_fd().as_raw_fd()));
         }

@@ -7,9 +7,12 @@
 //! - **Fairness between workers.** At most [`MAX_READS_PER_WAKE`] messages
 //!   are read from one channel per turn; a chatty worker is read again on
 //!   the next turn, after the others.
-//! - **The workers' channels** live in a poll of their own (`channels`),
-//!   which the main poll watches (token `CHANNELS`); each wake-up for a
-//!   worker's message reads it with a zero-timeout poll.
+//! - **The workers' channels.** In rr with native workers they are in the
+//!   main poll. With Node workers, and with least-conn and p2c, they live
+//!   in a poll of their own (`channels`), which the main poll watches
+//!   (token `CHANNELS`), so that all of them can be read with one
+//!   zero-timeout poll (which costs one `epoll_wait` more per wake-up, and
+//!   is why rr does without it). A switch of policy moves them.
 //! - **Fresh counts for load-aware placement.** A worker reports a finished
 //!   connection (DONE) before its client can see the close, so a client
 //!   that connects again comes after the report. With least-conn and p2c
@@ -33,7 +36,7 @@
 use std::collections::VecDeque;
 use std::io;
 use std::net::{Ipv4Addr, SocketAddr, TcpListener};
-use std::os::fd::{AsRawFd, OwnedFd};
+use std::os::fd::{AsFd, AsRawFd, OwnedFd};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -118,9 +121,10 @@ pub(super) struct Reload {
 
 pub(crate) struct EventLoop {
     pub(super) poll: Poll,
-    /// The workers' channels' own poll (tokens `FIRST_WORKER + index`),
-    /// watched by `poll` while `prompt` (always, for native workers), else
-    /// read at the start of each turn.
+    /// The workers' channels' own poll (tokens `FIRST_WORKER + index`)
+    /// while [`EventLoop::channels_nested`], watched by `poll` while
+    /// `prompt` (always, for native workers), else read at the start of
+    /// each turn. Otherwise the channels are in `poll`.
     pub(super) channels: Poll,
     /// What `channels` has ready (reused).
     channel_events: Events,
@@ -425,7 +429,50 @@ impl EventLoop {
 
     /// The registry worker channels go in.
     pub(super) fn channel_registry(&self) -> &mio::Registry {
-        self.channels.registry()
+        if self.channels_nested() {
+            self.channels.registry()
+        } else {
+            self.poll.registry()
+        }
+    }
+
+    /// Whether the workers' channels are in their own poll: for Node
+    /// workers (quiet channels), and where placement reads load (fresh
+    /// counts); see the module's doc.
+    pub(super) fn channels_nested(&self) -> bool {
+        self.settings.protocol == Protocol::Node || self.live_sched.reads_load()
+    }
+
+    /// Moves every worker's channel between the main poll and the
+    /// channels' own, after a switch of policy changed where they belong.
+    fn move_channels(&mut self, nested: bool) {
+        let (from, to) = if nested {
+            (&self.poll, &self.channels)
+        } else {
+            (&self.channels, &self.poll)
+        };
+        let mut broken = Vec::new();
+        for (i, w) in self.workers.iter().enumerate() {
+            let Some(fd) = w
+                .as_ref()
+                .and_then(|w| w.channel.as_ref())
+                .map(|c| c.as_fd().as_raw_fd())
+            else {
+                continue;
+            };
+            let _ = from.registry().deregister(&mut SourceFd(&fd));
+            if let Err(e) = to.registry().register(
+                &mut SourceFd(&fd),
+                Token(FIRST_WORKER + i),
+                Interest::READABLE | Interest::WRITABLE,
+            ) {
+                error!("cannot watch worker {i}'s channel: {e}");
+                broken.push(i);
+            }
+        }
+        for i in broken {
+            self.cut_off(i);
+        }
     }
 
     /// Acts on what the workers' channels have ready.
@@ -739,8 +786,12 @@ impl EventLoop {
         match super::policy::for_sched(sched) {
             Some(policy) if !self.settings.sched.is_kernel() => {
                 info!("scheduling policy: {} -> {sched}", self.live_sched);
+                let nested = self.channels_nested();
                 self.policy = policy;
                 self.live_sched = sched;
+                if self.channels_nested() != nested {
+                    self.move_channels(!nested);
+                }
             }
             _ => warn!(
                 "cannot switch from {} to {sched}: only rr, least-conn and p2c switch while running",

@@ -125,7 +125,7 @@ pub(crate) struct EventLoop {
     /// while [`EventLoop::channels_nested`], watched by `poll` while
     /// `prompt` (always, for native workers), else read at the start of
     /// each turn. Otherwise the channels are in `poll`.
-    pub(super) channels: Poll,
+    channels: Poll,
     /// What `channels` has ready (reused).
     channel_events: Events,
     /// Whether a worker's message wakes the primary; see the module's
@@ -443,10 +443,23 @@ impl EventLoop {
         self.settings.protocol == Protocol::Node || self.live_sched.reads_load()
     }
 
-    /// Moves every worker's channel between the main poll and the
-    /// channels' own, after a switch of policy changed where they belong.
-    fn move_channels(&mut self, nested: bool) {
-        let (from, to) = if nested {
+    /// Watches worker `i`'s channel `fd` in `registry`.
+    pub(super) fn register_channel(
+        registry: &mio::Registry,
+        fd: std::os::fd::RawFd,
+        i: usize,
+    ) -> io::Result<()> {
+        registry.register(
+            &mut SourceFd(&fd),
+            Token(FIRST_WORKER + i),
+            Interest::READABLE | Interest::WRITABLE,
+        )
+    }
+
+    /// Moves every worker's channel to where it belongs now
+    /// ([`EventLoop::channels_nested`]), after a switch of policy.
+    fn move_channels(&mut self) {
+        let (from, to) = if self.channels_nested() {
             (&self.poll, &self.channels)
         } else {
             (&self.channels, &self.poll)
@@ -461,11 +474,7 @@ impl EventLoop {
                 continue;
             };
             let _ = from.registry().deregister(&mut SourceFd(&fd));
-            if let Err(e) = to.registry().register(
-                &mut SourceFd(&fd),
-                Token(FIRST_WORKER + i),
-                Interest::READABLE | Interest::WRITABLE,
-            ) {
+            if let Err(e) = Self::register_channel(to.registry(), fd, i) {
                 error!("cannot watch worker {i}'s channel: {e}");
                 broken.push(i);
             }
@@ -790,7 +799,7 @@ impl EventLoop {
                 self.policy = policy;
                 self.live_sched = sched;
                 if self.channels_nested() != nested {
-                    self.move_channels(!nested);
+                    self.move_channels();
                 }
             }
             _ => warn!(

@@ -388,15 +388,19 @@ impl EventLoop {
     /// after `grace`, SIGKILL.
     pub(super) fn disconnect(&mut self, i: usize, grace: Duration) {
         let now = self.now;
-        let nested = self.channels_nested();
+        let channel = self
+            .workers
+            .get_mut(i)
+            .and_then(Option::as_mut)
+            .and_then(|w| w.channel.take());
+        if let Some(channel) = channel {
+            let _ = self
+                .channel_registry()
+                .deregister(&mut SourceFd(&channel.as_fd().as_raw_fd()));
+        }
         let Some(w) = self.workers.get_mut(i).and_then(Option::as_mut) else {
             return;
         };
-        if let Some(channel) = w.channel.take() {
-            // (The fields, not `channel_registry`: `w` borrows `workers`.)
-            let registry = if nested { &self.channels } else { &self.poll }.registry();
-            let _ = registry.deregister(&mut SourceFd(&channel.as_fd().as_raw_fd()));
-        }
         w.ready = false;
         w.ping_at = None;
         for c in w.batch.drain(..).rev() {

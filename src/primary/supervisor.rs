@@ -19,13 +19,11 @@
 use std::process::ExitStatus;
 use std::time::{Duration, Instant};
 
-use mio::Interest;
-use mio::unix::SourceFd;
 use nix::sys::signal::Signal;
 use std::os::fd::{AsFd, AsRawFd};
 use tracing::{debug, error, info, warn};
 
-use super::event_loop::{EventLoop, FIRST_WORKER, Slot};
+use super::event_loop::{EventLoop, Slot};
 use super::node;
 use super::process::{Link, Protocol, Role, WorkerProc, describe_exit};
 use super::{Event, Ready};
@@ -74,11 +72,9 @@ impl EventLoop {
             self.workers.len() - 1
         });
         let channel = w.channel.as_ref().expect("a new worker has a channel");
-        if let Err(e) = self.channel_registry().register(
-            &mut SourceFd(&channel.as_fd().as_raw_fd()),
-            mio::Token(FIRST_WORKER + i),
-            Interest::READABLE | Interest::WRITABLE,
-        ) {
+        if let Err(e) =
+            Self::register_channel(self.channel_registry(), channel.as_fd().as_raw_fd(), i)
+        {
             self.free.push(i);
             w.signal(Signal::SIGKILL);
             return Err(e);

@@ -19,6 +19,11 @@
 //! cargo run --example cluster -- --listen 127.0.0.1:8000 --workers 4
 //! curl http://127.0.0.1:8000/     # Howdy from worker 2 (pid 12345)
 //! ```
+//!
+//! With `--recycle-after N` each worker recycles itself after N connections
+//! (as apps do against a leak): it asks the primary for its successor
+//! (`WorkerListener::recycle`) and serves on until the primary, once the
+//! successor is ready, sends it STOP; no capacity is lost meanwhile.
 
 use std::io::{self, BufRead, BufReader, Write};
 use std::net::{SocketAddr, TcpStream};
@@ -46,6 +51,8 @@ fn primary() -> Result<(), Box<dyn std::error::Error>> {
         match arg.as_str() {
             "--listen" => listen = value.parse()?,
             "--workers" => workers = value.parse()?,
+            // The workers read it (they run with the same arguments).
+            "--recycle-after" => drop(value.parse::<u64>()?),
             _ => return Err(format!("unknown option {arg}").into()),
         }
     }
@@ -89,9 +96,19 @@ fn worker() -> Result<(), Box<dyn std::error::Error>> {
     let id = listener.id();
     let shared = Arc::new(Shared::default());
     *shared.greeting.lock().unwrap() = "Hello".into();
+    let args: Vec<String> = std::env::args().collect();
+    let recycle_after = args
+        .iter()
+        .position(|a| a == "--recycle-after")
+        .and_then(|i| args.get(i + 1)?.parse::<u64>().ok());
+    let mut taken = 0;
     loop {
         match listener.next_event() {
             Ok(WorkerEvent::Connection(stream, peer)) => {
+                taken += 1;
+                if Some(taken) == recycle_after {
+                    listener.recycle()?;
+                }
                 listener.send(format!("took a connection from {peer}").as_bytes())?;
                 let shared = Arc::clone(&shared);
                 thread::spawn(move || serve(stream, id, &shared));

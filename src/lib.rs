@@ -65,8 +65,8 @@ pub mod worker;
 #[cfg(feature = "tokio")]
 pub use self::tokio::{TokioWorkerEvent, TokioWorkerListener};
 pub use primary::{
-    Backoff, Builder, Event, Handle, Primary, PrimaryError, Protocol, Ready, Sched, SlotStats,
-    Stats, WorkerCommand, WorkerState, WorkerStats,
+    Backoff, Builder, Event, Handle, Primary, PrimaryError, Protocol, Ready, Replacement, Sched,
+    SlotStats, Stats, WorkerCommand, WorkerState, WorkerStats,
 };
 pub use worker::{Incoming, WorkerError, WorkerEvent, WorkerListener, is_primary, is_worker};
 

@@ -129,6 +129,34 @@ struct Cli {
     #[arg(long, value_name = "WHEN", default_value = "hello", env = "DISTRIBUTOR_READY", value_parser = parse_ready)]
     ready: Ready,
 
+    /// Recycle a worker once it has taken N connections (gunicorn's
+    /// max_requests): a new worker first, then a graceful stop, one slot at
+    /// a time. The primary counts connections, not the requests on them
+    /// (keep-alive clients send more); in the kernel modes, what workers
+    /// that speak the protocol report [default: off]
+    #[arg(long, value_name = "N", env = "DISTRIBUTOR_MAX_REQUESTS", value_parser = parse_max_requests)]
+    max_requests: Option<u64>,
+
+    /// Add a random 0 to N to each worker's --max-requests, so that workers
+    /// started together are not recycled together
+    #[arg(
+        long,
+        value_name = "N",
+        default_value_t = 0,
+        env = "DISTRIBUTOR_MAX_REQUESTS_JITTER"
+    )]
+    max_requests_jitter: u64,
+
+    /// Recycle a worker whose process tree (it and what it started) has
+    /// more than SIZE resident, checked every second, e.g. 512M, 1.5G
+    /// (1024-based) [default: off]
+    #[arg(long, value_name = "SIZE", env = "DISTRIBUTOR_MAX_MEMORY", value_parser = parse_size)]
+    max_memory: Option<u64>,
+
+    /// Recycle a worker once it has run this long, e.g. 1h, 30m [default: off]
+    #[arg(long, value_name = "DURATION", env = "DISTRIBUTOR_MAX_AGE", value_parser = parse_positive_duration)]
+    max_age: Option<Duration>,
+
     /// Let workers write to stdout and stderr directly, without the
     /// `[worker ID] ` prefix on each line
     #[arg(long, env = "DISTRIBUTOR_NO_PREFIX")]
@@ -272,6 +300,47 @@ fn parse_max_unacked(s: &str) -> Result<usize, String> {
     parse_count(s, 1024)
 }
 
+fn parse_max_requests(s: &str) -> Result<u64, String> {
+    match s.trim().parse::<u64>() {
+        Ok(0) => Err("must be at least 1".into()),
+        Ok(n) => Ok(n),
+        Err(_) => Err("not a whole number".into()),
+    }
+}
+
+/// `--max-memory`: bytes, or a number with K, M, G or T (1024-based; `KB`,
+/// `KiB`, `MB`... mean the same), e.g. `512M`, `1.5G`.
+fn parse_size(s: &str) -> Result<u64, String> {
+    let t = s.trim();
+    let split = t
+        .find(|c: char| !(c.is_ascii_digit() || c == '.'))
+        .unwrap_or(t.len());
+    let (number, unit) = t.split_at(split);
+    let shift = match unit.trim().to_ascii_lowercase().as_str() {
+        "" | "b" => 0,
+        "k" | "kb" | "kib" => 10,
+        "m" | "mb" | "mib" => 20,
+        "g" | "gb" | "gib" => 30,
+        "t" | "tb" | "tib" => 40,
+        _ => return Err(format!("bad unit in `{s}` (e.g. 512M or 1.5G)")),
+    };
+    let value: f64 = number
+        .parse()
+        .map_err(|_| format!("`{s}` is not a size (e.g. 512M or 1.5G)"))?;
+    let bytes = value * (1u64 << shift) as f64;
+    if !(1.0..=u64::MAX as f64).contains(&bytes) {
+        return Err(format!("`{s}` is not a size of at least one byte"));
+    }
+    Ok(bytes as u64)
+}
+
+fn parse_positive_duration(s: &str) -> Result<Duration, String> {
+    match parse_duration(s)? {
+        d if d.is_zero() => Err("must be more than 0".into()),
+        d => Ok(d),
+    }
+}
+
 fn parse_ready(s: &str) -> Result<Ready, String> {
     s.parse()
 }
@@ -324,6 +393,10 @@ fn main() -> ExitCode {
         Ok(cli) => cli,
         Err(e) => return clap_error(e),
     };
+    if cli.max_requests_jitter > 0 && cli.max_requests.is_none() {
+        eprintln!("error: --max-requests-jitter needs --max-requests (see --help)");
+        return ExitCode::from(2);
+    }
     let quiet = matches!(cli.sub, Some(Sub::Compare(_)));
     init_logging(
         if quiet { "warn" } else { "info" },
@@ -484,7 +557,13 @@ fn run(cli: Cli) -> anyhow::Result<()> {
     if let Some(n) = cli.workers {
         builder = builder.workers(n);
     }
-    builder = builder.prefix_output(!cli.no_prefix).ready(cli.ready);
+    builder = builder
+        .prefix_output(!cli.no_prefix)
+        .ready(cli.ready)
+        .max_requests(cli.max_requests)
+        .max_requests_jitter(cli.max_requests_jitter)
+        .max_memory(cli.max_memory)
+        .max_age(cli.max_age);
     // Started by socket activation: serve the socket given, not --listen.
     if let Some(listener) = distributor::activation::take_listener()
         .context("the socket-activation fd 3 is not a listening socket")?

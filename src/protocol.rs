@@ -29,6 +29,11 @@ pub const ENV_FD: &str = "DISTRIBUTOR_FD";
 pub const ENV_PROTOCOL: &str = "DISTRIBUTOR_PROTOCOL";
 /// Environment variable with the worker's id (1, 2, 3, ...).
 pub const ENV_WORKER_ID: &str = "DISTRIBUTOR_WORKER_ID";
+/// Environment variable with the worker's slot (1, 2, ... up to the number
+/// of workers): unlike the id, the same for every worker that takes the
+/// slot's place (restarts, reloads, recycling). `NODE_APP_INSTANCE` holds
+/// the same slot from 0, as PM2 sets it.
+pub const ENV_SLOT: &str = "DISTRIBUTOR_SLOT";
 /// Environment variable saying whether the primary reads DONE reports:
 /// `0` in the kernel balancing modes, where no policy uses them (a worker
 /// then sends none); `1` otherwise. Absent means `1`.
@@ -46,6 +51,7 @@ pub(crate) const T_STATS: u8 = 0x82;
 pub(crate) const T_MESSAGE_TO_PRIMARY: u8 = 0x83;
 pub(crate) const T_PONG: u8 = 0x84;
 pub(crate) const T_DONE: u8 = 0x85;
+pub(crate) const T_RECYCLE: u8 = 0x86;
 
 const ENTRY_V4: usize = 8 + 1 + 2 + 4;
 const ENTRY_V6: usize = 8 + 1 + 2 + 16;
@@ -102,6 +108,10 @@ pub enum ToPrimary<'a> {
     /// The connections the worker has finished (closed) so far, a running
     /// total: with the acknowledged ones, its connections in flight.
     Done(u64),
+    /// The worker asks to be replaced (it recycles itself): the primary
+    /// starts its successor, keeps giving this one connections until the
+    /// successor is ready, then sends it STOP.
+    Recycle,
 }
 
 /// The connection ids of an ACK message.
@@ -148,6 +158,11 @@ impl<'a> ToPrimary<'a> {
             T_PONG => Ok(ToPrimary::Pong(u64_body("PONG", buf)?)),
             T_STATS => Ok(ToPrimary::Stats(u64_body("STATS", buf)?)),
             T_DONE => Ok(ToPrimary::Done(u64_body("DONE", buf)?)),
+            T_RECYCLE if body.is_empty() => Ok(ToPrimary::Recycle),
+            T_RECYCLE => Err(DecodeError::BadLength {
+                kind: "RECYCLE",
+                len: buf.len(),
+            }),
             other => Err(DecodeError::UnknownType(other)),
         }
     }
@@ -359,6 +374,13 @@ impl Encoder {
         self
     }
 
+    /// A RECYCLE: "replace me".
+    pub fn recycle(&mut self) -> &mut Self {
+        self.len = 0;
+        self.put(&[T_RECYCLE]);
+        self
+    }
+
     /// A PONG answering PING `n`.
     pub fn pong(&mut self, n: u64) -> &mut Self {
         self.len = 0;
@@ -546,6 +568,9 @@ mod tests {
             Ok(ToPrimary::Done(7))
         );
         assert!(ToPrimary::decode(&[0x85, 1], 0).is_err());
+        assert_eq!(e.recycle().as_bytes(), &[0x86]);
+        assert_eq!(ToPrimary::decode(e.as_bytes(), 0), Ok(ToPrimary::Recycle));
+        assert!(ToPrimary::decode(&[0x86, 0], 0).is_err());
     }
 
     #[test]

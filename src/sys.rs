@@ -8,7 +8,7 @@
 
 use std::io;
 use std::mem;
-use std::os::fd::{AsRawFd, BorrowedFd, FromRawFd, OwnedFd, RawFd};
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd, FromRawFd, OwnedFd, RawFd};
 use std::os::unix::process::CommandExt;
 use std::process::Command;
 
@@ -372,4 +372,120 @@ pub fn async_fd(
     // `as_raw_fd` gives that same fd, for as long as the `AsyncFd` lives.
     unsafe { ::tokio::io::unix::AsyncFd::register_with_interest(fd, interest) }
         .map_err(io::Error::from)
+}
+
+/// The most process groups a guardian ([`spawn_guardian`]) tracks at once.
+pub const GUARDIAN_GROUPS: usize = 8192;
+
+/// Forks the guardian: a process that reads 4-byte records from a pipe
+/// (native-endian `i32`: `+pgid` to watch a process group, `-pgid` to
+/// forget it) and, when the pipe reaches end of file, that is when every
+/// copy of its write end is closed (the primary exited, or was killed,
+/// even with `SIGKILL`), sends `SIGKILL` to every group it still watches
+/// and exits. It runs in a process group of its own, with every signal
+/// blocked and every fd but the pipe closed, so that nothing but the end
+/// of the pipe (or `SIGKILL`) ends it, and it holds no socket of the
+/// primary's open.
+///
+/// Returns the write end (close-on-exec, non-blocking) and the guardian's
+/// pid; the caller reaps it.
+pub fn spawn_guardian() -> io::Result<(OwnedFd, libc::pid_t)> {
+    let mut fds = [0 as RawFd; 2];
+    // SAFETY: `fds` is a valid array of two ints for pipe2 to fill.
+    cvt(unsafe { libc::pipe2(fds.as_mut_ptr(), libc::O_CLOEXEC) })?;
+    // SAFETY: pipe2 succeeded, so both fds are open and owned by nobody else.
+    let (read, write) = unsafe { (OwnedFd::from_raw_fd(fds[0]), OwnedFd::from_raw_fd(fds[1])) };
+    // SAFETY: the child runs `guardian_main` only, which makes
+    // async-signal-safe calls only (no allocation, no lock) and never
+    // returns, as a child of a multi-threaded process must.
+    let pid = cvt(unsafe { libc::fork() })?;
+    if pid == 0 {
+        // SAFETY: this is the freshly forked child.
+        unsafe { guardian_main(read.as_raw_fd()) }
+    }
+    drop(read);
+    set_nonblocking(write.as_fd(), true)?;
+    Ok((write, pid))
+}
+
+/// The guardian's whole life (see [`spawn_guardian`]).
+///
+/// # Safety
+/// Only in a child just forked by [`spawn_guardian`]: it closes every other
+/// fd of the process and exits it.
+unsafe fn guardian_main(pipe: RawFd) -> ! {
+    const PIPE: RawFd = 3;
+    // SAFETY: setpgid, sigfillset, sigprocmask, prctl, dup2, close_range,
+    // close, getrlimit, read, kill and _exit are async-signal-safe; every
+    // pointer passed points at a live local of the right type and size.
+    unsafe {
+        libc::setpgid(0, 0);
+        let mut all: libc::sigset_t = mem::zeroed();
+        libc::sigfillset(&mut all);
+        libc::sigprocmask(libc::SIG_SETMASK, &all, std::ptr::null_mut());
+        libc::prctl(
+            libc::PR_SET_NAME,
+            c"distributor-gd".as_ptr() as libc::c_ulong,
+            0,
+            0,
+            0,
+        );
+        if pipe != PIPE && libc::dup2(pipe, PIPE) != PIPE {
+            libc::_exit(1);
+        }
+        libc::close_range(0, (PIPE - 1) as libc::c_uint, 0);
+        if libc::close_range((PIPE + 1) as libc::c_uint, libc::c_uint::MAX, 0) != 0 {
+            let mut limit: libc::rlimit = mem::zeroed();
+            libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit);
+            let top = limit.rlim_cur.min(1 << 20) as RawFd;
+            for fd in (0..PIPE).chain(PIPE + 1..top) {
+                libc::close(fd);
+            }
+        }
+        let mut groups = [0 as libc::pid_t; GUARDIAN_GROUPS];
+        let mut buf = [0u8; 4096];
+        let mut have = 0usize;
+        loop {
+            let n = libc::read(PIPE, buf[have..].as_mut_ptr().cast(), buf.len() - have);
+            if n < 0 && *libc::__errno_location() == libc::EINTR {
+                continue;
+            }
+            if n <= 0 {
+                break;
+            }
+            have += n as usize;
+            let whole = have - have % 4;
+            for record in buf[..whole].chunks_exact(4) {
+                let v = libc::pid_t::from_ne_bytes([record[0], record[1], record[2], record[3]]);
+                if v > 0 {
+                    // Beyond GUARDIAN_GROUPS at once, a group goes unwatched.
+                    if let Some(free) = groups.iter_mut().find(|g| **g == 0) {
+                        *free = v;
+                    }
+                } else if v < 0 {
+                    if let Some(g) = groups.iter_mut().find(|g| **g == -v) {
+                        *g = 0;
+                    }
+                }
+            }
+            buf.copy_within(whole..have, 0);
+            have -= whole;
+        }
+        for &g in groups.iter().filter(|g| **g > 0) {
+            libc::kill(-g, libc::SIGKILL);
+        }
+        libc::_exit(0)
+    }
+}
+
+/// Writes all of `bytes` to a pipe or socket in one `write(2)`, which for
+/// at most `PIPE_BUF` bytes on a pipe is atomic: all or nothing.
+pub fn write_all_once(fd: BorrowedFd<'_>, bytes: &[u8]) -> io::Result<()> {
+    // SAFETY: `bytes` is a live buffer of the length given.
+    let n = cvt(unsafe { libc::write(fd.as_raw_fd(), bytes.as_ptr().cast(), bytes.len()) })?;
+    if n as usize == bytes.len() {
+        Ok(())
+    } else {
+        Err(io::Error::new(io::ErrorKind::WriteZero, "short write"))
+    }
 }

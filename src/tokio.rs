@@ -159,6 +159,12 @@ impl TokioWorkerListener {
         self.inner.send(payload)
     }
 
+    /// Asks the primary to replace this worker once its successor is
+    /// ready (see [`WorkerListener::recycle`]); serve until STOP.
+    pub fn recycle(&mut self) -> io::Result<()> {
+        self.inner.recycle()
+    }
+
     /// A user message that `accept` set aside, oldest first.
     pub fn take_message(&mut self) -> Option<Vec<u8>> {
         self.inner.take_message()

@@ -264,6 +264,18 @@ impl WorkerListener {
         self.stopping
     }
 
+    /// Asks the primary to replace this worker, for a worker that recycles
+    /// itself (a leak it cannot fix, a cache grown too large): the primary
+    /// starts this worker's successor at once, without backoff, keeps
+    /// giving this one connections until the successor is ready, and then
+    /// sends it STOP ([`WorkerListener::is_stopping`], the end of
+    /// [`WorkerListener::incoming`]), so capacity never drops. Until STOP,
+    /// serve as usual. Asking again changes nothing.
+    pub fn recycle(&mut self) -> io::Result<()> {
+        let mut enc = Encoder::default();
+        self.channel.send(enc.recycle().as_bytes(), &[], false)
+    }
+
     /// Sends an opaque message to the primary's application (Node's
     /// `process.send`). At most [`protocol::MAX_PAYLOAD`] bytes.
     pub fn send(&mut self, payload: &[u8]) -> io::Result<()> {

@@ -185,3 +185,58 @@ fn settings_from_the_environment() {
     primary.signal(nix::sys::signal::Signal::SIGTERM);
     assert_eq!(primary.proc.expect_exit(DEADLINE).code(), Some(0));
 }
+
+/// `npm start` (and yarn, pnpm, npx) would run the app as a child of npm,
+/// which takes Node's cluster channel for itself: refused at start, in one
+/// line that gives the start script's own command from package.json; a
+/// script with shell syntax goes through `sh -c` with `--protocol node`.
+#[test]
+fn package_runners_are_refused_with_the_command_that_works() {
+    let dir = TempDir::new("npm");
+    std::fs::write(
+        dir.path().join("package.json"),
+        r#"{"scripts": {"start": "node server.js --port 3000", "dev": "NODE_ENV=dev node app.js"}}"#,
+    )
+    .unwrap();
+    let cases: &[(&[&str], &str)] = &[
+        (&["npm", "start"], "`-- node server.js --port 3000`"),
+        (&["npm", "run", "start"], "`-- node server.js --port 3000`"),
+        (&["yarn", "start"], "`-- node server.js --port 3000`"),
+        (&["pnpm", "start"], "`-- node server.js --port 3000`"),
+        (
+            &["npm", "run", "dev"],
+            "`--protocol node -- sh -c 'NODE_ENV=dev node app.js'`",
+        ),
+        (
+            &["yarn", "dev"],
+            "`--protocol node -- sh -c 'NODE_ENV=dev node app.js'`",
+        ),
+        (&["npx", "serve"], "e.g. `-- node app.js`"),
+    ];
+    for (command, hint) in cases {
+        let mut args = vec!["-w", "2", "-l", "127.0.0.1:0", "--"];
+        args.extend_from_slice(command);
+        let (code, line) = fails(&args, dir.path());
+        assert_eq!(code, 1, "{command:?}: {line}");
+        let shown = command.join(" ");
+        assert!(
+            line.starts_with(&format!(
+                "error: cannot run worker command `{}`: `{shown}` runs the app as a child of",
+                command[0]
+            )),
+            "{command:?}: {line}"
+        );
+        assert!(line.ends_with(hint), "{command:?}: {line}");
+    }
+    // With the native protocol asked for, npm passes the channel on to
+    // the app: it runs (here a stand-in named npm).
+    let npm = dir.path().join("npm");
+    std::fs::write(&npm, "#!/bin/sh\nexec sleep 30\n").unwrap();
+    std::fs::set_permissions(&npm, std::fs::Permissions::from_mode(0o755)).unwrap();
+    let mut cmd = Command::new(bin());
+    cmd.args(["-w", "1", "-l", "127.0.0.1:0", "--protocol", "native"])
+        .args(["--", "./npm", "start"])
+        .current_dir(dir.path());
+    let p = Proc::spawn(cmd);
+    p.stderr.wait_for("worker 1 started");
+}

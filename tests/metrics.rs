@@ -33,6 +33,7 @@ const FAMILIES: &[(&str, &str)] = &[
     ("distributor_worker_in_flight", "gauge"),
     ("distributor_worker_uptime_seconds", "gauge"),
     ("distributor_slot_restarts_total", "counter"),
+    ("distributor_worker_replacements_total", "counter"),
     ("distributor_connections_total", "counter"),
     ("distributor_connections_held", "gauge"),
 ];
@@ -244,6 +245,63 @@ fn a_killed_worker_counts_as_a_restart_of_its_slot() {
     // Its connections still count in the total.
     assert_eq!(s.value("distributor_connections_total", &[]), Some(4.0));
     assert_eq!(fetch(&p, maddr, "/healthz").status, 200);
+}
+
+/// A slot removed by SIGTTOU has no restarts series any more (it kept one
+/// forever); one added back by SIGTTIN has it again. A reload counts as
+/// replacements for reason `reload`, not as restarts.
+#[test]
+fn a_removed_slot_has_no_series_and_reloads_count_as_replacements() {
+    let (p, maddr) = start(2, &[]);
+    p.wait_all_ready();
+    let s = scrape(&p, maddr);
+    assert!(
+        s.value("distributor_slot_restarts_total", &[("slot", "2")])
+            .is_some()
+    );
+    p.signal(Signal::SIGTTOU);
+    let s = scrape_until(&p, maddr, "slot 2 gone", |s| {
+        s.value("distributor_slots", &[]) == Some(1.0)
+    });
+    assert_eq!(
+        s.value("distributor_slot_restarts_total", &[("slot", "2")]),
+        None,
+        "{}",
+        s.text
+    );
+    assert_eq!(
+        s.value("distributor_slot_restarts_total", &[("slot", "1")]),
+        Some(0.0)
+    );
+    p.signal(Signal::SIGTTIN);
+    scrape_until(&p, maddr, "slot 2 back", |s| {
+        s.value("distributor_slot_restarts_total", &[("slot", "2")]) == Some(0.0)
+    });
+    p.wait_worker_ready(3);
+    p.signal(Signal::SIGHUP);
+    let s = scrape_until(&p, maddr, "two reload replacements", |s| {
+        s.value(
+            "distributor_worker_replacements_total",
+            &[("reason", "reload")],
+        ) == Some(2.0)
+    });
+    for why in [
+        "max-requests",
+        "max-memory",
+        "max-age",
+        "announced",
+        "exited",
+    ] {
+        assert_eq!(
+            s.value("distributor_worker_replacements_total", &[("reason", why)]),
+            Some(0.0),
+            "{why}"
+        );
+    }
+    assert_eq!(
+        s.value("distributor_slot_restarts_total", &[("slot", "1")]),
+        Some(0.0)
+    );
 }
 
 /// During a graceful stop the workers are stopping, so a load balancer

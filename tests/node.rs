@@ -15,7 +15,6 @@ use std::io;
 use std::net::{Ipv4Addr, SocketAddr, TcpListener};
 use std::path::Path;
 use std::process::Command;
-use std::sync::OnceLock;
 use std::thread;
 use std::time::{Duration, Instant};
 
@@ -23,207 +22,15 @@ use crossbeam_channel::Receiver;
 use distributor::{Event, Protocol, WorkerCommand};
 use nix::sys::signal::Signal;
 use serde_json::{Value, json};
+use util::node::{
+    APP_ENV, announced, app_line, app_port, fixture, free_port, have_node, kill_and_fail,
+    node_command, node_command_on, reachable, serve, start, started, stop_cleanly, wait_announced,
+};
 use util::{
     DEADLINE, HttpConn, Load, Mode, Primary, Proc, Scrape, bin, describe, get_once, get_path,
     have_program, kill_pid, parse_listening, parse_metrics_on, pid_gone, poll_until,
-    refuses_connections, repo_path, spawn_gets, wait_gone,
+    refuses_connections, spawn_gets, wait_gone,
 };
-
-// ---------------------------------------------------------------------------
-// Helpers
-
-/// Whether `node` runs here; prints a note naming `test` when it does not.
-fn have_node(test: &str) -> bool {
-    static HAVE: OnceLock<bool> = OnceLock::new();
-    let have = *HAVE.get_or_init(|| have_program("node", "--version"));
-    if !have {
-        eprintln!("NOTE: node is not installed; skipping {test}");
-    }
-    have
-}
-
-/// The path of a fixture under tests/fixtures/node/.
-fn fixture(name: &str) -> String {
-    let path = repo_path(&format!("tests/fixtures/node/{name}"));
-    assert!(path.exists(), "no fixture {}", path.display());
-    path.to_str().expect("a UTF-8 path").to_string()
-}
-
-/// Variables the fixtures (or Node itself) read: removed from the
-/// primary's environment unless a test sets them, so that the test
-/// runner's own environment cannot change what an app does.
-const APP_ENV: &[&str] = &[
-    "PORT",
-    "PORT2",
-    "HOST",
-    "NODE_OPTIONS",
-    "NODE_UNIQUE_ID",
-    "NODE_CHANNEL_FD",
-    "NODE_CHANNEL_SERIALIZATION_MODE",
-];
-
-/// `distributor -w N -l 127.0.0.1:0 EXTRA... -- node FIXTURE`, with `env`
-/// set for the app.
-fn node_command(workers: usize, extra: &[&str], app: &str, env: &[(&str, &str)]) -> Command {
-    let mut cmd = Command::new(bin());
-    cmd.arg("-w")
-        .arg(workers.to_string())
-        .args(["-l", "127.0.0.1:0"])
-        .args(extra)
-        .arg("--")
-        .arg("node")
-        .arg(fixture(app));
-    for var in APP_ENV {
-        cmd.env_remove(var);
-    }
-    for (k, v) in env {
-        cmd.env(k, v);
-    }
-    cmd
-}
-
-/// As [`node_command`] with `--protocol node`, started; waits for the
-/// first `listening on` line (which comes once the first worker's
-/// `listen()` reached the primary).
-fn start(workers: usize, extra: &[&str], app: &str, env: &[(&str, &str)]) -> Primary {
-    let mut args = vec!["--protocol", "node"];
-    args.extend_from_slice(extra);
-    Primary::start_command(node_command(workers, &args, app, env), workers)
-}
-
-/// Every address announced with `listening on ADDR` so far, in order.
-fn announced(p: &Primary) -> Vec<SocketAddr> {
-    p.log()
-        .snapshot()
-        .iter()
-        .filter(|l| !l.starts_with("[worker "))
-        .filter_map(|l| parse_listening(l))
-        .collect()
-}
-
-/// Waits until `n` listeners have been announced; returns them.
-fn wait_announced(p: &Primary, n: usize) -> Vec<SocketAddr> {
-    let ok = poll_until(DEADLINE, || announced(p).len() >= n);
-    assert!(
-        ok,
-        "{n} `listening on` lines never came; log:\n{}",
-        p.log().dump()
-    );
-    announced(p)
-}
-
-/// Where a client reaches `addr`: loopback for an unspecified address
-/// (`0.0.0.0`, or `::`, dual-stack).
-fn reachable(addr: SocketAddr) -> SocketAddr {
-    if addr.ip().is_unspecified() {
-        SocketAddr::new(Ipv4Addr::LOCALHOST.into(), addr.port())
-    } else {
-        addr
-    }
-}
-
-/// Waits for the app line `[worker ID] TEXT...` on the primary's stdout
-/// (the workers' stdout, prefixed); returns what follows TEXT.
-fn app_line(p: &Primary, id: u64, text: &str) -> String {
-    let needle = format!("[worker {id}] {text}");
-    let line = p
-        .proc
-        .stdout
-        .wait_from(0, &format!("{needle:?} on stdout"), DEADLINE, |l| {
-            l.contains(&needle)
-        });
-    let line = line.1;
-    line[line.find(&needle).expect("matched") + needle.len()..].to_string()
-}
-
-/// The port worker `id` printed after `text` (`port `, `port A `...).
-fn app_port(p: &Primary, id: u64, text: &str) -> u16 {
-    let rest = app_line(p, id, text);
-    rest.trim()
-        .parse()
-        .unwrap_or_else(|_| panic!("no port in {rest:?}; stdout:\n{}", p.proc.stdout.dump()))
-}
-
-/// The workers started so far: id → pid.
-fn started(p: &Primary) -> BTreeMap<u64, u32> {
-    p.started().into_iter().collect()
-}
-
-/// `n` requests on new connections to `addr` (`GET PATH`, `Connection:
-/// close`); each must be answered 200 by one of `workers` (id → pid) with
-/// `Hello from worker ID (pid PID)SUFFIX\n`. Returns the count per id.
-fn serve(
-    p: &Primary,
-    addr: SocketAddr,
-    n: usize,
-    workers: &BTreeMap<u64, u32>,
-    suffix: &str,
-) -> BTreeMap<u64, u64> {
-    let mut seen = BTreeMap::new();
-    for i in 0..n {
-        let r = get_path(addr, "/").unwrap_or_else(|e| {
-            panic!(
-                "request {i} to {addr}: {e}; log:\n{}\nstdout:\n{}",
-                p.log().dump(),
-                p.proc.stdout.dump()
-            )
-        });
-        assert_eq!(r.status, 200, "request {i}: {r:?}");
-        let (id, pid) = r.worker();
-        assert_eq!(
-            r.body,
-            format!("Hello from worker {id} (pid {pid}){suffix}\n"),
-            "request {i}"
-        );
-        assert_eq!(
-            workers.get(&id),
-            Some(&pid),
-            "request {i} answered by worker {id} (pid {pid}); workers {workers:?}"
-        );
-        *seen.entry(id).or_default() += 1;
-    }
-    seen
-}
-
-/// SIGKILLs the processes in `left` (workers that outlived their
-/// primary, so that a failure leaves nothing behind), then fails.
-fn kill_and_fail(left: &[u32], what: &str) {
-    if left.is_empty() {
-        return;
-    }
-    for &pid in left {
-        let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid as i32), Signal::SIGKILL);
-    }
-    panic!("worker processes {left:?} outlived the primary ({what})");
-}
-
-/// SIGTERM: the primary exits 0, each worker alive at the signal exits 0
-/// (none is late: no SIGTERM or SIGKILL from the primary), and no worker
-/// process is left.
-fn stop_cleanly(mut p: Primary) {
-    let alive = p.alive_workers();
-    let pids: Vec<u32> = p.started().iter().map(|w| w.1).collect();
-    p.signal(Signal::SIGTERM);
-    let status = p.proc.expect_exit(DEADLINE);
-    assert_eq!(status.code(), Some(0), "{}", p.log().dump());
-    p.log().wait_for("shutdown complete");
-    for (id, pid) in alive {
-        assert_eq!(
-            p.wait_exited(id),
-            "status 0",
-            "worker {id} (pid {pid}); log:\n{}",
-            p.log().dump()
-        );
-    }
-    assert_eq!(
-        p.log().count("did not stop in time"),
-        0,
-        "{}",
-        p.log().dump()
-    );
-    kill_and_fail(&wait_gone(&pids, DEADLINE), "after SIGTERM");
-    p.assert_no_panic();
-}
 
 // ---------------------------------------------------------------------------
 // Scheduling modes
@@ -361,25 +168,19 @@ fn an_app_listening_on_port_0_gets_the_listen_address() {
     stop_cleanly(p);
 }
 
-/// A port nobody listens on right now (there is a small window in which
-/// another program could take it).
-fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .expect("an ephemeral port")
-        .port()
-}
-
-/// The app's own port wins over `--listen`: `listen(PORT, cb)` gets PORT
-/// (on `::`/`0.0.0.0`, as Node binds an address-less server), announced as
-/// the one listener, printed by the app, and served.
+/// Without `--listen` the app's own port wins: `listen(PORT, cb)` gets
+/// PORT (on `::`/`0.0.0.0`, as Node binds an address-less server),
+/// announced as the one listener, printed by the app, and served.
 #[test]
 fn the_apps_own_port_wins() {
     if !have_node("the_apps_own_port_wins") {
         return;
     }
     let port = free_port();
-    let p = start(2, &[], "hello.js", &[("PORT", &port.to_string())]);
+    let env = [("PORT", port.to_string())];
+    let env: Vec<(&str, &str)> = env.iter().map(|(k, v)| (*k, v.as_str())).collect();
+    let cmd = node_command_on(None, 2, &["--protocol", "node"], "hello.js", &env);
+    let p = Primary::start_command(cmd, 2);
     p.wait_all_ready();
     assert_eq!(p.addr.port(), port, "{}", p.log().dump());
     assert!(p.addr.ip().is_unspecified(), "{}", p.log().dump());
@@ -390,6 +191,110 @@ fn the_apps_own_port_wins() {
     let seen = serve(&p, reachable(p.addr), 4, &started(&p), "");
     assert_eq!(seen.len(), 2, "{seen:?}");
     stop_cleanly(p);
+}
+
+/// An explicit `--listen` is where the app is served, on that address
+/// only: an app listening on port P of every interface, under `--listen
+/// 127.0.0.1:P`, is served on 127.0.0.1:P and nothing else.
+#[test]
+fn listen_serves_the_app_on_its_address_only() {
+    if !have_node("listen_serves_the_app_on_its_address_only") {
+        return;
+    }
+    let port = free_port();
+    let listen = format!("127.0.0.1:{port}");
+    let cmd = node_command(
+        2,
+        &["--protocol", "node", "-l", &listen],
+        "hello.js",
+        &[("PORT", &port.to_string())],
+    );
+    let p = Primary::start_command(cmd, 2);
+    p.wait_all_ready();
+    let addr: SocketAddr = listen.parse().unwrap();
+    assert_eq!(announced(&p), [addr], "{}", p.log().dump());
+    let seen = serve(&p, addr, 4, &started(&p), "");
+    assert_eq!(seen.len(), 2, "{seen:?}");
+    // Not on every interface: another address of this host may still
+    // bind the port.
+    assert!(
+        TcpListener::bind(("127.0.0.2", port)).is_ok(),
+        "the app is served beyond 127.0.0.1; log:\n{}",
+        p.log().dump()
+    );
+    stop_cleanly(p);
+}
+
+/// An app that listens on port X itself, under `--listen 127.0.0.1:Y`,
+/// cannot be moved to Y (Node's worker checks that it got the port it
+/// asked for): the primary says so in one line and stops with an error,
+/// leaving neither port listening and no worker behind.
+#[test]
+fn a_listen_port_the_app_does_not_use_is_refused() {
+    if !have_node("a_listen_port_the_app_does_not_use_is_refused") {
+        return;
+    }
+    let (asked, wanted) = (free_port(), free_port());
+    let listen = format!("127.0.0.1:{wanted}");
+    let cmd = node_command(
+        2,
+        &["--protocol", "node", "-l", &listen],
+        "hello.js",
+        &[("PORT", &asked.to_string())],
+    );
+    let mut p = Proc::spawn(cmd);
+    let status = p.expect_exit(DEADLINE);
+    assert_eq!(status.code(), Some(1), "{}", p.stderr.dump());
+    let last = p.stderr.snapshot().last().cloned().unwrap_or_default();
+    assert!(
+        last.starts_with("error: the app listens on port ")
+            && last.contains(&format!("--listen asks for {listen}"))
+            && last.contains("drop --listen"),
+        "{last:?}; log:\n{}",
+        p.stderr.dump()
+    );
+    for port in [asked, wanted] {
+        assert!(refuses_connections(SocketAddr::from((
+            Ipv4Addr::LOCALHOST,
+            port
+        ))));
+    }
+    let pids: Vec<u32> = p
+        .stderr
+        .snapshot()
+        .iter()
+        .filter_map(|l| util::parse_started(l))
+        .map(|w| w.1)
+        .collect();
+    assert!(!pids.is_empty(), "{}", p.stderr.dump());
+    kill_and_fail(&wait_gone(&pids, DEADLINE), "after a refused --listen");
+}
+
+/// The `--listen` socket is bound at start (a port in use is an error
+/// then) but listens only once an app's server is served on it: while the
+/// app has not listened, connections to it are refused, never accepted and
+/// left unserved.
+#[test]
+fn the_listen_address_refuses_until_the_app_listens() {
+    if !have_node("the_listen_address_refuses_until_the_app_listens") {
+        return;
+    }
+    let listen = format!("127.0.0.1:{}", free_port());
+    let mut cmd = Command::new(bin());
+    cmd.args(["-w", "1", "-l", &listen, "--", "node", "-e"])
+        .arg("setInterval(() => {}, 1000)");
+    for var in APP_ENV {
+        cmd.env_remove(var);
+    }
+    let p = Proc::spawn(cmd);
+    p.stderr.wait_for("worker 1 started");
+    p.stderr.wait_for(&format!(
+        "the app's first server will be served on {listen}"
+    ));
+    let addr: SocketAddr = listen.parse().unwrap();
+    assert!(refuses_connections(addr), "{}", p.stderr.dump());
+    // Taken: another program cannot bind it meanwhile.
+    assert!(TcpListener::bind(addr).is_err());
 }
 
 /// The `listen()` call forms, as `listen_forms.js` names them.
@@ -486,7 +391,13 @@ fn a_port_in_use_reaches_the_app_as_eaddrinuse() {
     // `0.0.0.0`), which a listener on 127.0.0.1:PORT conflicts with.
     let taken = TcpListener::bind("127.0.0.1:0").expect("bind");
     let port = taken.local_addr().expect("address").port().to_string();
-    let cmd = node_command(1, &["--protocol", "node"], "hello.js", &[("PORT", &port)]);
+    let cmd = node_command_on(
+        None,
+        1,
+        &["--protocol", "node"],
+        "hello.js",
+        &[("PORT", &port)],
+    );
     let mut proc = Proc::spawn(cmd);
     let line = proc.stderr.wait_for("[worker 1] listen error ");
     assert!(
@@ -1250,6 +1161,166 @@ fn the_protocol_from_the_environment() {
     p.wait_all_ready();
     let seen = serve(&p, p.addr, 4, &started(&p), "");
     assert_eq!(seen, BTreeMap::from([(1, 2), (2, 2)]), "{}", p.log().dump());
+    stop_cleanly(p);
+}
+
+/// Each listening address has its own rotation: requests alternating
+/// between an app's two servers (A, B, A, B...) reach both workers on
+/// each server, exactly in turn (one shared rotation sent all of A's to
+/// one worker and all of B's to the other).
+#[test]
+fn each_server_has_its_own_rotation() {
+    if !have_node("each_server_has_its_own_rotation") {
+        return;
+    }
+    let p = start(2, &[], "two_servers.js", &[]);
+    p.wait_all_ready();
+    let listeners = wait_announced(&p, 2);
+    let (a, b) = (listeners[0], reachable(listeners[1]));
+    // Both workers hold both servers before the count starts.
+    let workers = started(&p);
+    assert!(
+        poll_until(DEADLINE, || {
+            serve(&p, b, 2, &workers, " on server B").len() == 2
+                && serve(&p, a, 2, &workers, " on server A").len() == 2
+        }),
+        "{}",
+        p.log().dump()
+    );
+    let mut per_server: BTreeMap<&str, BTreeMap<u64, u64>> = BTreeMap::new();
+    for _ in 0..8 {
+        for (name, addr) in [("A", a), ("B", b)] {
+            let seen = serve(&p, addr, 1, &workers, &format!(" on server {name}"));
+            for (id, n) in seen {
+                *per_server.entry(name).or_default().entry(id).or_default() += n;
+            }
+        }
+    }
+    let even = BTreeMap::from([(1, 4), (2, 4)]);
+    assert_eq!(per_server["A"], even, "{per_server:?}");
+    assert_eq!(per_server["B"], even, "{per_server:?}");
+    stop_cleanly(p);
+}
+
+/// The command's primary has no receiver for workers' messages: the first
+/// one a worker sends (`process.send()`) is logged at info, with what the
+/// primary does with such messages; later ones at debug, so never silently.
+#[test]
+fn the_command_logs_what_workers_send() {
+    if !have_node("the_command_logs_what_workers_send") {
+        return;
+    }
+    let p = start(2, &[], "messages.js", &[]);
+    p.wait_all_ready();
+    let line = p.log().wait_for("sent the primary a message: {\"hello\":");
+    assert!(line.contains(" INFO "), "{line}");
+    assert!(line.contains("sends none"), "{line}");
+    assert_eq!(
+        p.log().count("sent the primary a message"),
+        1,
+        "only the first at info; log:\n{}",
+        p.log().dump()
+    );
+    stop_cleanly(p);
+
+    // With RUST_LOG=debug the second worker's is logged too.
+    let p = start(2, &[], "messages.js", &[("RUST_LOG", "debug")]);
+    p.wait_all_ready();
+    p.log().wait_for("sent the primary a message: {\"hello\":");
+    p.log().wait_for("message from worker ");
+    stop_cleanly(p);
+}
+
+/// `cluster.worker.disconnect()` (a worker recycling itself) is not a
+/// crash: three workers in a row leave by themselves, and each one's
+/// successor is started at once, before it has even exited (its servers
+/// close first), with no backoff and no crash-loop warning; no request
+/// fails meanwhile.
+#[test]
+fn workers_that_leave_by_themselves_are_replaced_without_backoff() {
+    if !have_node("workers_that_leave_by_themselves_are_replaced_without_backoff") {
+        return;
+    }
+    let p = start(1, &[], "disconnects.js", &[]);
+    p.wait_all_ready();
+    let load = Load::start(p.addr, &[Mode::Fresh], DEADLINE, Duration::from_secs(60));
+    for id in 1..=3u64 {
+        p.wait_worker_ready(id);
+        assert!(load.wait_progress(5, DEADLINE), "{}", p.log().dump());
+        // The load may reach the worker first: ask until it is this one.
+        let asked = poll_until(DEADLINE, || {
+            get_path(p.addr, "/disconnect").is_ok_and(|r| r.worker().0 == id)
+        });
+        assert!(asked, "worker {id} never answered /disconnect");
+        assert_eq!(p.wait_exited(id), "status 0", "{}", p.log().dump());
+        let lines = p.log().snapshot();
+        let successor = lines
+            .iter()
+            .position(|l| l.contains(&format!("worker {} started", id + 1)));
+        let exit = lines
+            .iter()
+            .position(|l| l.contains(&format!("worker {id} (pid ")) && l.contains(" exited with "));
+        assert!(
+            matches!((successor, exit), (Some(s), Some(e)) if s < e),
+            "worker {}'s start should come before worker {id}'s exit:\n{}",
+            id + 1,
+            p.log().dump()
+        );
+    }
+    p.wait_worker_ready(4);
+    assert!(load.wait_progress(20, DEADLINE), "{}", p.log().dump());
+    let stats = load.stop();
+    assert_eq!(stats.failures(), 0, "{stats}\n{}", p.log().dump());
+    for needle in ["restarting worker slot", "crash-looping", " WARN "] {
+        assert_eq!(p.log().count(needle), 0, "{needle:?}:\n{}", p.log().dump());
+    }
+    stop_cleanly(p);
+}
+
+/// `node --inspect`: as Node's cluster does, each worker gets its own
+/// inspector port, the option's port plus 1, 2, ... in start order, so
+/// that the workers do not collide on one; each inspector listens.
+#[test]
+fn each_worker_gets_its_own_inspector_port() {
+    if !have_node("each_worker_gets_its_own_inspector_port") {
+        return;
+    }
+    // Three free ports in a row are likely below the ephemeral range.
+    let base = (20000..30000)
+        .step_by(7)
+        .find(|&b| (b..=b + 2).all(|port| TcpListener::bind(("127.0.0.1", port)).is_ok()))
+        .expect("three free ports in a row");
+    let inspect = format!("--inspect=127.0.0.1:{base}");
+    let mut cmd = Command::new(bin());
+    cmd.args(["-w", "2", "-l", "127.0.0.1:0", "--", "node", &inspect])
+        .arg(fixture("hello.js"));
+    for var in APP_ENV {
+        cmd.env_remove(var);
+    }
+    let p = Primary::start_command(cmd, 2);
+    p.wait_all_ready();
+    for (id, pid) in started(&p) {
+        let port = base + id as u16;
+        let cmdline = std::fs::read(format!("/proc/{pid}/cmdline")).expect("cmdline");
+        let args: Vec<String> = cmdline
+            .split(|&b| b == 0)
+            .map(|a| String::from_utf8_lossy(a).into_owned())
+            .collect();
+        assert!(
+            args.contains(&format!("--inspect-port={port}")),
+            "worker {id}: {args:?}"
+        );
+        assert!(
+            poll_until(DEADLINE, || std::net::TcpStream::connect((
+                "127.0.0.1",
+                port
+            ))
+            .is_ok()),
+            "worker {id}'s inspector does not listen on {port}; log:\n{}",
+            p.log().dump()
+        );
+    }
+    assert_eq!(serve(&p, p.addr, 2, &started(&p), "").len(), 2);
     stop_cleanly(p);
 }
 

@@ -26,8 +26,9 @@ fn unix_socket_type(inode: &str) -> Option<String> {
     })
 }
 
-/// Checks worker `id` (pid `pid`): environment and the exact fd set.
-fn check_worker(primary: &Primary, id: u64, pid: u32) {
+/// Checks worker `id` (pid `pid`) of `slot`: environment and the exact fd
+/// set.
+fn check_worker(primary: &Primary, id: u64, pid: u32, slot: usize) {
     // Wait for the exec: before it, the child is still a copy of the primary.
     assert!(
         poll_until(DEADLINE, || proc_comm(pid).as_deref() == Some("sleep")),
@@ -55,6 +56,12 @@ fn check_worker(primary: &Primary, id: u64, pid: u32) {
         Some("1"),
         "{env:?}"
     );
+    // The slot, which a slot's next worker is told too.
+    assert_eq!(
+        env.get("DISTRIBUTOR_SLOT"),
+        Some(&slot.to_string()),
+        "{env:?}"
+    );
     let channel: i32 = env
         .get("DISTRIBUTOR_FD")
         .and_then(|v| v.parse().ok())
@@ -66,6 +73,7 @@ fn check_worker(primary: &Primary, id: u64, pid: u32) {
             "DISTRIBUTOR_FD",
             "DISTRIBUTOR_PROTOCOL",
             "DISTRIBUTOR_REPORT_FINISHED",
+            "DISTRIBUTOR_SLOT",
             "DISTRIBUTOR_WORKER_ID"
         ],
         "unexpected DISTRIBUTOR_* variables"
@@ -113,14 +121,14 @@ fn workers_inherit_only_stdio_and_their_channel() {
     let primary = Primary::start(2, &["--", "sleep", "120"]);
     let one = primary.wait_started(1);
     let two = primary.wait_started(2);
-    check_worker(&primary, 1, one);
+    check_worker(&primary, 1, one, 1);
     // Worker 2 started while worker 1's channel was open in the primary.
-    check_worker(&primary, 2, two);
+    check_worker(&primary, 2, two, 2);
 
     // A replacement, started while both other channels exist, too.
     kill_pid(one, Signal::SIGKILL);
     let three = primary.wait_started(3);
-    check_worker(&primary, 3, three);
+    check_worker(&primary, 3, three, 1);
 
     // Workers that never say hello are reported (after 5 s by default).
     for (id, pid) in [(2, two), (3, three)] {

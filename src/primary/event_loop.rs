@@ -52,7 +52,7 @@ use super::metrics::{self, MetricsServer};
 use super::node::link::Read as NodeRead;
 use super::process::{Link, Protocol, Role, WorkerCommand, WorkerProc};
 use super::servers::{self, Server};
-use super::stats::{SlotStats, WorkerState};
+use super::stats::{Replacement, SlotStats, WorkerState};
 use super::{Control, Event, Handle, Sched, Stats, WorkerStats};
 use crate::channel::Recv;
 use crate::protocol::{self, Encoder, ToPrimary};
@@ -95,6 +95,23 @@ pub(crate) struct Settings {
     pub protocol: Protocol,
     /// Each slot's weight for the policies (1 beyond the list).
     pub weights: Vec<u32>,
+    /// Recycling: a worker past one of these is replaced (its successor
+    /// first), one slot at a time.
+    pub limits: Limits,
+}
+
+/// When a worker is recycled (`--max-requests`, `--max-memory`,
+/// `--max-age`); `None`: no such limit.
+#[derive(Debug, Clone, Copy, Default)]
+pub(crate) struct Limits {
+    /// Connections taken.
+    pub max_requests: Option<u64>,
+    /// Each worker's `max_requests` is raised by a random 0 to this many,
+    /// so that workers started together do not all recycle together.
+    pub max_requests_jitter: u64,
+    /// Bytes of RSS of the worker's process tree.
+    pub max_memory: Option<u64>,
+    pub max_age: Option<Duration>,
 }
 
 /// A place for one worker. Slots give restarts their backoff and rolling
@@ -104,19 +121,48 @@ pub(super) struct Slot {
     pub active: bool,
     /// Index in `workers` of the slot's current worker.
     pub current: Option<usize>,
+    /// Index in `workers` of the worker starting beside the current one to
+    /// take over from it once ready ([`Role::Successor`]).
+    pub successor: Option<usize>,
+    /// Why the slot's worker is being replaced, while it is; counted when
+    /// the new worker takes the slot over.
+    pub replacing: Option<Replacement>,
+    /// When to start the slot's worker again: its current worker if it has
+    /// none, else its successor (a retry after one failed).
     pub restart_at: Option<Instant>,
     pub quick_exits: u32,
     /// Replacements after an unexpected exit or cut-off (for the stats).
     pub restarts: u64,
 }
 
-/// A rolling reload in progress: the slots still to replace, and the new
-/// worker being waited for.
+/// Replacements one slot at a time: a rolling reload's slots, and workers
+/// past a limit, each waiting for the one before to be ready.
 #[derive(Debug, Default)]
 pub(super) struct Reload {
-    pub queue: VecDeque<usize>,
-    pub candidate: Option<usize>,
-    pub retry_at: Option<Instant>,
+    pub queue: VecDeque<Queued>,
+    /// The replacement under way.
+    pub step: Option<Step>,
+    /// A reload (SIGHUP) is under way: "reload complete" comes when none of
+    /// its slots is left.
+    pub reloading: bool,
+}
+
+/// A replacement waiting its turn.
+#[derive(Debug, Clone, Copy)]
+pub(super) struct Queued {
+    pub slot: usize,
+    pub why: Replacement,
+    /// For a limit: the worker that reached it (skipped if it is no longer
+    /// the slot's current worker by its turn).
+    pub worker: Option<u64>,
+}
+
+/// The replacement under way: done once a worker of `slot` with an id of
+/// at least `first_id` is the slot's ready current worker.
+#[derive(Debug, Clone, Copy)]
+pub(super) struct Step {
+    pub slot: usize,
+    pub first_id: u64,
 }
 
 pub(crate) struct EventLoop {
@@ -136,8 +182,9 @@ pub(crate) struct EventLoop {
     /// The listening addresses: with the native protocol the one bound
     /// at start; with Node's, those the workers asked for.
     pub(super) servers: Vec<Server>,
-    /// Node: the listener bound at start (`--listen`), for the first
-    /// server that asks for port 0 or for its port.
+    /// Node: the socket bound at start for `--listen`, not listening yet:
+    /// it serves the app's first server (whatever port that asks for) and
+    /// listens only then, so that it never accepts what no worker serves.
     pub(super) spare: Option<TcpListener>,
     /// Connections taken by workers that have exited.
     pub(super) exited_connections: u64,
@@ -160,9 +207,7 @@ pub(crate) struct EventLoop {
     /// Connection ids and the `seq` of messages to Node workers.
     next_seq: u64,
     pub(super) next_ping: u64,
-    /// How connections are placed now (primary-side modes; switchable).
-    pub(super) policy: Box<dyn super::policy::Policy>,
-    /// The mode `policy` is.
+    /// The mode each server's policy is (primary-side modes; switchable).
     pub(super) live_sched: Sched,
     /// The policy's view of the workers, reused for each connection.
     pub(super) candidates: Vec<super::policy::Candidate>,
@@ -189,11 +234,27 @@ pub(crate) struct EventLoop {
     pub(super) told_systemd_ready: bool,
     /// Relays worker output with a prefix, unless output passes through.
     pub(super) output: Option<super::output::Relay>,
+    /// Kills the workers' process groups if the primary dies (started by
+    /// `run`).
+    pub(super) guardian: Option<super::guardian::Guardian>,
+    /// Replacements so far, by [`Replacement::index`].
+    pub(super) replaced: [u64; Replacement::ALL.len()],
+    /// When to check the workers' memory next (`--max-memory`).
+    pub(super) memory_check_at: Option<Instant>,
+    /// Node workers started with an inspector so far (`node --inspect`):
+    /// the next gets the base port plus this plus one, as Node's cluster.
+    pub(super) inspect_offset: u32,
+    /// A worker's message was logged at info once (no event receiver).
+    pub(super) told_of_messages: bool,
+    /// Why the primary stopped by itself, a setting that cannot work:
+    /// `run` fails with it once the workers are gone.
+    fatal: Option<String>,
 }
 
 impl EventLoop {
-    /// `listener`: the bound address (native protocol: required; Node's:
-    /// the spare for port-0 servers, if any).
+    /// `listener`: the bound address (native protocol: required, and
+    /// listening; Node's: the `--listen` socket, if any, bound but not
+    /// listening yet).
     pub(crate) fn new(
         listener: Option<TcpListener>,
         mut metrics: Option<MetricsServer>,
@@ -226,8 +287,6 @@ impl EventLoop {
         let notify = super::notify::NotifySocket::bind()?;
         poll.registry()
             .register(&mut SourceFd(&notify.raw_fd()), NOTIFY, Interest::READABLE)?;
-        let policy = super::policy::for_sched(settings.sched)
-            .unwrap_or_else(|| Box::new(super::policy::RoundRobin::default()));
         let live_sched = settings.sched;
         let native = settings.protocol == Protocol::Native;
         let (listener, spare) = if native {
@@ -260,7 +319,6 @@ impl EventLoop {
             next_worker_id: 1,
             next_seq: 1,
             next_ping: 1,
-            policy,
             live_sched,
             candidates: Vec::new(),
             batched: Vec::new(),
@@ -281,6 +339,12 @@ impl EventLoop {
             } else {
                 None
             },
+            guardian: None,
+            replaced: [0; Replacement::ALL.len()],
+            memory_check_at: None,
+            inspect_offset: 0,
+            told_of_messages: false,
+            fatal: None,
         };
         if native {
             let listener = listener.expect("the native protocol binds at start");
@@ -320,11 +384,10 @@ impl EventLoop {
     pub(crate) fn run(mut self) -> io::Result<()> {
         if self.settings.protocol == Protocol::Native {
             info!("listening on {} ({})", self.local_addr, self.mode_text());
-        } else if let Some(spare) = &self.spare {
+        } else if self.spare.is_some() {
             info!(
-                "Node workers: bound {} for the app's first server that listens on port 0 (or on port {})",
-                self.local_addr,
-                spare.local_addr().map_or(0, |a| a.port())
+                "Node workers: the app's first server will be served on {} (--listen), whatever port it asks for; connections are refused until it listens",
+                self.local_addr
             );
         } else {
             info!("Node workers: the primary listens where the app's servers ask");
@@ -337,6 +400,15 @@ impl EventLoop {
             self.settings.workers,
             self.settings.command.program().to_string_lossy()
         );
+        match super::guardian::Guardian::start() {
+            Ok(g) => self.guardian = Some(g),
+            Err(e) => warn!(
+                "cannot start the guardian process: what workers start may outlive a primary killed with SIGKILL: {e}"
+            ),
+        }
+        if self.settings.limits.max_memory.is_some() {
+            self.memory_check_at = Some(self.now);
+        }
         for s in 0..self.settings.workers {
             self.slots.push(Slot {
                 active: true,
@@ -414,7 +486,20 @@ impl EventLoop {
             );
         }
         info!("shutdown complete");
-        Ok(())
+        match self.fatal.take() {
+            Some(problem) => Err(io::Error::new(io::ErrorKind::InvalidInput, problem)),
+            None => Ok(()),
+        }
+    }
+
+    /// Stops gracefully because `problem` makes the settings unworkable (it
+    /// would not fix itself): logged once, and `run` fails with it.
+    pub(super) fn stop_for(&mut self, problem: String) {
+        if self.fatal.is_none() {
+            error!("stopping: {problem}");
+            self.fatal = Some(problem);
+        }
+        self.begin_shutdown();
     }
 
     /// Worker `i`'s channel is ready.
@@ -512,7 +597,7 @@ impl EventLoop {
         let busy = self.last_burst.is_some_and(|t| self.now < t + QUIET_TICK);
         !busy
             || self.shutdown_at.is_some()
-            || self.reload.candidate.is_some()
+            || self.reload.step.is_some()
             || !self.reload.queue.is_empty()
             || self.accept_paused_until.is_some()
             || self.servers.iter().any(|s| !s.pending.is_empty())
@@ -577,6 +662,31 @@ impl EventLoop {
 
     pub(super) fn worker_mut(&mut self, i: usize) -> Option<&mut WorkerProc> {
         self.workers.get_mut(i).and_then(Option::as_mut)
+    }
+
+    /// A message from worker `i` to the primary's application (the
+    /// protocol's MESSAGE, Node's `process.send()`): an [`Event::Message`].
+    /// Without a receiver of events (the command), the first is logged at
+    /// info, with what the primary does with it, and the rest at debug.
+    pub(super) fn on_worker_message(&mut self, i: usize, data: &[u8]) {
+        let Some(id) = self.workers[i].as_ref().map(|w| w.id) else {
+            return;
+        };
+        let shown = String::from_utf8_lossy(&data[..data.len().min(200)]).into_owned();
+        let cut = if data.len() > 200 { "..." } else { "" };
+        if self.events_tx.is_none() && !self.told_of_messages {
+            self.told_of_messages = true;
+            info!(
+                worker = id,
+                "worker {id} sent the primary a message: {shown}{cut} (this primary passes workers' messages to no one and sends none; the rest are logged at debug level)"
+            );
+        } else {
+            debug!(worker = id, "message from worker {id}: {shown}{cut}");
+        }
+        self.emit(Event::Message {
+            id,
+            data: data.to_vec(),
+        });
     }
 
     pub(super) fn emit(&mut self, event: Event) {
@@ -653,13 +763,7 @@ impl EventLoop {
                     Err(e) => Some(e.to_string()),
                 },
                 Ok(None) => {
-                    if !w.stopping {
-                        warn!(
-                            worker = w.id,
-                            "worker {} (pid {}) closed its channel", w.id, w.pid
-                        );
-                    }
-                    self.cut_off(i);
+                    self.on_channel_closed(i);
                     break;
                 }
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
@@ -715,19 +819,25 @@ impl EventLoop {
                 // The primary's copies are closed now: room for more, and
                 // fds for an accept that ran out of them.
                 self.accept_paused_until = None;
+                if w.max_requests.is_some() {
+                    self.check_max_requests(i);
+                }
                 None
             }
             ToPrimary::Message(data) => {
-                let event = Event::Message {
-                    id: w.id,
-                    data: data.to_vec(),
-                };
-                self.emit(event);
+                self.on_worker_message(i, data);
                 None
             }
             ToPrimary::Pong(_) => None,
             ToPrimary::Stats(n) => {
                 w.taken = w.taken.max(n);
+                if w.max_requests.is_some() {
+                    self.check_max_requests(i);
+                }
+                None
+            }
+            ToPrimary::Recycle => {
+                self.on_leaving(i, "asks to be recycled", true);
                 None
             }
             ToPrimary::Done(n) => {
@@ -793,10 +903,12 @@ impl EventLoop {
             return;
         }
         match super::policy::for_sched(sched) {
-            Some(policy) if !self.settings.sched.is_kernel() => {
+            Some(_) if !self.settings.sched.is_kernel() => {
                 info!("scheduling policy: {} -> {sched}", self.live_sched);
                 let nested = self.channels_nested();
-                self.policy = policy;
+                for server in &mut self.servers {
+                    server.policy = super::policy::for_sched(sched).expect("checked above");
+                }
                 self.live_sched = sched;
                 if self.channels_nested() != nested {
                     self.move_channels();
@@ -891,6 +1003,7 @@ impl EventLoop {
                 .filter(|s| s.listener.is_some())
                 .map(|s| s.addr)
                 .collect(),
+            replaced: self.replaced,
         }
     }
 }

@@ -9,7 +9,7 @@
 
 use std::fmt::Write;
 
-use super::stats::{Stats, WorkerState, WorkerStats};
+use super::stats::{Replacement, Stats, WorkerState, WorkerStats};
 
 /// The `Content-Type` of the text format.
 pub(super) const CONTENT_TYPE: &str = "text/plain; version=0.0.4; charset=utf-8";
@@ -120,12 +120,25 @@ pub(super) fn render(stats: &Stats) -> String {
         "counter",
         "Times the slot's worker was replaced after it exited or was cut off unexpectedly.",
     );
-    for s in &stats.slots {
+    // A slot removed by a scale-down has no series until it is back.
+    for s in stats.slots.iter().filter(|s| s.active) {
         let slot = s.slot.to_string();
         out.sample(
             "distributor_slot_restarts_total",
             &[("slot", &slot)],
             s.restarts,
+        );
+    }
+    out.family(
+        "distributor_worker_replacements_total",
+        "counter",
+        "Workers replaced by a new one while their slot kept serving: by a reload, a limit (max-requests, max-memory, max-age), or their own leaving (announced, exited with status 0).",
+    );
+    for why in Replacement::ALL {
+        out.sample(
+            "distributor_worker_replacements_total",
+            &[("reason", why.name())],
+            stats.replacements(why),
         );
     }
 
@@ -287,7 +300,13 @@ mod tests {
                 active: true,
                 restarts: 0,
             },
+            SlotStats {
+                slot: 3,
+                active: false,
+                restarts: 4,
+            },
         ];
+        stats.replaced[Replacement::MaxAge.index()] = 3;
         stats.exited_connections = 10;
         stats.connections_held = 1;
         stats
@@ -313,6 +332,8 @@ mod tests {
             "distributor_worker_uptime_seconds{worker=\"2\",pid=\"1002\",slot=\"2\"} 3.000".into(),
             "distributor_slot_restarts_total{slot=\"1\"} 2".into(),
             "distributor_slot_restarts_total{slot=\"2\"} 0".into(),
+            "distributor_worker_replacements_total{reason=\"max-age\"} 3".into(),
+            "distributor_worker_replacements_total{reason=\"exited\"} 0".into(),
             "distributor_connections_total 22".into(),
             "distributor_connections_held 1".into(),
         ] {
@@ -322,6 +343,8 @@ mod tests {
             );
         }
         assert!(text.ends_with('\n'));
+        // A slot removed by a scale-down has no restarts series.
+        assert!(!text.contains("slot=\"3\""), "{text}");
     }
 
     /// The format's rules, checked line by line: every sample belongs to
@@ -358,7 +381,7 @@ mod tests {
             let value = line.rsplit(' ').next().unwrap();
             assert!(value.parse::<f64>().is_ok(), "{line}");
         }
-        assert_eq!(families.len(), 12, "{families:?}");
+        assert_eq!(families.len(), 13, "{families:?}");
     }
 
     #[test]
@@ -367,7 +390,7 @@ mod tests {
             Sched::RoundRobin,
             "127.0.0.1:1".parse().unwrap(),
         ));
-        assert_eq!(text.matches("# TYPE ").count(), 12, "{text}");
+        assert_eq!(text.matches("# TYPE ").count(), 13, "{text}");
         assert!(text.contains("distributor_workers{state=\"ready\"} 0\n"));
         assert!(text.contains("distributor_connections_total 0\n"));
     }

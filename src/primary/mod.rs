@@ -21,6 +21,7 @@
 mod backoff;
 mod event_loop;
 mod exposition;
+mod guardian;
 mod metrics;
 pub(crate) mod node;
 mod notify;
@@ -44,7 +45,7 @@ use crossbeam_channel::{Receiver, Sender};
 
 pub use backoff::Backoff;
 pub use process::{Protocol, WorkerCommand};
-pub use stats::{SlotStats, Stats, WorkerState, WorkerStats};
+pub use stats::{Replacement, SlotStats, Stats, WorkerState, WorkerStats};
 
 /// Events the primary reports to the embedding program (Node's
 /// `cluster.on('online' | 'exit' | 'message')`).
@@ -342,6 +343,7 @@ pub struct Builder {
     prefix_output: bool,
     ready: Ready,
     metrics: Option<SocketAddr>,
+    limits: event_loop::Limits,
 }
 
 /// The default of [`Builder::max_unacked`].
@@ -373,6 +375,7 @@ impl Default for Builder {
             prefix_output: true,
             ready: Ready::Hello,
             metrics: None,
+            limits: event_loop::Limits::default(),
         }
     }
 }
@@ -387,9 +390,14 @@ impl Builder {
     /// Address to bind (default `0.0.0.0:8000`); port 0 picks a free port.
     ///
     /// With Node workers ([`Protocol::Node`]) the app's own `listen()`
-    /// calls say where to listen, and the app's port wins: this address,
-    /// if given, is bound at start and serves the first of the app's
-    /// servers that asks for port 0 (or for this very port).
+    /// calls say where to listen; this address, if given, is bound at start
+    /// and serves the app's first server, on this address (not on every
+    /// interface), when that server asks for port 0 or for this port. It
+    /// listens only then: until then connections are refused, never
+    /// accepted and left unserved. An app whose first server asks for
+    /// another port cannot be moved there (Node's worker checks that it got
+    /// the port it asked for): the primary then stops, and
+    /// [`Primary::run`] fails saying so.
     pub fn listen(mut self, addr: SocketAddr) -> Self {
         self.listen = Some(addr);
         self
@@ -524,6 +532,43 @@ impl Builder {
         self
     }
 
+    /// Recycles a worker once it has taken `n` connections (gunicorn's
+    /// `max_requests`; `None`, the default: never): its slot gets a new
+    /// worker, which is ready before the old one is asked to stop, one slot
+    /// at a time. The primary counts connections, not the requests on
+    /// them: behind keep-alive clients a worker serves more requests than
+    /// that. In the kernel modes it counts what a worker reports (STATS),
+    /// so only workers that speak the protocol are recycled by it.
+    pub fn max_requests(mut self, n: Option<u64>) -> Self {
+        self.limits.max_requests = n.filter(|&n| n > 0);
+        self
+    }
+
+    /// Raises each worker's [`Builder::max_requests`] by a random 0 to `n`
+    /// (gunicorn's `max_requests_jitter`), so that workers started together
+    /// are not all recycled together. Default 0.
+    pub fn max_requests_jitter(mut self, n: u64) -> Self {
+        self.limits.max_requests_jitter = n;
+        self
+    }
+
+    /// Recycles a worker whose process tree (the worker and everything it
+    /// started) has more than `bytes` resident (RSS, as PM2's
+    /// `max_memory_restart`), measured every second; `None`, the default:
+    /// never. Applies in every mode.
+    pub fn max_memory(mut self, bytes: Option<u64>) -> Self {
+        self.limits.max_memory = bytes.filter(|&b| b > 0);
+        self
+    }
+
+    /// Recycles a worker once it has run this long (uWSGI's
+    /// `max-worker-lifetime`); `None`, the default: never. Applies in every
+    /// mode.
+    pub fn max_age(mut self, age: Option<Duration>) -> Self {
+        self.limits.max_age = age.filter(|a| !a.is_zero());
+        self
+    }
+
     /// Runs as this group (a name or a number); see [`Builder::user`].
     pub fn group(mut self, group: impl Into<String>) -> Self {
         self.group = Some(group.into());
@@ -568,6 +613,14 @@ impl Builder {
         };
         let identity = privileges::resolve(self.user.as_deref(), self.group.as_deref())?;
         let protocol = self.protocol.unwrap_or_else(|| Protocol::detect(&command));
+        if protocol == Protocol::Node {
+            if let Some(reason) = node::package_runner_problem(&command) {
+                return Err(PrimaryError::Command {
+                    program: command.program.to_string_lossy().into_owned(),
+                    reason,
+                });
+            }
+        }
         let reuseport = self.sched == Sched::ReusePort;
         let listen = match (self.listen, protocol) {
             (Some(addr), _) => Some(addr),
@@ -586,10 +639,14 @@ impl Builder {
                 }
                 Some(l)
             }
-            (None, Some(addr)) => Some(
-                bind(addr, self.backlog, reuseport)
-                    .map_err(|source| PrimaryError::Listen { addr, source })?,
-            ),
+            (None, Some(addr)) => {
+                let bound = match protocol {
+                    Protocol::Native => bind(addr, self.backlog, reuseport),
+                    // Listens once the app's first server is served there.
+                    Protocol::Node => reserve(addr, reuseport).map(TcpListener::from),
+                };
+                Some(bound.map_err(|source| PrimaryError::Listen { addr, source })?)
+            }
             (None, None) => None,
         };
         if let Some(listener) = &listener {
@@ -631,6 +688,7 @@ impl Builder {
             ready: self.ready,
             protocol,
             weights: self.weights,
+            limits: self.limits,
         };
         let inner = event_loop::EventLoop::new(listener, metrics, settings)?;
         Ok(Primary { inner })
@@ -640,6 +698,24 @@ impl Builder {
 /// Binds a listening TCP socket with `SO_REUSEADDR` (and `SO_REUSEPORT`
 /// if asked), close-on-exec.
 pub(crate) fn bind(addr: SocketAddr, backlog: i32, reuseport: bool) -> io::Result<TcpListener> {
+    let socket = bind_only(addr, reuseport)?;
+    socket.listen(backlog)?;
+    Ok(socket.into())
+}
+
+/// Binds a TCP socket as [`bind`] does and keeps it from listening: the
+/// address is taken (a port in use is an error now; `SO_REUSEADDR` is
+/// cleared once bound, so that no other socket can bind it while this one
+/// does not listen), and connections to it are refused until it listens.
+fn reserve(addr: SocketAddr, reuseport: bool) -> io::Result<socket2::Socket> {
+    let socket = bind_only(addr, reuseport)?;
+    socket.set_reuse_address(false)?;
+    Ok(socket)
+}
+
+/// Binds a TCP socket with `SO_REUSEADDR` (and `SO_REUSEPORT` if asked),
+/// close-on-exec, without listening.
+fn bind_only(addr: SocketAddr, reuseport: bool) -> io::Result<socket2::Socket> {
     use socket2::{Domain, Socket, Type};
     let socket = Socket::new(Domain::for_address(addr), Type::STREAM, None)?;
     socket.set_reuse_address(true)?;
@@ -647,8 +723,7 @@ pub(crate) fn bind(addr: SocketAddr, backlog: i32, reuseport: bool) -> io::Resul
         socket.set_reuse_port(true)?;
     }
     socket.bind(&addr.into())?;
-    socket.listen(backlog)?;
-    Ok(socket.into())
+    Ok(socket)
 }
 
 /// Finds the program as `exec` would (a path, or a name on `PATH`) and

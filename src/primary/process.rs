@@ -97,11 +97,13 @@ pub enum Protocol {
 
 impl Protocol {
     /// Node's when the program is `node` or `nodejs` (by its file name),
+    /// or a Node package runner (`npm`, `yarn`, `pnpm`, `npx`, which
+    /// [`crate::Builder::build`] then refuses with the command that works),
     /// else the native one.
     pub fn detect(cmd: &WorkerCommand) -> Protocol {
         let name = std::path::Path::new(&cmd.program).file_name();
         match name.and_then(|n| n.to_str()) {
-            Some("node" | "nodejs") => Protocol::Node,
+            Some("node" | "nodejs" | "npm" | "yarn" | "pnpm" | "npx") => Protocol::Node,
             _ => Protocol::Native,
         }
     }
@@ -158,9 +160,10 @@ impl AsFd for Link {
 pub(crate) enum Role {
     /// Its slot's worker: replaced when it exits.
     Current,
-    /// Started by a rolling reload to replace its slot's current worker
-    /// once it says hello.
-    Candidate,
+    /// Started beside its slot's current worker to take over from it once
+    /// ready (a rolling reload, a recycle, a worker that said it is
+    /// leaving); the old one is then asked to stop.
+    Successor,
     /// Asked to stop (reload, scale-down, shutdown): not replaced.
     Retiring,
 }
@@ -184,6 +187,23 @@ pub(crate) struct WorkerProc {
     pub ready: bool,
     /// Stopping (asked to, or cut off): gets no more connections.
     pub stopping: bool,
+    /// Was ready at some point: an exit with status 0 after that is the
+    /// worker's own choice (recycling itself), not a failure to start.
+    pub served: bool,
+    /// Taken as ready then without a hello: at once with `--ready start`
+    /// (on the next turn), or in a kernel mode after a short grace.
+    pub ready_at: Option<Instant>,
+    /// Its `--max-requests` limit (jitter included).
+    pub max_requests: Option<u64>,
+    /// When it reaches `--max-age`.
+    pub recycle_at: Option<Instant>,
+    /// It closed its channel: cut off then if it still runs.
+    pub cut_off_at: Option<Instant>,
+    /// It has been reaped: its exit is being handled.
+    pub exited: bool,
+    /// Its replacement is decided (a limit reached, or it said it is
+    /// leaving): no second one is queued.
+    pub recycling: bool,
     /// The primary asked it to stop (shutdown, reload, scale-down): its
     /// exit is expected, not a failure.
     pub asked_to_stop: bool,
@@ -278,6 +298,11 @@ impl WorkerProc {
                 .env("LISTEN_FDS", "1")
                 .env("LISTEN_FDNAMES", "distributor");
         }
+        // The slot, which a worker's replacements keep: from 1 as in the
+        // logs and metrics, and from 0 under PM2's name.
+        command
+            .env(protocol::ENV_SLOT, (slot + 1).to_string())
+            .env("NODE_APP_INSTANCE", slot.to_string());
         let child_channel = sys::configure_worker_command(
             &mut command,
             theirs.as_raw_fd(),
@@ -331,6 +356,13 @@ impl WorkerProc {
             node: speaks == Protocol::Node,
             ready: false,
             stopping: false,
+            served: false,
+            ready_at: None,
+            max_requests: None,
+            recycle_at: None,
+            cut_off_at: None,
+            exited: false,
+            recycling: false,
             asked_to_stop: false,
             channel_full: false,
             started: now,
@@ -358,19 +390,37 @@ impl WorkerProc {
         self.child.try_wait()
     }
 
-    /// Sends `signal`; a process already gone (but not yet reaped) is fine.
+    /// Sends `signal` to the worker's process group (it leads one of its
+    /// own), so that what it started (npm's app, gunicorn's workers, a
+    /// shell's command) gets it too, as a terminal or systemd's
+    /// control-group stop would send it; to the worker alone if it left its
+    /// group. A process already gone (but not yet reaped) is fine.
     pub fn signal(&self, signal: Signal) {
-        let _ = kill(Pid::from_raw(self.pid as i32), signal);
+        let pid = Pid::from_raw(self.pid as i32);
+        if kill(Pid::from_raw(-pid.as_raw()), signal).is_err() {
+            let _ = kill(pid, signal);
+        }
+    }
+
+    /// Kills what is left of the worker's process group once the worker
+    /// itself has exited and been reaped: nothing it started outlives it.
+    /// Returns whether anything was left (zombies not yet reaped by their
+    /// own parent count too).
+    pub fn kill_leftovers(&self) -> bool {
+        kill(Pid::from_raw(-(self.pid as i32)), Signal::SIGKILL).is_ok()
     }
 
     /// The deadlines of this worker's timers.
-    pub fn deadlines(&self) -> [Option<Instant>; 5] {
+    pub fn deadlines(&self) -> [Option<Instant>; 8] {
         [
             self.hello_warn_at,
+            self.cut_off_at,
+            self.ready_at,
             self.term_at,
             self.kill_at,
             self.ping_at,
             self.give_up_at,
+            self.recycle_at,
         ]
     }
 
@@ -407,4 +457,62 @@ pub(crate) fn describe_exit(status: &ExitStatus) -> String {
     } else {
         format!("{status}")
     }
+}
+
+/// The resident memory of process `pid` and all its descendants, in bytes:
+/// what a worker's whole process tree uses (npm's app, gunicorn's
+/// workers). Reads `/proc/PID/task/TID/children` and `/proc/PID/statm`;
+/// at most [`TREE_LIMIT`] processes are counted. A descendant that exits
+/// meanwhile is skipped.
+///
+/// # Errors
+/// When `pid` itself cannot be read (it has exited).
+pub(crate) fn tree_rss(pid: u32) -> io::Result<u64> {
+    let page = nix::unistd::sysconf(nix::unistd::SysconfVar::PAGE_SIZE)
+        .ok()
+        .flatten()
+        .unwrap_or(4096) as u64;
+    let mut total = resident_pages(pid)? * page;
+    let mut todo = vec![pid];
+    let mut seen = 1usize;
+    while let Some(p) = todo.pop() {
+        for child in children(p) {
+            if seen >= TREE_LIMIT {
+                return Ok(total);
+            }
+            seen += 1;
+            total += resident_pages(child).unwrap_or(0) * page;
+            todo.push(child);
+        }
+    }
+    Ok(total)
+}
+
+/// The most processes of one tree [`tree_rss`] reads.
+const TREE_LIMIT: usize = 4096;
+
+/// Resident pages of one process (`statm`'s second field).
+fn resident_pages(pid: u32) -> io::Result<u64> {
+    let text = std::fs::read_to_string(format!("/proc/{pid}/statm"))?;
+    text.split_whitespace()
+        .nth(1)
+        .and_then(|n| n.parse().ok())
+        .ok_or_else(|| io::Error::new(io::ErrorKind::InvalidData, "unreadable statm"))
+}
+
+/// The children of every thread of `pid`.
+fn children(pid: u32) -> Vec<u32> {
+    let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) else {
+        return Vec::new();
+    };
+    let mut out = Vec::new();
+    for task in tasks.flatten() {
+        if let Ok(text) = std::fs::read_to_string(task.path().join("children")) {
+            out.extend(
+                text.split_whitespace()
+                    .filter_map(|c| c.parse::<u32>().ok()),
+            );
+        }
+    }
+    out
 }

@@ -40,7 +40,7 @@ use tracing::{debug, info, warn};
 use super::Sched;
 use super::event_loop::EventLoop;
 use super::node::wire;
-use super::policy::Candidate;
+use super::policy::{self, Candidate, Policy, RoundRobin};
 use super::process::{Conn, Link, Protocol};
 use crate::protocol::MAX_FDS;
 
@@ -84,6 +84,10 @@ pub(crate) struct Server {
     /// rather than in a batch after it. The worker then starts on it while
     /// the primary makes that call.
     pub lone: bool,
+    /// How its connections are placed: each server keeps its own rotation
+    /// (two servers whose connections alternate must not split the
+    /// workers between them).
+    pub policy: Box<dyn Policy>,
 }
 
 impl Server {
@@ -98,6 +102,7 @@ impl Server {
             pending: VecDeque::new(),
             backlog_waiting: true,
             lone: true,
+            policy: Box::new(RoundRobin::default()),
         }
     }
 }
@@ -116,9 +121,13 @@ pub(crate) fn owner(token: Token) -> Option<usize> {
 }
 
 impl EventLoop {
-    /// Adds a server; in rr its listener is registered for accepting.
-    pub(super) fn add_server(&mut self, server: Server) -> io::Result<usize> {
+    /// Adds a server, placed by the policy in force; in rr its listener is
+    /// registered for accepting.
+    pub(super) fn add_server(&mut self, mut server: Server) -> io::Result<usize> {
         let k = self.servers.len();
+        if let Some(p) = policy::for_sched(self.live_sched) {
+            server.policy = p;
+        }
         if let Some(l) = &server.listener {
             self.defer_accept(l)?;
         }
@@ -268,7 +277,7 @@ impl EventLoop {
         }
         let chosen = match candidates.len() {
             0 => None,
-            _ => Some(candidates[self.policy.pick(&candidates)].index),
+            _ => Some(candidates[self.servers[k].policy.pick(&candidates)].index),
         };
         self.candidates = candidates;
         chosen
@@ -388,6 +397,22 @@ impl EventLoop {
     /// after `grace`, SIGKILL.
     pub(super) fn disconnect(&mut self, i: usize, grace: Duration) {
         let now = self.now;
+        self.close_channel(i);
+        let Some(w) = self.workers.get_mut(i).and_then(Option::as_mut) else {
+            return;
+        };
+        w.ready = false;
+        w.ping_at = None;
+        if !w.stopping {
+            w.stopping = true;
+            w.signal(Signal::SIGTERM);
+            w.kill_at = Some(now + grace);
+        }
+    }
+
+    /// Closes worker `i`'s channel, and gives its unacknowledged
+    /// connections back to `pending`, for other workers.
+    pub(super) fn close_channel(&mut self, i: usize) {
         let channel = self
             .workers
             .get_mut(i)
@@ -401,8 +426,6 @@ impl EventLoop {
         let Some(w) = self.workers.get_mut(i).and_then(Option::as_mut) else {
             return;
         };
-        w.ready = false;
-        w.ping_at = None;
         for c in w.batch.drain(..).rev() {
             self.servers[c.server].pending.push_front(c);
         }
@@ -418,11 +441,6 @@ impl EventLoop {
             for c in held {
                 self.servers[c.server].pending.push_back(c);
             }
-        }
-        if !w.stopping {
-            w.stopping = true;
-            w.signal(Signal::SIGTERM);
-            w.kill_at = Some(now + grace);
         }
     }
 

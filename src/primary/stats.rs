@@ -54,6 +54,65 @@ impl fmt::Display for WorkerState {
     }
 }
 
+/// Why a slot's worker was replaced by a new one while the slot kept
+/// serving (as opposed to a restart after a crash, which
+/// [`SlotStats::restarts`] counts): the metrics endpoint's `reason` label
+/// of `distributor_worker_replacements_total`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Replacement {
+    /// A rolling reload (SIGHUP, [`crate::Handle::reload`]).
+    Reload,
+    /// It took `--max-requests` connections ([`crate::Builder::max_requests`]).
+    MaxRequests,
+    /// Its process tree used more than `--max-memory`.
+    MaxMemory,
+    /// It had run for `--max-age`.
+    MaxAge,
+    /// It said it is leaving: the protocol's RECYCLE
+    /// ([`crate::WorkerListener::recycle`]), `STOPPING=1` on its notify
+    /// socket, or, for Node apps, `cluster.worker.disconnect()` or closing
+    /// its last server.
+    Announced,
+    /// It exited by itself with status 0 after it had been ready (a worker
+    /// that recycles itself by exiting): replaced at once, without backoff.
+    Exited,
+}
+
+impl Replacement {
+    /// Every reason, in the order the metrics endpoint lists them.
+    pub const ALL: [Replacement; 6] = [
+        Replacement::Reload,
+        Replacement::MaxRequests,
+        Replacement::MaxMemory,
+        Replacement::MaxAge,
+        Replacement::Announced,
+        Replacement::Exited,
+    ];
+
+    /// `reload`, `max-requests`, `max-memory`, `max-age`, `announced` or
+    /// `exited`.
+    pub fn name(self) -> &'static str {
+        match self {
+            Replacement::Reload => "reload",
+            Replacement::MaxRequests => "max-requests",
+            Replacement::MaxMemory => "max-memory",
+            Replacement::MaxAge => "max-age",
+            Replacement::Announced => "announced",
+            Replacement::Exited => "exited",
+        }
+    }
+
+    pub(crate) fn index(self) -> usize {
+        self as usize
+    }
+}
+
+impl fmt::Display for Replacement {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
 /// One worker's figures, from [`crate::Handle::stats`].
 #[derive(Debug, Clone, PartialEq, Eq)]
 #[non_exhaustive]
@@ -125,6 +184,9 @@ pub struct Stats {
     /// The addresses the primary listens on for the workers: the one it
     /// was given, or with Node workers those their servers asked for.
     pub listeners: Vec<SocketAddr>,
+    /// Replacements so far, by [`Replacement::index`]; see
+    /// [`Stats::replacements`].
+    pub(crate) replaced: [u64; Replacement::ALL.len()],
 }
 
 impl Stats {
@@ -132,6 +194,12 @@ impl Stats {
     /// have exited included.
     pub fn connections_total(&self) -> u64 {
         self.exited_connections + self.workers.iter().map(|w| w.connections).sum::<u64>()
+    }
+
+    /// How many times since the start a slot's worker was replaced for
+    /// `why` (counted when the new worker takes its slot over).
+    pub fn replacements(&self, why: Replacement) -> u64 {
+        self.replaced[why.index()]
     }
 
     /// How many workers are ready (get connections now).
@@ -160,6 +228,7 @@ impl Stats {
             exited_connections: 0,
             connections_held: 0,
             listeners: Vec::new(),
+            replaced: [0; Replacement::ALL.len()],
         }
     }
 }

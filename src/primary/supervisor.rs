@@ -1,16 +1,24 @@
 //! The supervisor half of the event loop: starting, reaping and replacing
-//! workers, rolling reloads, scaling, hang detection, graceful shutdown,
-//! and the timers that drive them.
+//! workers, rolling reloads, recycling, scaling, hang detection, graceful
+//! shutdown, and the timers that drive them.
 //!
 //! - **Exits.** SIGCHLD arrives through signal-hook's self-pipe; each worker
 //!   is then reaped with `waitpid(pid, WNOHANG)` (never `waitpid(-1)`,
-//!   which would steal an embedding program's children). A slot's current
-//!   worker is replaced, with backoff if it died young.
-//! - **Rolling reload** (SIGHUP, [`crate::Handle::reload`]): slot by slot,
-//!   a *candidate* worker is started; once it says hello it becomes the
-//!   slot's current worker and the old one is asked to stop. Capacity never
-//!   drops below the number of slots, and a candidate that cannot start
-//!   leaves the old worker serving while it is retried with backoff.
+//!   which would steal an embedding program's children), and what is left
+//!   of its process group is killed. A slot's current worker is replaced:
+//!   with backoff if it failed (a signal, a non-zero status, or status 0
+//!   before it was ever ready), at once if it exited with status 0 after
+//!   serving (it recycled itself).
+//! - **Replacement beside the old worker** (a *successor*): a rolling
+//!   reload (SIGHUP, [`crate::Handle::reload`]), a worker past a limit
+//!   (`--max-requests`, `--max-memory`, `--max-age`), and a worker that
+//!   says it is leaving (RECYCLE, `STOPPING=1`, Node's
+//!   `cluster.worker.disconnect()`) each start a new worker for the slot;
+//!   once it is ready it becomes the slot's current worker and the old one
+//!   is asked to stop. Reloads and limits go one slot at a time (the queue
+//!   in [`super::event_loop::Reload`]); a worker that is leaving gets its
+//!   successor at once. A successor that cannot start leaves the old
+//!   worker serving while it is retried with backoff.
 //! - **Hang detection** (`worker_timeout`): a ready worker is pinged; one
 //!   that sends nothing (no acknowledgement, no heartbeat answer) for the
 //!   timeout is stopped, and its unacknowledged connections go elsewhere.
@@ -23,9 +31,10 @@ use nix::sys::signal::Signal;
 use std::os::fd::{AsFd, AsRawFd};
 use tracing::{debug, error, info, warn};
 
-use super::event_loop::{EventLoop, Slot};
+use super::event_loop::{EventLoop, Queued, Slot, Step};
 use super::node;
 use super::process::{Link, Protocol, Role, WorkerProc, describe_exit};
+use super::stats::Replacement;
 use super::{Event, Ready};
 use crate::activation::Notice;
 
@@ -33,18 +42,47 @@ use crate::activation::Notice;
 /// broke the protocol.
 const BROKEN_WORKER_GRACE: Duration = Duration::from_secs(5);
 
+/// In a kernel mode, a program that has not said hello this long after it
+/// started, and still runs, is taken as ready: it accepts on its socket by
+/// itself, and one that does not speak the protocol never says hello.
+/// Connections that come before it accepts wait in the socket's backlog.
+pub(crate) const SILENT_READY_GRACE: Duration = Duration::from_millis(500);
+
+/// How long a worker that closed its channel may take to exit before it
+/// is taken for broken and cut off.
+const CLOSED_CHANNEL_GRACE: Duration = Duration::from_millis(500);
+
+/// How often the workers' memory is measured (`--max-memory`).
+const MEMORY_CHECK_EVERY: Duration = Duration::from_secs(1);
+
+/// How a slot lost its current worker.
+#[derive(Debug, Clone, Copy)]
+enum Lost {
+    /// It exited or was cut off unexpectedly, after running this long.
+    Failed(Duration),
+    /// It said it was leaving, and left.
+    Left,
+    /// It exited with status 0 after it had been ready.
+    Exited,
+}
+
 impl EventLoop {
-    /// Spawns a worker for `slot` and registers its channel.
+    /// Spawns a worker for `slot` in `role`, registers its channel, and
+    /// makes it the slot's current worker or successor.
     pub(super) fn start_worker(&mut self, slot: usize, role: Role) -> std::io::Result<usize> {
         let id = self.next_worker_id;
         self.next_worker_id += 1;
         let now = self.now;
-        let command = self
+        let mut command = self
             .settings
             .command
             .clone()
             .env("NOTIFY_SOCKET", self.notify.env_value());
         let speaks = self.settings.protocol;
+        if let Some(with_port) = node::inspect_port(&command, self.inspect_offset + 1) {
+            self.inspect_offset += 1;
+            command = with_port;
+        }
         // Native workers inherit the one server's socket in the kernel
         // modes; Node workers ask for theirs.
         if speaks == Protocol::Native {
@@ -64,6 +102,9 @@ impl EventLoop {
             self.output.as_ref(),
             now,
         )?;
+        if let Some(g) = self.guardian.as_mut() {
+            g.watch(w.pid);
+        }
         if speaks == Protocol::Native {
             w.servers = 1;
         }
@@ -80,9 +121,22 @@ impl EventLoop {
             return Err(e);
         }
         w.hello_warn_at = Some(now + self.settings.hello_timeout);
-        if role == Role::Candidate {
+        w.ready_at = match self.settings.ready {
+            // On the next turn, once the caller has done its bookkeeping.
+            Ready::Start => Some(now),
+            Ready::Hello if self.settings.sched.is_kernel() && speaks == Protocol::Native => {
+                Some(now + SILENT_READY_GRACE)
+            }
+            _ => None,
+        };
+        if role == Role::Successor {
             w.give_up_at = Some(now + self.candidate_timeout());
         }
+        let limits = self.settings.limits;
+        w.max_requests = limits
+            .max_requests
+            .map(|n| n.saturating_add(fastrand::u64(0..=limits.max_requests_jitter)));
+        w.recycle_at = limits.max_age.map(|age| now + age);
         info!(
             worker = id,
             pid = w.pid,
@@ -91,11 +145,10 @@ impl EventLoop {
         );
         self.emit(Event::WorkerStarted { id, pid: w.pid });
         self.workers[i] = Some(w);
-        if role == Role::Current {
-            self.slots[slot].current = Some(i);
-        }
-        if self.settings.ready == Ready::Start {
-            self.become_ready(i);
+        match role {
+            Role::Current => self.slots[slot].current = Some(i),
+            Role::Successor => self.slots[slot].successor = Some(i),
+            Role::Retiring => {}
         }
         Ok(i)
     }
@@ -132,21 +185,113 @@ impl EventLoop {
             }
         }
         if replace && self.slots[slot].current == Some(i) {
-            self.slots[slot].current = None;
-            if self.slots[slot].active {
-                self.slots[slot].restarts += 1;
-                self.schedule_restart(slot, uptime);
+            self.slot_lost_worker(slot, Lost::Failed(uptime));
+        }
+    }
+
+    /// Worker `i`'s channel reached its end: most likely the worker is
+    /// exiting, and its exit says what that means (a status 0 after
+    /// serving is no failure). If it has exited already, that is handled
+    /// now. Otherwise the channel is closed, and a worker that speaks the
+    /// protocol gets no more connections and is cut off if it still runs
+    /// after [`CLOSED_CHANNEL_GRACE`]; one that never spoke it (a program
+    /// that closes the fds it does not know) is left alone. A worker that
+    /// held unacknowledged connections is cut off at once: they go to
+    /// other workers, and it must not live to serve copies of them.
+    pub(super) fn on_channel_closed(&mut self, i: usize) {
+        let Some(w) = self.workers[i].as_mut() else {
+            return;
+        };
+        if w.exited {
+            // Its exit is being handled: this is the channel's last read.
+            self.close_channel(i);
+            return;
+        }
+        if let Ok(Some(status)) = w.try_wait() {
+            self.on_exit(i, status);
+            return;
+        }
+        let holds = !w.unacked.is_empty() || !w.batch.is_empty();
+        if holds || w.stopping {
+            if !w.stopping {
+                warn!(
+                    worker = w.id,
+                    "worker {} (pid {}) closed its channel", w.id, w.pid
+                );
+            }
+            self.cut_off(i);
+            return;
+        }
+        if w.spoke {
+            w.ready = false;
+            w.ping_at = None;
+            w.cut_off_at = Some(self.now + CLOSED_CHANNEL_GRACE);
+        } else {
+            debug!(
+                worker = w.id,
+                "worker {} (pid {}) closed its channel, which it never used", w.id, w.pid
+            );
+        }
+        self.close_channel(i);
+    }
+
+    /// Slot `slot`'s current worker is gone (exited, or cut off): the
+    /// successor starting beside it, if any, takes its place now; else a
+    /// new worker is started, at once or, after a failure, with backoff.
+    fn slot_lost_worker(&mut self, slot: usize, how: Lost) {
+        let s = &mut self.slots[slot];
+        s.current = None;
+        if !s.active || self.shutdown_at.is_some() {
+            return;
+        }
+        if matches!(how, Lost::Failed(_)) {
+            s.restarts += 1;
+        }
+        if let Some(n) = s.successor.take() {
+            s.current = Some(n);
+            if let Some(w) = self.workers[n].as_mut() {
+                w.role = Role::Current;
+                w.give_up_at = None;
+            }
+            self.count_replacement(slot);
+            return;
+        }
+        match how {
+            Lost::Failed(uptime) => self.schedule_restart(slot, uptime),
+            Lost::Left => {
+                if self.slots[slot].restart_at.is_none() {
+                    self.restart_slot(slot);
+                }
+            }
+            Lost::Exited => {
+                self.slots[slot].quick_exits = 0;
+                self.slots[slot].replacing = Some(Replacement::Exited);
+                self.count_replacement(slot);
+                self.restart_slot(slot);
             }
         }
     }
 
-    /// Starts `slot`'s current worker again, or schedules another try.
+    /// The slot's worker was replaced: counted by why.
+    fn count_replacement(&mut self, slot: usize) {
+        if let Some(why) = self.slots[slot].replacing.take() {
+            self.replaced[why.index()] += 1;
+        }
+    }
+
+    /// Starts `slot`'s worker again (its current worker if it has none,
+    /// else a successor that failed before), or schedules another try.
     fn restart_slot(&mut self, slot: usize) {
         self.slots[slot].restart_at = None;
         if !self.slots[slot].active || self.shutdown_at.is_some() {
             return;
         }
-        if let Err(e) = self.start_worker(slot, Role::Current) {
+        let role = match (self.slots[slot].current, self.slots[slot].successor) {
+            (None, _) => Role::Current,
+            (Some(_), None) => Role::Successor,
+            (Some(_), Some(_)) => return,
+        };
+        if let Err(e) = self.start_worker(slot, role) {
             error!("cannot start a worker: {e}");
             self.schedule_restart(slot, Duration::ZERO);
         }
@@ -192,14 +337,28 @@ impl EventLoop {
         // Its last messages (acknowledgements, a final STATS) may still wait
         // in the channel: read them all, or an acknowledged connection
         // would be handed to another worker and served twice.
+        if let Some(w) = self.workers[i].as_mut() {
+            w.exited = true;
+        }
         while self.read_channel(i) {}
         let w = self.workers[i].as_mut().expect("exited worker exists");
         let expected = w.asked_to_stop || self.shutdown_at.is_some();
+        let recycled = !expected && status.success() && w.served;
         // It is gone: no signal for it, only its connections to hand over.
         w.stopping = true;
         self.disconnect(i, Duration::ZERO);
         let w = self.workers[i].take().expect("exited worker exists");
         self.free.push(i);
+        // Nothing it started outlives it.
+        if w.kill_leftovers() {
+            debug!(
+                worker = w.id,
+                "killed what worker {} left in its process group", w.id
+            );
+        }
+        if let Some(g) = self.guardian.as_mut() {
+            g.forget(w.pid);
+        }
         self.exited_connections += w.taken;
         let uptime = self.now.saturating_duration_since(w.started);
         let how = describe_exit(&status);
@@ -210,6 +369,18 @@ impl EventLoop {
         );
         if expected {
             info!(worker = w.id, pid = w.pid, "{text}");
+        } else if recycled {
+            info!(
+                worker = w.id,
+                pid = w.pid,
+                "{text}: it left by itself, so it is replaced at once"
+            );
+        } else if status.success() {
+            warn!(
+                worker = w.id,
+                pid = w.pid,
+                "{text}, before it was ever ready"
+            );
         } else {
             warn!(worker = w.id, pid = w.pid, "{text}");
         }
@@ -222,29 +393,29 @@ impl EventLoop {
             return;
         }
         match w.role {
-            Role::Current => {
-                let slot = &mut self.slots[w.slot];
-                if slot.current == Some(i) {
-                    slot.current = None;
-                    if slot.active {
-                        slot.restarts += 1;
-                        self.schedule_restart(w.slot, uptime);
-                    }
-                }
+            Role::Current if self.slots[w.slot].current == Some(i) => {
+                let how = if w.asked_to_stop {
+                    Lost::Left
+                } else if recycled {
+                    Lost::Exited
+                } else {
+                    Lost::Failed(uptime)
+                };
+                self.slot_lost_worker(w.slot, how);
             }
-            Role::Candidate => {
-                self.reload.candidate = None;
-                let s = &mut self.slots[w.slot];
+            Role::Successor => {
+                let slot = w.slot;
+                self.slots[slot].successor = None;
+                let s = &mut self.slots[slot];
                 let (delay, quick) = self.settings.backoff.next(uptime, s.quick_exits);
                 s.quick_exits = quick;
                 warn!(
-                    "reload: the new worker for slot {} exited before saying hello; the old one keeps serving; retrying in {delay:.1?}",
-                    w.slot + 1
+                    "the new worker for slot {} exited before it was ready; the old one keeps serving; retrying in {delay:.1?}",
+                    slot + 1
                 );
-                self.reload.queue.push_front(w.slot);
-                self.reload.retry_at = Some(self.now + delay);
+                self.slots[slot].restart_at = Some(self.now + delay);
             }
-            Role::Retiring => {}
+            Role::Current | Role::Retiring => {}
         }
     }
 
@@ -280,10 +451,19 @@ impl EventLoop {
         };
         let now = self.now;
         let timeout = self.settings.worker_timeout;
+        let kernel = self.settings.sched.is_kernel();
         let w = self.workers[i].as_mut().expect("found above");
         match notice {
             Notice::Ready => {
-                if self.settings.ready == Ready::Notify && !w.ready && !w.stopping {
+                // With --ready hello in a kernel mode, READY=1 is as good
+                // as a hello from a program that does not speak the
+                // protocol.
+                let counts = match self.settings.ready {
+                    Ready::Notify => true,
+                    Ready::Hello => kernel && !w.node && !w.spoke,
+                    Ready::Start => false,
+                };
+                if counts && !w.ready && !w.stopping {
                     self.become_ready(i);
                 }
             }
@@ -296,11 +476,8 @@ impl EventLoop {
                 }
             }
             Notice::Stopping => {
-                info!(
-                    worker = w.id,
-                    "worker {} (pid {}) says it is stopping", w.id, w.pid
-                );
                 w.ready = false;
+                self.on_leaving(i, "says it is stopping (STOPPING=1)", false);
             }
             Notice::Status(s) => {
                 debug!(worker = w.id, "worker {} status: {s}", w.id);
@@ -310,20 +487,141 @@ impl EventLoop {
         }
     }
 
+    /// Worker `i` said it is leaving (`what` it did): its exit is expected,
+    /// not a failure, and its successor starts at once, without backoff.
+    /// One still `serving` keeps getting connections until the successor
+    /// is ready, and is then asked to stop; one that is not gets none from
+    /// now on, SIGTERM if it still runs at half the shutdown timeout, and
+    /// SIGKILL at the timeout.
+    pub(super) fn on_leaving(&mut self, i: usize, what: &str, serving: bool) {
+        let (now, timeout) = (self.now, self.settings.shutdown_timeout);
+        let Some(w) = self.workers[i].as_mut() else {
+            return;
+        };
+        if !serving && !w.stopping {
+            w.stopping = true;
+            w.term_at = Some(now + timeout / 2);
+            w.kill_at = Some(now + timeout);
+        }
+        if w.recycling || w.role != Role::Current || self.shutdown_at.is_some() {
+            return;
+        }
+        w.recycling = true;
+        w.asked_to_stop = true;
+        info!(
+            worker = w.id,
+            "worker {} (pid {}) {what}: starting its successor now", w.id, w.pid
+        );
+        let slot = w.slot;
+        self.replace_now(slot, Replacement::Announced);
+    }
+
+    /// Starts a successor for `slot` now, out of turn (a worker said it is
+    /// leaving); a queued replacement of that slot is dropped, since this
+    /// one starts the program anew too.
+    fn replace_now(&mut self, slot: usize, why: Replacement) {
+        self.reload.queue.retain(|q| q.slot != slot);
+        if self.slots[slot].successor.is_some() || self.slots[slot].restart_at.is_some() {
+            return;
+        }
+        self.slots[slot].replacing = Some(why);
+        if let Err(e) = self.start_worker(slot, Role::Successor) {
+            error!("cannot start a worker: {e}");
+            self.schedule_restart(slot, Duration::ZERO);
+        }
+    }
+
+    /// Queues worker `i`'s replacement for `why` (`detail` says why in the
+    /// log): one slot at a time, its successor first, as a reload does.
+    fn recycle(&mut self, i: usize, why: Replacement, detail: &str) {
+        let Some(w) = self.workers[i].as_mut() else {
+            return;
+        };
+        if w.recycling || w.stopping || w.role != Role::Current || self.shutdown_at.is_some() {
+            return;
+        }
+        w.recycling = true;
+        w.recycle_at = None;
+        info!(
+            worker = w.id,
+            reason = why.name(),
+            "worker {} (pid {}) {detail}: recycling it (a new worker first)",
+            w.id,
+            w.pid
+        );
+        let (slot, id) = (w.slot, w.id);
+        self.reload.queue.push_back(Queued {
+            slot,
+            why,
+            worker: Some(id),
+        });
+        self.advance_reload();
+    }
+
+    /// Recycles worker `i` if it has taken its `--max-requests`.
+    pub(super) fn check_max_requests(&mut self, i: usize) {
+        let Some(w) = self.workers[i].as_ref() else {
+            return;
+        };
+        if let Some(max) = w.max_requests.filter(|&max| w.taken >= max) {
+            let detail = format!("has taken {} connections (--max-requests {max})", w.taken);
+            self.recycle(i, Replacement::MaxRequests, &detail);
+        }
+    }
+
+    /// Recycles every worker whose process tree uses more than
+    /// `--max-memory`.
+    fn check_memory(&mut self, limit: u64) {
+        for i in 0..self.workers.len() {
+            let Some(w) = self.workers[i].as_ref() else {
+                continue;
+            };
+            if w.role != Role::Current || !w.ready || w.stopping || w.recycling {
+                continue;
+            }
+            let Ok(rss) = super::process::tree_rss(w.pid) else {
+                continue;
+            };
+            if rss > limit {
+                let detail = format!(
+                    "uses {} (the RSS of its process tree; --max-memory {})",
+                    mebibytes(rss),
+                    mebibytes(limit)
+                );
+                self.recycle(i, Replacement::MaxMemory, &detail);
+            }
+        }
+    }
+
     /// The worker may get connections from now on (it said hello, sent
-    /// READY=1, or was started, per the readiness setting).
+    /// READY=1, or was started, per the readiness setting). A successor
+    /// takes over its slot, and the slot's old worker retires.
     fn become_ready(&mut self, i: usize) {
         let w = self.workers[i].as_mut().expect("a live worker");
         w.ready = true;
+        w.served = true;
         w.hello_warn_at = None;
         w.give_up_at = None;
+        w.ready_at = None;
         let (id, pid, slot, role) = (w.id, w.pid, w.slot, w.role);
-        if role == Role::Candidate {
+        if role == Role::Successor {
             w.role = Role::Current;
-            let old = self.slots[slot].current.replace(i);
-            self.slots[slot].restart_at = None;
-            self.reload.candidate = None;
+            let s = &mut self.slots[slot];
+            s.successor = None;
+            s.restart_at = None;
+            let old = s.current.replace(i);
+            let why = s.replacing;
+            self.count_replacement(slot);
             if let Some(old) = old {
+                if let Some(o) = self.workers[old].as_ref() {
+                    info!(
+                        worker = id,
+                        "worker {id} (pid {pid}) takes over slot {} from worker {} ({})",
+                        slot + 1,
+                        o.id,
+                        why.map_or("replaced", Replacement::name)
+                    );
+                }
                 self.retire(old);
             }
         }
@@ -343,12 +641,20 @@ impl EventLoop {
             tell_systemd(&format!("READY=1\nSTATUS={total} workers ready"));
         }
         self.emit(Event::WorkerReady { id, pid });
-        if role == Role::Candidate {
+        let step_done = self.reload.step.is_some_and(|step| {
+            step.slot == slot && id >= step.first_id && self.slots[slot].current == Some(i)
+        });
+        if step_done {
+            self.reload.step = None;
             self.advance_reload();
         }
     }
 
-    /// Asks worker `i` to finish and exit; it is not replaced.
+    /// Asks worker `i` to finish and exit; it is not replaced. A worker
+    /// that speaks the protocol gets STOP (a Node worker Node's
+    /// `disconnect`), and SIGTERM at half the shutdown timeout if it still
+    /// runs; any other gets SIGTERM at once (its own graceful stop). All
+    /// get SIGKILL at the timeout.
     fn retire(&mut self, i: usize) {
         let timeout = self.settings.shutdown_timeout;
         let now = self.now;
@@ -357,6 +663,8 @@ impl EventLoop {
         };
         w.role = Role::Retiring;
         w.hello_warn_at = None;
+        w.ready_at = None;
+        w.recycle_at = None;
         w.ping_at = None;
         w.asked_to_stop = true;
         if w.stopping {
@@ -365,18 +673,19 @@ impl EventLoop {
         w.stopping = true;
         let seq = self.next_seq();
         let w = self.workers[i].as_mut().expect("checked above");
-        let asked = w.ready
-            && match w.channel.as_mut() {
-                Some(Link::Native(c)) => c.send(self.enc.stop().as_bytes(), &[], true).is_ok(),
-                Some(Link::Node(l)) => {
-                    // Node closes its servers, lets their connections
-                    // finish, closes the channel and exits.
-                    self.line.clear();
-                    node::wire::disconnect(&mut self.line, seq);
-                    l.send(&self.line, None).is_ok()
-                }
-                None => false,
-            };
+        let asked = match w.channel.as_mut() {
+            Some(Link::Native(c)) if w.spoke => {
+                c.send(self.enc.stop().as_bytes(), &[], true).is_ok()
+            }
+            Some(Link::Node(l)) if w.ready => {
+                // Node closes its servers, lets their connections
+                // finish, closes the channel and exits.
+                self.line.clear();
+                node::wire::disconnect(&mut self.line, seq);
+                l.send(&self.line, None).is_ok()
+            }
+            _ => false,
+        };
         if !asked {
             w.signal(Signal::SIGTERM);
         }
@@ -403,6 +712,7 @@ impl EventLoop {
         self.close_listeners();
         self.shutdown_at = Some(self.now + timeout);
         self.reload = Default::default();
+        self.memory_check_at = None;
         for slot in &mut self.slots {
             slot.restart_at = None;
         }
@@ -411,6 +721,9 @@ impl EventLoop {
         }
     }
 
+    /// A rolling reload: every slot's worker is replaced, one slot at a
+    /// time, each by a new worker that is ready before the old one is
+    /// asked to stop. One asked for during a reload starts over.
     pub(super) fn begin_reload(&mut self) {
         if self.shutdown_at.is_some() {
             return;
@@ -418,49 +731,70 @@ impl EventLoop {
         let slots: Vec<usize> = (0..self.slots.len())
             .filter(|&s| self.slots[s].active)
             .collect();
+        if self.reload.reloading {
+            info!("reloading: a reload was under way; starting over");
+        }
         info!("reloading: replacing {} workers one at a time", slots.len());
         tell_systemd(&format!(
             "RELOADING=1\nMONOTONIC_USEC={}\nSTATUS=reloading",
             monotonic_usec()
         ));
-        // A new reload starts over; a new worker of the last one that is
-        // not ready yet is stopped (it may be stuck on what was just fixed).
-        if let Some(c) = self.reload.candidate.take() {
-            if self.workers[c].as_ref().is_some_and(|w| !w.ready) {
-                self.retire(c);
-            } else {
-                self.reload.candidate = Some(c);
+        // Every slot gets a worker started from now on: a new worker not
+        // ready yet (of an earlier reload, a recycle, or a worker that is
+        // leaving) is stopped; it may be stuck on what was just fixed.
+        for &s in &slots {
+            if self.slots[s].current.is_none() {
+                continue;
             }
+            if let Some(c) = self.slots[s].successor.take() {
+                self.retire(c);
+            }
+            self.slots[s].restart_at = None;
         }
-        self.reload.retry_at = None;
-        self.reload.queue = slots.into();
+        self.reload.step = None;
+        self.reload.reloading = true;
+        self.reload.queue = slots
+            .into_iter()
+            .map(|slot| Queued {
+                slot,
+                why: Replacement::Reload,
+                worker: None,
+            })
+            .collect();
         self.advance_reload();
     }
 
-    /// Starts the next candidate of a rolling reload, if none is pending.
+    /// Starts the next queued replacement, unless one is under way.
     fn advance_reload(&mut self) {
-        if self.shutdown_at.is_some()
-            || self.reload.candidate.is_some()
-            || self.reload.retry_at.is_some()
-        {
+        if self.shutdown_at.is_some() || self.reload.step.is_some() {
             return;
         }
-        while let Some(slot) = self.reload.queue.pop_front() {
-            if !self.slots[slot].active {
+        while let Some(q) = self.reload.queue.pop_front() {
+            let s = &self.slots[q.slot];
+            let Some(current) = s.current.filter(|_| s.active && s.successor.is_none()) else {
+                // Gone, or its next worker is new anyway.
+                continue;
+            };
+            let current_id = self.workers[current].as_ref().map(|w| w.id);
+            if q.worker.is_some_and(|id| Some(id) != current_id) {
                 continue;
             }
-            match self.start_worker(slot, Role::Candidate) {
-                Ok(i) => self.reload.candidate = Some(i),
-                Err(e) => {
-                    error!("reload: cannot start a worker: {e}; retrying");
-                    self.reload.queue.push_front(slot);
-                    self.reload.retry_at = Some(self.now + self.settings.backoff.max);
-                }
+            self.reload.step = Some(Step {
+                slot: q.slot,
+                first_id: self.next_worker_id,
+            });
+            self.slots[q.slot].replacing = Some(q.why);
+            if let Err(e) = self.start_worker(q.slot, Role::Successor) {
+                error!("cannot start a worker: {e}; retrying");
+                self.slots[q.slot].restart_at = Some(self.now + self.settings.backoff.max);
             }
             return;
         }
-        info!("reload complete");
-        tell_systemd("READY=1\nSTATUS=reload complete");
+        if self.reload.reloading {
+            self.reload.reloading = false;
+            info!("reload complete");
+            tell_systemd("READY=1\nSTATUS=reload complete");
+        }
     }
 
     /// Adds a slot and starts its worker (SIGTTIN).
@@ -471,7 +805,7 @@ impl EventLoop {
         let slot = match self
             .slots
             .iter()
-            .position(|s| !s.active && s.current.is_none())
+            .position(|s| !s.active && s.current.is_none() && s.successor.is_none())
         {
             Some(s) => s,
             None => {
@@ -506,15 +840,14 @@ impl EventLoop {
         let s = &mut self.slots[slot];
         s.active = false;
         s.restart_at = None;
-        if let Some(i) = s.current.take() {
+        s.replacing = None;
+        let workers = [s.current.take(), s.successor.take()];
+        for i in workers.into_iter().flatten() {
             self.retire(i);
         }
-        if let Some(c) = self.reload.candidate {
-            if self.workers[c].as_ref().is_some_and(|w| w.slot == slot) {
-                self.reload.candidate = None;
-                self.retire(c);
-                self.advance_reload();
-            }
+        if self.reload.step.is_some_and(|step| step.slot == slot) {
+            self.reload.step = None;
+            self.advance_reload();
         }
     }
 
@@ -523,10 +856,6 @@ impl EventLoop {
         if self.accept_paused_until.is_some_and(|t| t <= now) {
             self.accept_paused_until = None;
         }
-        if self.reload.retry_at.is_some_and(|t| t <= now) {
-            self.reload.retry_at = None;
-            self.advance_reload();
-        }
         for s in 0..self.slots.len() {
             if self.slots[s].restart_at.is_some_and(|t| t <= now) {
                 self.restart_slot(s);
@@ -534,6 +863,12 @@ impl EventLoop {
         }
         for i in 0..self.workers.len() {
             self.worker_timers(i, now);
+        }
+        if let (Some(at), Some(limit)) = (self.memory_check_at, self.settings.limits.max_memory) {
+            if at <= now {
+                self.memory_check_at = Some(now + MEMORY_CHECK_EVERY);
+                self.check_memory(limit);
+            }
         }
         if let Some(m) = self.metrics.as_mut() {
             m.on_timers(self.poll.registry(), now);
@@ -565,20 +900,39 @@ impl EventLoop {
         let Some(w) = self.worker_mut(i) else {
             return;
         };
-        if sched.is_kernel()
-            && ready_mode == Ready::Hello
-            && !w.node
-            && w.hello_warn_at.is_some_and(|t| t <= now)
-        {
-            info!(
+        if w.ready_at.is_some_and(|t| t <= now) {
+            w.ready_at = None;
+            if !w.ready && !w.stopping {
+                if ready_mode == Ready::Hello {
+                    info!(
+                        worker = w.id,
+                        "worker {} (pid {}) has not said hello and runs; in {sched} mode it accepts by itself, so it is taken as ready (without figures or hang detection)",
+                        w.id,
+                        w.pid
+                    );
+                }
+                self.become_ready(i);
+                return;
+            }
+        }
+        if w.cut_off_at.is_some_and(|t| t <= now) {
+            w.cut_off_at = None;
+            warn!(
                 worker = w.id,
-                "worker {} (pid {}) has not said hello; in {sched} mode it accepts by itself, so it is taken as ready (without figures or hang detection)",
-                w.id,
-                w.pid
+                "worker {} (pid {}) closed its channel and still runs", w.id, w.pid
             );
-            self.become_ready(i);
+            self.cut_off(i);
             return;
         }
+        if w.recycle_at.is_some_and(|t| t <= now) {
+            w.recycle_at = None;
+            let age = self.settings.limits.max_age.unwrap_or_default();
+            let detail = format!("has run for {age:.1?} (--max-age)");
+            self.recycle(i, Replacement::MaxAge, &detail);
+        }
+        let Some(w) = self.worker_mut(i) else {
+            return;
+        };
         if w.hello_warn_at.is_some_and(|t| t <= now) {
             w.hello_warn_at = None;
             if ready_mode == Ready::Notify {
@@ -595,7 +949,7 @@ impl EventLoop {
                     w.id,
                     w.pid
                 );
-            } else {
+            } else if !w.ready {
                 warn!(
                     worker = w.id,
                     "worker {} (pid {}) has not said hello: does it speak the distributor protocol? see docs/PROTOCOL.md",
@@ -662,8 +1016,8 @@ impl EventLoop {
         w.ping_at = Some(next.max(now + Duration::from_millis(1)));
     }
 
-    /// A reload's new worker did not say hello in time: stop it, keep the
-    /// old one serving, and retry that slot with backoff.
+    /// A successor was not ready in time: stop it, keep the old worker
+    /// serving, and retry that slot with backoff.
     fn give_up_candidate(&mut self, i: usize) {
         let Some(w) = self.workers[i].as_mut() else {
             return;
@@ -676,14 +1030,13 @@ impl EventLoop {
         s.quick_exits = quick;
         warn!(
             worker = id,
-            "reload: the new worker {id} (pid {pid}) for slot {} has not said hello in {uptime:.1?}; stopping it, the old one keeps serving; retrying in {delay:.1?}",
+            "the new worker {id} (pid {pid}) for slot {} is not ready after {uptime:.1?}; stopping it, the old one keeps serving; retrying in {delay:.1?}",
             slot + 1
         );
         self.retire(i);
-        if self.reload.candidate == Some(i) {
-            self.reload.candidate = None;
-            self.reload.queue.push_front(slot);
-            self.reload.retry_at = Some(self.now + delay);
+        if self.slots[slot].successor == Some(i) {
+            self.slots[slot].successor = None;
+            self.slots[slot].restart_at = Some(self.now + delay);
         }
     }
 
@@ -696,11 +1049,16 @@ impl EventLoop {
             .flat_map(WorkerProc::deadlines);
         slots
             .chain(workers)
-            .chain([self.accept_paused_until, self.reload.retry_at])
+            .chain([self.accept_paused_until, self.memory_check_at])
             .chain([self.metrics.as_ref().and_then(|m| m.next_deadline())])
             .flatten()
             .min()
     }
+}
+
+/// Bytes as MiB, for the log.
+fn mebibytes(bytes: u64) -> String {
+    format!("{:.1} MiB", bytes as f64 / (1024.0 * 1024.0))
 }
 
 /// How often a ready worker is pinged: a quarter of the timeout, within

@@ -13,6 +13,7 @@
 mod http;
 mod lines;
 mod load;
+pub mod node;
 mod procfs;
 mod prom;
 
@@ -252,7 +253,13 @@ impl Primary {
     /// on stderr.
     pub fn start_command(cmd: Command, workers: usize) -> Primary {
         let proc = Proc::spawn(cmd);
-        let line = proc.stderr.wait_for("listening on ");
+        // The primary's own line, not a worker's (Node's inspector says
+        // "Debugger listening on ...").
+        let (_, line) = proc
+            .stderr
+            .wait_from(0, "a `listening on` line", DEADLINE, |l| {
+                !l.starts_with("[worker ") && l.contains("listening on ")
+            });
         let addr = parse_listening(&line)
             .unwrap_or_else(|| panic!("no address in {line:?}; stderr:\n{}", proc.stderr.dump()));
         Primary {
@@ -532,6 +539,15 @@ pub fn poll_until(timeout: Duration, mut cond: impl FnMut() -> bool) -> bool {
         }
         std::thread::sleep(Duration::from_millis(20));
     }
+}
+
+/// Says that `test` is skipped and why, where it shows: straight on the
+/// test process's stderr, which the test harness does not capture (its
+/// capture takes only what `println!`/`eprintln!` print), so the note is
+/// in the output of `cargo test` even for a test that passes.
+pub fn skip(test: &str, why: &str) {
+    use std::io::Write;
+    let _ = writeln!(std::io::stderr(), "SKIPPED {test}: {why}");
 }
 
 /// Whether `program` can be run at all (e.g. `python3 --version`), within

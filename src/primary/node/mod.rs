@@ -32,9 +32,9 @@ use std::os::fd::AsFd;
 use tracing::{debug, info, warn};
 
 use super::event_loop::EventLoop;
-use super::process::{Link, Role};
+use super::process::{Link, Protocol, WorkerCommand};
 use super::servers::{MAX_SERVERS, Server};
-use super::{Event, Ready, Sched};
+use super::{Ready, Sched};
 use wire::{AddressType, FromWorker, Query};
 
 /// The embedding program's message as a line for Node workers: one JSON
@@ -53,6 +53,177 @@ pub(crate) fn app_line(data: &[u8]) -> Result<Vec<u8>, String> {
     let mut line = serde_json::to_vec(&value).map_err(|e| e.to_string())?;
     line.push(b'\n');
     Ok(line)
+}
+
+/// Node's cluster gives each worker an inspector of its own: when the
+/// primary runs with `--inspect` (or `--inspect-brk`, `--inspect-wait`,
+/// `--inspect-port`), the `n`th worker it forks gets `--inspect-port=` the
+/// primary's debug port (9229 unless the option says) plus `n`. This does
+/// the same for a `node` worker command with such an option before its
+/// script, or in `NODE_OPTIONS`: the command with `--inspect-port=PORT`
+/// added after it, for the `n`th worker started (from 1). `None` for a
+/// command without one.
+pub(crate) fn inspect_port(cmd: &WorkerCommand, n: u32) -> Option<WorkerCommand> {
+    if Protocol::detect(cmd) != Protocol::Node {
+        return None;
+    }
+    // Node's own options come before the script; these take a value of
+    // their own as the next argument.
+    const WITH_VALUE: &[&str] = &[
+        "-r",
+        "--require",
+        "--import",
+        "--loader",
+        "--experimental-loader",
+        "-e",
+        "--eval",
+        "-p",
+        "--print",
+        "-C",
+        "--conditions",
+        "--title",
+        "--env-file",
+    ];
+    let mut found: Option<(usize, Option<u16>)> = None;
+    let mut skip = false;
+    for (at, arg) in cmd.args.iter().enumerate() {
+        let Some(arg) = arg.to_str() else {
+            break;
+        };
+        if std::mem::take(&mut skip) {
+            continue;
+        }
+        if !arg.starts_with('-') || arg == "--" {
+            break;
+        }
+        if WITH_VALUE.contains(&arg) {
+            skip = true;
+        } else if let Some(port) = inspect_option(arg) {
+            found = Some((at + 1, port.or(found.and_then(|f| f.1))));
+        }
+    }
+    let from_env = || {
+        let options = cmd
+            .env
+            .iter()
+            .rev()
+            .find(|(k, _)| k == "NODE_OPTIONS")
+            .map(|(_, v)| v.clone())
+            .or_else(|| std::env::var_os("NODE_OPTIONS"))?;
+        let options = options.to_str()?.to_string();
+        let ports: Vec<Option<u16>> = options
+            .split_whitespace()
+            .filter_map(inspect_option)
+            .collect();
+        (!ports.is_empty()).then(|| (0, ports.into_iter().flatten().next_back()))
+    };
+    let (at, port) = found.or_else(from_env)?;
+    let base = u32::from(port.unwrap_or(9229));
+    let mut port = if base == 0 { 0 } else { base + n };
+    // Node wraps past the last port to the first unprivileged one.
+    while port > 65535 {
+        port = port - 65535 + 1024 - 1;
+    }
+    let mut with_port = cmd.clone();
+    with_port
+        .args
+        .insert(at, format!("--inspect-port={port}").into());
+    Some(with_port)
+}
+
+/// Whether `arg` is one of Node's inspector options, and the port it names
+/// if any (`--inspect=9230`, `--inspect=0.0.0.0:9230`).
+fn inspect_option(arg: &str) -> Option<Option<u16>> {
+    let (name, value) = match arg.split_once('=') {
+        Some((name, value)) => (name, Some(value)),
+        None => (arg, None),
+    };
+    if !matches!(
+        name,
+        "--inspect" | "--inspect-brk" | "--inspect-wait" | "--inspect-port" | "--debug-port"
+    ) {
+        return None;
+    }
+    Some(
+        value
+            .and_then(|v| v.rsplit(':').next())
+            .and_then(|p| p.parse().ok()),
+    )
+}
+
+/// npm, yarn, pnpm and npx run the app as a child of their own, and being
+/// Node programs themselves they take Node's cluster channel
+/// (`NODE_CHANNEL_FD`) for their own process: the app would never be a
+/// worker (it would bind the port itself, and outlive a stop). For such a
+/// command, why it cannot work and the command that does: the script's own
+/// command from `package.json` in the current directory when it can be
+/// found.
+pub(crate) fn package_runner_problem(cmd: &WorkerCommand) -> Option<String> {
+    let program = std::path::Path::new(&cmd.program).file_name()?.to_str()?;
+    let runner = match program {
+        "npm" | "yarn" | "pnpm" | "npx" => program,
+        _ => return None,
+    };
+    let args: Vec<&str> = cmd.args.iter().filter_map(|a| a.to_str()).collect();
+    let shown = std::iter::once(runner)
+        .chain(args.iter().copied())
+        .collect::<Vec<_>>()
+        .join(" ");
+    let why = format!(
+        "`{shown}` runs the app as a child of {runner}, which, a Node program itself, takes Node's cluster channel, so the app would not be a worker"
+    );
+    let script = script_name(runner, &args);
+    let command = script.as_deref().and_then(|name| {
+        let text = std::fs::read_to_string("package.json").ok()?;
+        let json: serde_json::Value = serde_json::from_str(&text).ok()?;
+        match json
+            .pointer(&format!("/scripts/{name}"))
+            .and_then(|s| s.as_str())
+        {
+            Some(s) => Some(s.to_string()),
+            // npm's own default for `npm start`.
+            None if name == "start" && std::path::Path::new("server.js").exists() => {
+                Some("node server.js".into())
+            }
+            None => None,
+        }
+    });
+    Some(match command {
+        Some(command) => format!(
+            "{why}: run the script's own command instead: `{}`",
+            suggest(&command)
+        ),
+        None => format!("{why}: run the app's own command instead, e.g. `-- node app.js`"),
+    })
+}
+
+/// The script `npm start`, `npm run X`, `yarn X`, `pnpm run X`... runs.
+fn script_name(runner: &str, args: &[&str]) -> Option<String> {
+    let mut words = args.iter().copied().filter(|a| !a.starts_with('-'));
+    let first = words.next()?;
+    match (runner, first) {
+        ("npx", _) => None,
+        (_, "run" | "run-script" | "rum" | "urn") => words.next().map(String::from),
+        (_, "start" | "test" | "restart" | "stop") => Some(first.to_string()),
+        ("npm", _) => None,
+        // yarn and pnpm run a script by its name alone.
+        _ => Some(first.to_string()),
+    }
+}
+
+/// The distributor arguments after which `script` (a package.json script)
+/// runs as a worker: the command itself when it is a plain `node ...`, else
+/// through `sh -c`, which passes Node's channel on to the app.
+fn suggest(script: &str) -> String {
+    let plain = !script.contains(|c: char| "&|;<>()$`\\'\"*?=\n".contains(c));
+    if plain && script.split_whitespace().next() == Some("node") {
+        format!("-- {script}")
+    } else {
+        format!(
+            "--protocol node -- sh -c '{}'",
+            script.replace('\'', "'\\''")
+        )
+    }
 }
 
 /// For the fuzz target: parses one line from a Node worker as the primary
@@ -144,6 +315,9 @@ impl EventLoop {
                 if accepted {
                     w.taken += 1;
                     drop(conn);
+                    if w.max_requests.is_some() {
+                        self.check_max_requests(i);
+                    }
                 } else {
                     // A worker on its way out, or one that closed this
                     // server, refuses for that reason: it does not count.
@@ -200,19 +374,19 @@ impl EventLoop {
                 if let Some(k) = self.servers.iter().position(|s| s.key == key) {
                     w.servers &= !(1 << k);
                 }
+                if w.servers == 0 && w.ready && !w.stopping {
+                    // A worker without a server serves nothing: it is
+                    // leaving (cluster.worker.disconnect() closes the
+                    // servers first), or of no more use.
+                    self.on_leaving(i, "closed its last server", false);
+                }
             }
             FromWorker::ExitedAfterDisconnect { seq } => {
                 let reply = self.next_seq();
                 self.on_worker_disconnect(i, reply, seq);
             }
             FromWorker::OtherInternal => {}
-            FromWorker::App => {
-                let event = Event::Message {
-                    id: w.id,
-                    data: line.to_vec(),
-                };
-                self.emit(event);
-            }
+            FromWorker::App => self.on_worker_message(i, line),
         }
         None
     }
@@ -221,35 +395,17 @@ impl EventLoop {
     /// it would wait forever), gets no more connections, has the shutdown
     /// timeout to finish, and its slot gets a new worker now.
     fn on_worker_disconnect(&mut self, i: usize, seq: u64, ack: u64) {
-        let (now, timeout) = (self.now, self.settings.shutdown_timeout);
         let w = self.workers[i].as_mut().expect("a live worker");
         self.line.clear();
         wire::reply(&mut self.line, seq, ack);
         if let Some(Link::Node(link)) = w.channel.as_mut() {
             let _ = link.send(&self.line, None);
         }
-        if w.stopping {
-            return;
-        }
-        info!(
-            worker = w.id,
-            "worker {} (pid {}) disconnects by itself; it is replaced", w.id, w.pid
+        self.on_leaving(
+            i,
+            "disconnects by itself (cluster.worker.disconnect())",
+            false,
         );
-        w.stopping = true;
-        w.asked_to_stop = true;
-        w.term_at = Some(now + timeout / 2);
-        w.kill_at = Some(now + timeout);
-        let (slot, role, uptime) = (w.slot, w.role, now.saturating_duration_since(w.started));
-        w.role = Role::Retiring;
-        if role == Role::Current
-            && self.slots[slot].current == Some(i)
-            && self.shutdown_at.is_none()
-        {
-            self.slots[slot].current = None;
-            if self.slots[slot].active {
-                self.schedule_restart(slot, uptime);
-            }
-        }
     }
 
     /// Answers a worker's `listen()`.
@@ -382,24 +538,29 @@ impl EventLoop {
             self.settings.backlog
         };
         let reuseport = self.settings.sched == Sched::ReusePort;
-        let spare_port = self
-            .spare
-            .as_ref()
-            .and_then(|s| s.local_addr().ok())
-            .map(|a| a.port());
-        let bound = match spare_port {
-            Some(p) if port == 0 || port == p => Ok(self.spare.take().expect("checked")),
-            _ => {
-                if let Some(p) = spare_port {
-                    info!(
-                        "the app listens on port {port} itself; --listen (port {p}) serves only a server that asks for port 0"
-                    );
-                }
-                bind_for_node(ip, port, backlog, reuseport)
+        let asked = SocketAddr::new(ip.unwrap_or(Ipv6Addr::UNSPECIFIED.into()), port);
+        let listen = self.local_addr();
+        let bound = match self.spare.take() {
+            // --listen serves the app's first server, on its address, when
+            // the port agrees: Node's worker checks that its server got the
+            // port it asked for.
+            Some(spare) if port == 0 || port == listen.port() => {
+                info!("the app's server {key} asks for {asked}; serving it on {listen} (--listen)");
+                socket2::SockRef::from(&spare)
+                    .listen(backlog)
+                    .map(|()| spare)
             }
+            Some(_) => {
+                let problem = format!(
+                    "the app listens on port {port} itself, but --listen asks for {listen}: a Node app cannot be moved to another port (it checks that it got the port it asked for); drop --listen (the app's port wins), or have the app listen on port 0 or {}",
+                    listen.port()
+                );
+                self.stop_for(problem);
+                return Err(-libc::EADDRINUSE);
+            }
+            None => bind_for_node(ip, port, backlog, reuseport),
         };
         let listener = bound.map_err(|e| {
-            let asked = SocketAddr::new(ip.unwrap_or(Ipv6Addr::UNSPECIFIED.into()), port);
             warn!(worker = id, "cannot listen on {asked} for worker {id}: {e}");
             -e.raw_os_error().unwrap_or(libc::EINVAL)
         })?;
@@ -464,6 +625,88 @@ fn bind_for_node(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn args(cmd: &WorkerCommand) -> Vec<String> {
+        cmd.args
+            .iter()
+            .map(|a| a.to_string_lossy().into_owned())
+            .collect()
+    }
+
+    #[test]
+    fn inspector_ports_follow_nodes_cluster() {
+        let node = |a: &[&str]| WorkerCommand::new("/usr/bin/node", a.iter().copied());
+        let with = |a: &[&str], n| inspect_port(&node(a), n).map(|c| args(&c));
+        assert_eq!(
+            with(&["--inspect", "app.js"], 1).unwrap(),
+            ["--inspect", "--inspect-port=9230", "app.js"]
+        );
+        assert_eq!(
+            with(
+                &["-r", "x", "--inspect=0.0.0.0:9300", "app.js", "--inspect"],
+                2
+            )
+            .unwrap(),
+            [
+                "-r",
+                "x",
+                "--inspect=0.0.0.0:9300",
+                "--inspect-port=9302",
+                "app.js",
+                "--inspect"
+            ]
+        );
+        assert_eq!(
+            with(&["--inspect-brk=0", "app.js"], 3).unwrap(),
+            ["--inspect-brk=0", "--inspect-port=0", "app.js"]
+        );
+        // Past the last port, Node wraps to the first unprivileged one.
+        assert_eq!(
+            with(&["--inspect=65535", "app.js"], 1).unwrap()[1],
+            "--inspect-port=1024"
+        );
+        // The app's own arguments, and programs other than node, are not
+        // Node's options.
+        assert_eq!(with(&["app.js", "--inspect"], 1), None);
+        assert_eq!(with(&["app.js"], 1), None);
+        let python = WorkerCommand::new("python3", ["--inspect", "app.py"]);
+        assert!(inspect_port(&python, 1).is_none());
+        let options =
+            node(&["app.js"]).env("NODE_OPTIONS", "--max-old-space-size=100 --inspect=9400");
+        assert_eq!(
+            args(&inspect_port(&options, 1).unwrap()),
+            ["--inspect-port=9401", "app.js"]
+        );
+    }
+
+    #[test]
+    fn package_scripts_become_commands() {
+        assert_eq!(script_name("npm", &["start"]).as_deref(), Some("start"));
+        assert_eq!(
+            script_name("npm", &["run", "dev", "--", "-x"]).as_deref(),
+            Some("dev")
+        );
+        assert_eq!(script_name("npm", &["install"]), None);
+        assert_eq!(script_name("yarn", &["dev"]).as_deref(), Some("dev"));
+        assert_eq!(
+            script_name("pnpm", &["--silent", "start"]).as_deref(),
+            Some("start")
+        );
+        assert_eq!(script_name("npx", &["serve"]), None);
+        assert_eq!(suggest("node server.js"), "-- node server.js");
+        assert_eq!(
+            suggest("node a.js && node b.js"),
+            "--protocol node -- sh -c 'node a.js && node b.js'"
+        );
+        assert_eq!(
+            suggest("echo 'hi' | node x.js"),
+            "--protocol node -- sh -c 'echo '\\''hi'\\'' | node x.js'"
+        );
+        assert_eq!(
+            suggest("nodemon app.js"),
+            "--protocol node -- sh -c 'nodemon app.js'"
+        );
+    }
 
     #[test]
     fn app_lines_are_compact_json_and_not_nodes_own() {

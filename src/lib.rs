@@ -28,7 +28,9 @@
 //! - [`primary`]: the primary's builder, handle, events and scheduling
 //!   modes ([`Sched`]); its event loop (acceptor, dispatcher, ledger) lives
 //!   in `primary::event_loop`, the supervisor (exits, reloads, scaling,
-//!   hang detection) in `primary::supervisor`, the figures ([`Stats`]) in
+//!   hang detection, recycling) in `primary::supervisor`, the guardian
+//!   that kills the workers' process groups if the primary dies in
+//!   `primary::guardian`, the figures ([`Stats`]) in
 //!   `primary::stats`, and the metrics endpoint (`--metrics`: HTTP in
 //!   `primary::metrics`, the Prometheus text format in
 //!   `primary::exposition`).

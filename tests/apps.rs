@@ -167,18 +167,21 @@ fn group_members(p: &Primary) -> Vec<u32> {
 // ---------------------------------------------------------------------------
 // Node: Express, Fastify, Koa (rr, Node's protocol)
 
-/// `distributor -w 2 -- node server.js` (Express 5): exact rotation, a
-/// reload under load without a failed request, a stop at once.
+/// `distributor -w 2 -- node server.js` (Express 5), in rr and in shared:
+/// exact rotation in rr, a reload under load without a failed request, a
+/// stop at once.
 #[test]
 fn express_serves_reloads_and_stops() {
     let Some(app) = node_app("express_serves_reloads_and_stops", "server.js") else {
         return;
     };
-    let p = start(2, &[], &["node", &app]);
-    p.wait_all_ready();
-    serves(&p, true);
-    reloads_under_load(&p);
-    stops_at_once(p);
+    for sched in ["rr", "shared"] {
+        let p = start(2, &["--sched", sched], &["node", &app]);
+        p.wait_all_ready();
+        serves(&p, sched == "rr");
+        reloads_under_load(&p);
+        stops_at_once(p);
+    }
 }
 
 /// Fastify 5 and Koa 3, unmodified, in rr and in reuseport.

@@ -98,8 +98,11 @@ fn serves(p: &Primary, rr: bool) {
 
 /// SIGHUP under load (new connections): the reload completes, not one
 /// request fails, the new workers serve; the old ones were stopped with no
-/// SIGTERM at half the shutdown timeout (60 s here) or SIGKILL.
-fn reloads_under_load(p: &Primary) {
+/// SIGTERM at half the shutdown timeout (60 s here) or SIGKILL. A server
+/// that resets connections it accepted as it stopped (uvicorn does: it
+/// closes them unread, alone as well as here) may have `resets_per_stop`
+/// such failures for each of the two old workers, and no other.
+fn reloads_under_load(p: &Primary, resets_per_stop: u64) {
     let load = Load::start(
         p.addr,
         &[Mode::Fresh, Mode::Fresh],
@@ -116,7 +119,13 @@ fn reloads_under_load(p: &Primary) {
     assert!(load.wait_progress(40, DEADLINE), "{}", p.log().dump());
     let stats = load.stop();
     eprintln!("reload under load: {stats}");
-    assert_eq!(stats.failures(), 0, "{stats}\n{}", p.log().dump());
+    assert!(stats.fresh_resets <= 2 * resets_per_stop, "{stats}\n{}", p.log().dump());
+    assert_eq!(
+        stats.failures() - stats.fresh_resets,
+        0,
+        "{stats}\n{}",
+        p.log().dump()
+    );
     assert!(stats.by_worker.keys().any(|&id| id > 2), "{stats}");
     for needle in ["is still running: SIGTERM", "did not stop in time"] {
         assert_eq!(p.log().count(needle), 0, "{}", p.log().dump());
@@ -127,15 +136,7 @@ fn reloads_under_load(p: &Primary) {
 /// (60 s), and every process of the workers' groups is gone.
 fn stops_at_once(mut p: Primary) {
     let pids = group_members(&p);
-    p.signal(Signal::SIGTERM);
-    let status = p.proc.expect_exit(DEADLINE);
-    assert_eq!(status.code(), Some(0), "{}", p.log().dump());
-    assert_eq!(
-        p.log().count("is still running: SIGTERM"),
-        0,
-        "{}",
-        p.log().dump()
-    );
+    p.terminate_promptly();
     kill_and_fail(&wait_gone(&pids, DEADLINE), "after SIGTERM");
 }
 
@@ -179,7 +180,7 @@ fn express_serves_reloads_and_stops() {
         let p = start(2, &["--sched", sched], &["node", &app]);
         p.wait_all_ready();
         serves(&p, sched == "rr");
-        reloads_under_load(&p);
+        reloads_under_load(&p, 0);
         stops_at_once(p);
     }
 }
@@ -214,6 +215,16 @@ fn express_recycling_itself_loses_nothing() {
         .env("PORT", "0")
         .env("RECYCLE_AFTER", "50");
     let p = Primary::start_command(cmd, 2);
+    recycles_under_load(&p, 6, "Express recycling every 50 requests");
+    for needle in ["restarting worker slot", "crash-looping", " WARN "] {
+        assert_eq!(p.log().count(needle), 0, "{needle:?}:\n{}", p.log().dump());
+    }
+    stops_at_once(p);
+}
+
+/// Two clients on new connections until worker `last` is ready: not one
+/// request fails (`what` names the run in the output).
+fn recycles_under_load(p: &Primary, last: u64, what: &str) {
     p.wait_all_ready();
     let load = Load::start(
         p.addr,
@@ -221,14 +232,10 @@ fn express_recycling_itself_loses_nothing() {
         DEADLINE,
         Duration::from_secs(90),
     );
-    p.wait_worker_ready(6);
+    p.wait_worker_ready(last);
     let stats = load.stop();
-    eprintln!("Express recycling every 50 requests: {stats}");
+    eprintln!("{what}: {stats}");
     assert_eq!(stats.failures(), 0, "{stats}\n{}", p.log().dump());
-    for needle in ["restarting worker slot", "crash-looping", " WARN "] {
-        assert_eq!(p.log().count(needle), 0, "{needle:?}:\n{}", p.log().dump());
-    }
-    stops_at_once(p);
 }
 
 /// `--max-requests 40` with Express under load: recycled by the primary,
@@ -243,17 +250,7 @@ fn express_with_max_requests_loses_nothing() {
         return;
     };
     let p = start(2, &["--max-requests", "40"], &["node", &app]);
-    p.wait_all_ready();
-    let load = Load::start(
-        p.addr,
-        &[Mode::Fresh, Mode::Fresh],
-        DEADLINE,
-        Duration::from_secs(90),
-    );
-    p.wait_worker_ready(5);
-    let stats = load.stop();
-    eprintln!("Express with --max-requests 40: {stats}");
-    assert_eq!(stats.failures(), 0, "{stats}\n{}", p.log().dump());
+    recycles_under_load(&p, 5, "Express with --max-requests 40");
     assert!(p.log().count("(max-requests)") >= 3, "{}", p.log().dump());
     stops_at_once(p);
 }
@@ -292,9 +289,9 @@ fn gunicorn() -> Vec<String> {
 }
 
 /// One Python server in both kernel modes, with default options but
-/// `--sched`: it serves, reloads under load without a failed request, and
-/// stops at once.
-fn python_server(command: &[String]) {
+/// `--sched`: it serves, reloads under load without a failed request (but
+/// for `resets_per_stop`, see [`reloads_under_load`]), and stops at once.
+fn python_server(command: &[String], resets_per_stop: u64) {
     let command: Vec<&str> = command.iter().map(String::as_str).collect();
     for sched in ["shared", "reuseport"] {
         let p = start(
@@ -304,15 +301,18 @@ fn python_server(command: &[String]) {
         );
         p.wait_all_ready();
         serves(&p, false);
-        reloads_under_load(&p);
+        reloads_under_load(&p, resets_per_stop);
         stops_at_once(p);
     }
 }
 
 #[test]
 fn uvicorn_serves_reloads_and_stops() {
+    // uvicorn 0.55 resets the connections it has accepted and not read
+    // when SIGTERM stops it, alone as well as here: 0 to 2 per stop under
+    // two clients (tests/apps/README.md).
     if have_python_module("uvicorn_serves_reloads_and_stops", "uvicorn") {
-        python_server(&uvicorn());
+        python_server(&uvicorn(), 2);
     }
 }
 
@@ -324,7 +324,7 @@ fn gunicorn_serves_reloads_and_stops() {
     if !have_python_module("gunicorn_serves_reloads_and_stops", "gunicorn") {
         return;
     }
-    python_server(&gunicorn());
+    python_server(&gunicorn(), 0);
     let command = gunicorn();
     let command: Vec<&str> = command.iter().map(String::as_str).collect();
     let p = start(2, &["--sched", "reuseport"], &command);

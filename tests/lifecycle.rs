@@ -230,15 +230,7 @@ fn silent_programs_stop_at_once() {
     let mut p = start_app(2, &["--shutdown-timeout", "60s"], &app, &[]);
     p.wait_all_ready();
     assert_eq!(p.get().status, 200);
-    p.signal(Signal::SIGTERM);
-    let status = p.proc.expect_exit(DEADLINE);
-    assert_eq!(status.code(), Some(0), "{}", p.log().dump());
-    assert_eq!(
-        p.log().count("is still running: SIGTERM"),
-        0,
-        "{}",
-        p.log().dump()
-    );
+    p.terminate_promptly();
     for id in [1, 2] {
         let how = p.wait_exited(id);
         assert!(
@@ -331,12 +323,7 @@ fn a_worker_that_says_it_is_stopping_gets_its_successor_first() {
             l.contains(&format!("worker {id} (pid "))
                 && l.contains("says it is stopping (STOPPING=1)")
         });
-        let successor = lines
-            .iter()
-            .position(|l| l.contains(&format!("worker {} started", id + 1)));
-        let exit = lines
-            .iter()
-            .position(|l| l.contains(&format!("worker {id} (pid ")) && l.contains(" exited with "));
+        let (successor, exit) = (p.started_at(id + 1), p.exited_at(id));
         assert!(
             matches!((said, successor, exit), (Some(a), Some(b), Some(c)) if a < b && b < c),
             "worker {id}: said {said:?}, successor {successor:?}, exit {exit:?}:\n{}",

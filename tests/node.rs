@@ -1253,13 +1253,7 @@ fn workers_that_leave_by_themselves_are_replaced_without_backoff() {
         });
         assert!(asked, "worker {id} never answered /disconnect");
         assert_eq!(p.wait_exited(id), "status 0", "{}", p.log().dump());
-        let lines = p.log().snapshot();
-        let successor = lines
-            .iter()
-            .position(|l| l.contains(&format!("worker {} started", id + 1)));
-        let exit = lines
-            .iter()
-            .position(|l| l.contains(&format!("worker {id} (pid ")) && l.contains(" exited with "));
+        let (successor, exit) = (p.started_at(id + 1), p.exited_at(id));
         assert!(
             matches!((successor, exit), (Some(s), Some(e)) if s < e),
             "worker {}'s start should come before worker {id}'s exit:\n{}",

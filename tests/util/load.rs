@@ -37,6 +37,9 @@ pub struct LoadStats {
     pub fresh_failures: u64,
     /// Of `fresh_failures`, those where not one byte of the response came.
     pub fresh_failures_no_byte: u64,
+    /// Of those, the ones the server reset (`ECONNRESET`): what a server
+    /// does that closes a connection it accepted without reading it.
+    pub fresh_resets: u64,
     /// Requests that failed on a kept-alive connection that had already
     /// carried at least one whole response.
     pub reused_failures: u64,
@@ -60,6 +63,7 @@ impl LoadStats {
         self.connect_failures += other.connect_failures;
         self.fresh_failures += other.fresh_failures;
         self.fresh_failures_no_byte += other.fresh_failures_no_byte;
+        self.fresh_resets += other.fresh_resets;
         self.reused_failures += other.reused_failures;
         self.bad_status += other.bad_status;
         for (id, n) in other.by_worker {
@@ -82,13 +86,14 @@ impl fmt::Display for LoadStats {
         write!(
             f,
             "{} requests, {} ok, {} failed (connect {}, fresh connection {} of which {} before any \
-             byte, kept-alive connection {}, bad status {}); by worker {:?}",
+             byte ({} reset), kept-alive connection {}, bad status {}); by worker {:?}",
             self.requests,
             self.ok,
             self.failures(),
             self.connect_failures,
             self.fresh_failures,
             self.fresh_failures_no_byte,
+            self.fresh_resets,
             self.reused_failures,
             self.bad_status,
             self.by_worker
@@ -226,6 +231,9 @@ fn run(
                     stats.fresh_failures += 1;
                     if conn.buffered() == 0 {
                         stats.fresh_failures_no_byte += 1;
+                        if e.kind() == io::ErrorKind::ConnectionReset {
+                            stats.fresh_resets += 1;
+                        }
                     }
                     stats.sample(t0, "new connection", &e);
                 }

@@ -366,6 +366,37 @@ impl Primary {
         parse_exited(&line).expect("matched").2
     }
 
+    /// The log index of worker `id`'s start line, if logged yet.
+    pub fn started_at(&self, id: u64) -> Option<usize> {
+        self.log()
+            .snapshot()
+            .iter()
+            .position(|l| parse_started(l).is_some_and(|(i, _)| i == id))
+    }
+
+    /// The log index of worker `id`'s exit line, if logged yet.
+    pub fn exited_at(&self, id: u64) -> Option<usize> {
+        self.log()
+            .snapshot()
+            .iter()
+            .position(|l| parse_exited(l).is_some_and(|e| e.0 == id))
+    }
+
+    /// SIGTERM: the primary exits 0 within [`DEADLINE`], without having to
+    /// send any worker SIGTERM at half the shutdown timeout (a worker that
+    /// never reads a STOP gets its SIGTERM at once).
+    pub fn terminate_promptly(&mut self) {
+        self.signal(Signal::SIGTERM);
+        let status = self.proc.expect_exit(DEADLINE);
+        assert_eq!(status.code(), Some(0), "{}", self.log().dump());
+        assert_eq!(
+            self.log().count("is still running: SIGTERM"),
+            0,
+            "{}",
+            self.log().dump()
+        );
+    }
+
     /// Panics if the log (the primary's stderr, which its workers share)
     /// shows a panic.
     pub fn assert_no_panic(&self) {

@@ -119,7 +119,11 @@ fn reloads_under_load(p: &Primary, resets_per_stop: u64) {
     assert!(load.wait_progress(40, DEADLINE), "{}", p.log().dump());
     let stats = load.stop();
     eprintln!("reload under load: {stats}");
-    assert!(stats.fresh_resets <= 2 * resets_per_stop, "{stats}\n{}", p.log().dump());
+    assert!(
+        stats.fresh_resets <= 2 * resets_per_stop,
+        "{stats}\n{}",
+        p.log().dump()
+    );
     assert_eq!(
         stats.failures() - stats.fresh_resets,
         0,

@@ -19,6 +19,7 @@ fuzz_target!(|input: &[u8]| {
         }
         Ok(ToPrimary::Message(payload)) => assert_eq!(payload.len(), datagram.len() - 1),
         Ok(ToPrimary::Hello { .. }) => assert_eq!(datagram.len(), 3),
+        Ok(ToPrimary::Recycle) => assert_eq!(datagram.len(), 1),
         Ok(ToPrimary::Pong(_) | ToPrimary::Stats(_) | ToPrimary::Done(_)) => {
             assert_eq!(datagram.len(), 9)
         }

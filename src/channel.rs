@@ -17,6 +17,10 @@ pub(crate) struct Channel {
 pub(crate) enum Recv {
     /// A datagram of this many bytes (fds pushed to the caller's vector).
     Message(usize),
+    /// A whole datagram of this many bytes whose fds did not all arrive
+    /// (`MSG_CTRUNC`: no room for them in this process); those that did are
+    /// on the caller's vector.
+    FdsCut(usize),
     /// The peer closed its end.
     Closed,
 }
@@ -68,6 +72,9 @@ impl Channel {
                 Err(e) if e.kind() == io::ErrorKind::ConnectionReset => return Ok(Recv::Closed),
                 other => other?,
             };
+            if got.fds_cut {
+                return Ok(Recv::FdsCut(got.len));
+            }
             if got.truncated {
                 return Err(io::Error::new(
                     io::ErrorKind::InvalidData,

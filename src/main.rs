@@ -12,7 +12,7 @@ use anyhow::Context;
 use clap::{Args, Parser, Subcommand};
 use distributor::{Primary, Protocol, Ready, Sched, WorkerCommand, WorkerListener};
 
-use distributor::demo::DEMO_WORKER_ENV;
+use distributor::demo::{DEMO_WORK_ENV, DEMO_WORKER_ENV};
 
 /// One primary accepts connections and hands each, round-robin, to one of N
 /// worker processes over a Unix socketpair (SCM_RIGHTS), as Node's cluster
@@ -446,21 +446,30 @@ fn init_logging(default: &str, json: bool) {
     }
 }
 
-/// The workers' command: the one given, or this program as the demo worker.
-fn worker_command(command: &[OsString]) -> anyhow::Result<WorkerCommand> {
+/// The workers' command: the one given, or this program as the demo worker
+/// (with `work`, one whose `GET /work?ms=N` holds it, for the lab).
+fn worker_command(command: &[OsString], work: bool) -> anyhow::Result<WorkerCommand> {
     Ok(match command.split_first() {
         Some((program, args)) => WorkerCommand::new(program, args),
-        None => WorkerCommand::new(
-            std::env::current_exe().context("cannot find this program to run the demo worker")?,
-            Vec::<OsString>::new(),
-        )
-        .env(DEMO_WORKER_ENV, "1"),
+        None => {
+            let demo = WorkerCommand::new(
+                std::env::current_exe()
+                    .context("cannot find this program to run the demo worker")?,
+                Vec::<OsString>::new(),
+            )
+            .env(DEMO_WORKER_ENV, "1");
+            if work {
+                demo.env(DEMO_WORK_ENV, "1")
+            } else {
+                demo
+            }
+        }
     })
 }
 
 fn compare(args: CompareArgs) -> anyhow::Result<()> {
     use distributor::lab::{self, CompareOptions, Progress, report};
-    let command = worker_command(&args.command)?;
+    let command = worker_command(&args.command, true)?;
     let shown = if args.command.is_empty() {
         "the built-in demo worker".to_string()
     } else {
@@ -537,7 +546,7 @@ fn compare(args: CompareArgs) -> anyhow::Result<()> {
 }
 
 fn run(cli: Cli) -> anyhow::Result<()> {
-    let command = worker_command(&cli.command)?;
+    let command = worker_command(&cli.command, false)?;
     let mut builder = Primary::builder().sched(cli.sched);
     if let Some(addr) = cli.listen {
         builder = builder.listen(addr);

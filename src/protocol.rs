@@ -52,6 +52,7 @@ pub(crate) const T_MESSAGE_TO_PRIMARY: u8 = 0x83;
 pub(crate) const T_PONG: u8 = 0x84;
 pub(crate) const T_DONE: u8 = 0x85;
 pub(crate) const T_RECYCLE: u8 = 0x86;
+pub(crate) const T_RETURN: u8 = 0x87;
 
 const ENTRY_V4: usize = 8 + 1 + 2 + 4;
 const ENTRY_V6: usize = 8 + 1 + 2 + 16;
@@ -112,6 +113,10 @@ pub enum ToPrimary<'a> {
     /// starts its successor, keeps giving this one connections until the
     /// successor is ready, then sends it STOP.
     Recycle,
+    /// The worker did not take these connections (it is near its fd limit,
+    /// or their fds did not arrive): the primary gives them to other
+    /// workers and pauses this one's share.
+    Return(AckIds<'a>),
 }
 
 /// The connection ids of an ACK message.
@@ -145,14 +150,18 @@ impl<'a> ToPrimary<'a> {
                     version: u16::from_be_bytes(v),
                 })
             }
-            T_ACK => {
+            T_ACK | T_RETURN => {
+                let kind_name = if kind == T_ACK { "ACK" } else { "RETURN" };
                 if body.is_empty() || body.len() % 8 != 0 {
                     return Err(DecodeError::BadLength {
-                        kind: "ACK",
+                        kind: kind_name,
                         len: buf.len(),
                     });
                 }
-                Ok(ToPrimary::Ack(AckIds(body)))
+                Ok(match kind {
+                    T_ACK => ToPrimary::Ack(AckIds(body)),
+                    _ => ToPrimary::Return(AckIds(body)),
+                })
             }
             T_MESSAGE_TO_PRIMARY => Ok(ToPrimary::Message(body)),
             T_PONG => Ok(ToPrimary::Pong(u64_body("PONG", buf)?)),
@@ -260,6 +269,30 @@ impl<'a> ToWorker<'a> {
     }
 }
 
+/// The entries of a CONNECTION message whose fds were cut on the way
+/// (`MSG_CTRUNC`: the receiver had no room for them all): what to give
+/// back. Checked whole, as by [`ToWorker::decode`], but with fewer fds than
+/// entries (`fds`, those that came).
+///
+/// # Errors
+/// For a datagram that is not such a CONNECTION.
+pub fn cut_connection(buf: &[u8], fds: usize) -> Result<Entries<'_>, DecodeError> {
+    let (&kind, body) = buf.split_first().ok_or(DecodeError::Empty)?;
+    if kind != T_CONNECTION {
+        return Err(DecodeError::FdCount { entries: 0, fds });
+    }
+    let mut rest = body;
+    let mut entries = 0;
+    while let Some((_, len)) = parse_entry(rest)? {
+        rest = &rest[len..];
+        entries += 1;
+    }
+    if entries == 0 || entries <= fds || entries > MAX_FDS {
+        return Err(DecodeError::FdCount { entries, fds });
+    }
+    Ok(Entries(body))
+}
+
 /// The body of a message that is exactly one `u64` after the type byte.
 fn u64_body(kind: &'static str, buf: &[u8]) -> Result<u64, DecodeError> {
     let body: [u8; 8] = buf[1..].try_into().map_err(|_| DecodeError::BadLength {
@@ -329,6 +362,16 @@ impl Encoder {
     pub fn ack(&mut self, ids: impl IntoIterator<Item = u64>) -> &mut Self {
         self.len = 0;
         self.put(&[T_ACK]);
+        for id in ids {
+            self.put(&id.to_be_bytes());
+        }
+        self
+    }
+
+    /// A RETURN of the given ids (at most [`MAX_FDS`]).
+    pub fn returned(&mut self, ids: impl IntoIterator<Item = u64>) -> &mut Self {
+        self.len = 0;
+        self.put(&[T_RETURN]);
         for id in ids {
             self.put(&id.to_be_bytes());
         }
@@ -568,6 +611,13 @@ mod tests {
             Ok(ToPrimary::Done(7))
         );
         assert!(ToPrimary::decode(&[0x85, 1], 0).is_err());
+        e.returned([5, 6]);
+        let ToPrimary::Return(ids) = ToPrimary::decode(e.as_bytes(), 0).unwrap() else {
+            panic!("not a return");
+        };
+        assert_eq!(ids.collect::<Vec<_>>(), vec![5, 6]);
+        assert!(ToPrimary::decode(&[0x87], 0).is_err());
+        assert!(ToPrimary::decode(&[0x87, 1, 2], 0).is_err());
         assert_eq!(e.recycle().as_bytes(), &[0x86]);
         assert_eq!(ToPrimary::decode(e.as_bytes(), 0), Ok(ToPrimary::Recycle));
         assert!(ToPrimary::decode(&[0x86, 0], 0).is_err());

@@ -160,6 +160,11 @@ pub struct Received {
     pub len: usize,
     /// The datagram or its fds did not fit (`MSG_TRUNC`/`MSG_CTRUNC`).
     pub truncated: bool,
+    /// Of that, only fds were cut (`MSG_CTRUNC` without `MSG_TRUNC`): the
+    /// datagram is whole, but the fds that came are fewer than were sent,
+    /// because this process had no room for the rest (its fd limit) or
+    /// more were sent than the receive buffer allows.
+    pub fds_cut: bool,
 }
 
 /// Receives one datagram into `buf`, pushing any fds that came with it onto
@@ -209,7 +214,28 @@ pub fn recv_with_fds(
     Ok(Received {
         len: n,
         truncated: msg.msg_flags & (libc::MSG_TRUNC | libc::MSG_CTRUNC) != 0,
+        fds_cut: msg.msg_flags & libc::MSG_CTRUNC != 0 && msg.msg_flags & libc::MSG_TRUNC == 0,
     })
+}
+
+/// The lowest fd number free in this process now: the number the next new
+/// fd would get. Found by duplicating `fd` to the lowest free number and
+/// closing the copy (`fcntl(2)` `F_DUPFD_CLOEXEC`); `EMFILE` when none is.
+pub fn lowest_free_fd(fd: BorrowedFd<'_>) -> io::Result<RawFd> {
+    // SAFETY: F_DUPFD_CLOEXEC on a borrowed, open fd makes a new fd.
+    let copy = cvt(unsafe { libc::fcntl(fd.as_raw_fd(), libc::F_DUPFD_CLOEXEC, 0) })?;
+    // SAFETY: `copy` was just made and is owned by nobody else.
+    drop(unsafe { OwnedFd::from_raw_fd(copy) });
+    Ok(copy)
+}
+
+/// The soft limit on this process's open fds (`RLIMIT_NOFILE`).
+pub fn fd_limit() -> io::Result<u64> {
+    // SAFETY: an all-zero rlimit is a valid value for getrlimit to fill.
+    let mut limit: libc::rlimit = unsafe { mem::zeroed() };
+    // SAFETY: getrlimit writes one rlimit into `limit`.
+    cvt(unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit) })?;
+    Ok(limit.rlim_cur)
 }
 
 /// The fd at which a worker in a kernel-balancing mode finds its
@@ -387,9 +413,17 @@ pub const GUARDIAN_GROUPS: usize = 8192;
 /// of the pipe (or `SIGKILL`) ends it, and it holds no socket of the
 /// primary's open.
 ///
+/// When it ends it also removes the file `remove` and then the directory
+/// `remove_dir`, if given: what the primary would have removed.
+///
 /// Returns the write end (close-on-exec, non-blocking) and the guardian's
 /// pid; the caller reaps it.
-pub fn spawn_guardian() -> io::Result<(OwnedFd, libc::pid_t)> {
+pub fn spawn_guardian(
+    remove: Option<&std::ffi::CStr>,
+    remove_dir: Option<&std::ffi::CStr>,
+) -> io::Result<(OwnedFd, libc::pid_t)> {
+    let remove = remove.map_or(std::ptr::null(), |p| p.as_ptr());
+    let remove_dir = remove_dir.map_or(std::ptr::null(), |p| p.as_ptr());
     let mut fds = [0 as RawFd; 2];
     // SAFETY: `fds` is a valid array of two ints for pipe2 to fill.
     cvt(unsafe { libc::pipe2(fds.as_mut_ptr(), libc::O_CLOEXEC) })?;
@@ -400,8 +434,9 @@ pub fn spawn_guardian() -> io::Result<(OwnedFd, libc::pid_t)> {
     // returns, as a child of a multi-threaded process must.
     let pid = cvt(unsafe { libc::fork() })?;
     if pid == 0 {
-        // SAFETY: this is the freshly forked child.
-        unsafe { guardian_main(read.as_raw_fd()) }
+        // SAFETY: this is the freshly forked child; the paths are C strings
+        // of the parent's, copied with its memory, or null.
+        unsafe { guardian_main(read.as_raw_fd(), remove, remove_dir) }
     }
     drop(read);
     set_nonblocking(write.as_fd(), true)?;
@@ -412,12 +447,18 @@ pub fn spawn_guardian() -> io::Result<(OwnedFd, libc::pid_t)> {
 ///
 /// # Safety
 /// Only in a child just forked by [`spawn_guardian`]: it closes every other
-/// fd of the process and exits it.
-unsafe fn guardian_main(pipe: RawFd) -> ! {
+/// fd of the process and exits it. `remove` and `remove_dir` are null or
+/// NUL-terminated paths.
+unsafe fn guardian_main(
+    pipe: RawFd,
+    remove: *const libc::c_char,
+    remove_dir: *const libc::c_char,
+) -> ! {
     const PIPE: RawFd = 3;
     // SAFETY: setpgid, sigfillset, sigprocmask, prctl, dup2, close_range,
-    // close, getrlimit, read, kill and _exit are async-signal-safe; every
-    // pointer passed points at a live local of the right type and size.
+    // close, getrlimit, read, kill, unlink, rmdir and _exit are
+    // async-signal-safe; every pointer passed points at a live local of
+    // the right type and size, or at the caller's paths.
     unsafe {
         libc::setpgid(0, 0);
         let mut all: libc::sigset_t = mem::zeroed();
@@ -474,8 +515,24 @@ unsafe fn guardian_main(pipe: RawFd) -> ! {
         for &g in groups.iter().filter(|g| **g > 0) {
             libc::kill(-g, libc::SIGKILL);
         }
+        // Gone already after a graceful stop (ENOENT): fine.
+        if !remove.is_null() {
+            libc::unlink(remove);
+        }
+        if !remove_dir.is_null() {
+            libc::rmdir(remove_dir);
+        }
         libc::_exit(0)
     }
+}
+
+/// Makes this process non-dumpable (`prctl(PR_SET_DUMPABLE, 0)`): no core
+/// dump, and no process without `CAP_SYS_PTRACE` may attach to it, read
+/// its memory or take its fds (`pidfd_getfd(2)`), even one of its own
+/// user. Its workers are not affected (`execve` resets it).
+pub fn set_non_dumpable() -> io::Result<()> {
+    // SAFETY: PR_SET_DUMPABLE with 0 changes only this process's flag.
+    cvt(unsafe { libc::prctl(libc::PR_SET_DUMPABLE, 0, 0, 0, 0) }).map(drop)
 }
 
 /// Writes all of `bytes` to a pipe or socket in one `write(2)`, which for

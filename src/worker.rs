@@ -153,7 +153,32 @@ pub struct WorkerListener {
     finished_reported: u64,
     /// The primary reads DONE reports (`DISTRIBUTOR_REPORT_FINISHED`).
     reports_wanted: bool,
+    /// A new fd numbered this or higher means the fd table is nearly full
+    /// (fds are numbered lowest-free first): see [`fd_headroom`].
+    fd_threshold: RawFd,
+    /// Kernel modes: not accepting until an fd below `fd_threshold` is free.
+    accept_paused: bool,
 }
+
+/// How many fds a worker keeps free for itself below its `RLIMIT_NOFILE`:
+/// a full CONNECTION message (64) and 32 more for its own needs, or a
+/// quarter of a small limit. A worker whose new connections get fd numbers
+/// in that headroom gives them back (RETURN) instead of taking them, or in
+/// a kernel mode stops accepting, rather than run out of fds and exit.
+pub fn fd_headroom(limit: u64) -> u64 {
+    (protocol::MAX_FDS as u64 + 32).min(limit / 4)
+}
+
+/// The fd number from which a worker with this `RLIMIT_NOFILE` is near it.
+fn fd_threshold(limit: u64) -> RawFd {
+    limit
+        .saturating_sub(fd_headroom(limit))
+        .min(RawFd::MAX as u64) as RawFd
+}
+
+/// How long a worker in a kernel mode that stopped accepting near its fd
+/// limit waits before it looks for room again, when nothing else wakes it.
+pub const ACCEPT_RETRY: Duration = Duration::from_millis(100);
 
 /// How often at most a worker in a kernel mode reports its figures.
 const REPORT_EVERY: Duration = Duration::from_millis(100);
@@ -233,7 +258,34 @@ impl WorkerListener {
             finished_reported: 0,
             reports_wanted: std::env::var_os(protocol::ENV_REPORT_FINISHED)
                 .is_none_or(|v| v != "0"),
+            fd_threshold: fd_threshold(sys::fd_limit().unwrap_or(1024)),
+            accept_paused: false,
         })
+    }
+
+    /// In a kernel mode, whether this worker has stopped accepting because
+    /// it is near its fd limit (see [`fd_headroom`]). It accepts again once
+    /// fds are free: an event loop that waits on the listener should call
+    /// `accept` or `next_event` again within [`ACCEPT_RETRY`] meanwhile,
+    /// since no new readiness may come for connections already queued.
+    pub fn accept_paused(&self) -> bool {
+        self.accept_paused
+    }
+
+    /// Whether an fd below the threshold is free again (a paused accept
+    /// may resume).
+    fn room_again(&mut self) -> bool {
+        let free = sys::lowest_free_fd(self.channel.as_fd()).unwrap_or(RawFd::MAX);
+        if free < self.fd_threshold {
+            self.accept_paused = false;
+        }
+        !self.accept_paused
+    }
+
+    /// Gives connections back to the primary (RETURN), for other workers.
+    fn give_back(&self, ids: impl IntoIterator<Item = u64>) -> io::Result<()> {
+        let mut enc = Encoder::default();
+        self.channel.send(enc.returned(ids).as_bytes(), &[], false)
     }
 
     /// This worker's id: 1, 2, 3, ... a new one for every worker started
@@ -424,10 +476,14 @@ impl WorkerListener {
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
                 other => return other,
             }
+            let may_accept = !self.stopping && (!self.accept_paused || self.room_again());
             let listener = self.listener.as_ref().expect("checked above");
-            if !self.stopping {
+            if may_accept {
                 match listener.accept() {
                     Ok((stream, peer)) => {
+                        // Served, but the next waits for room (see
+                        // `fd_headroom`).
+                        self.accept_paused = stream.as_raw_fd() >= self.fd_threshold;
                         self.accepted += 1;
                         self.pending
                             .push_back(WorkerEvent::Connection(stream, peer));
@@ -445,14 +501,22 @@ impl WorkerListener {
                     {
                         continue;
                     }
+                    // Out of fds: the connection waits in the backlog (for
+                    // another worker, or for room here), never an exit.
+                    Err(e) if matches!(e.raw_os_error(), Some(libc::EMFILE | libc::ENFILE)) => {
+                        self.accept_paused = true;
+                    }
                     Err(e) => return Err(e),
                 }
             }
             if self.nonblocking {
                 return Err(io::ErrorKind::WouldBlock.into());
             }
+            let listener = self.listener.as_ref().expect("checked above");
             if self.stopping {
                 sys::wait_readable(&[self.channel.as_fd()], None)?;
+            } else if self.accept_paused {
+                sys::wait_readable(&[self.channel.as_fd()], Some(ACCEPT_RETRY))?;
             } else {
                 sys::wait_readable(&[self.channel.as_fd(), listener.as_fd()], None)?;
             }
@@ -474,6 +538,7 @@ impl WorkerListener {
     /// Receives one datagram and turns it into pending events.
     fn receive(&mut self, dontwait: bool) -> io::Result<()> {
         self.fds.clear();
+        let invalid = |e: protocol::DecodeError| io::Error::new(io::ErrorKind::InvalidData, e);
         let len = match self.channel.recv(&mut self.buf, &mut self.fds, dontwait)? {
             Recv::Closed => {
                 return Err(io::Error::new(
@@ -482,11 +547,28 @@ impl WorkerListener {
                 ));
             }
             Recv::Message(len) => len,
+            Recv::FdsCut(len) => {
+                // No room for their fds: the connections go back, and this
+                // worker lives on.
+                let entries =
+                    protocol::cut_connection(&self.buf[..len], self.fds.len()).map_err(invalid)?;
+                let ids: Vec<u64> = entries.map(|(id, _)| id).collect();
+                self.fds.clear();
+                return self.give_back(ids);
+            }
         };
-        let msg = ToWorker::decode(&self.buf[..len], self.fds.len())
-            .map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e))?;
+        let msg = ToWorker::decode(&self.buf[..len], self.fds.len()).map_err(invalid)?;
         match msg {
             ToWorker::Connection(entries) => {
+                if self
+                    .fds
+                    .iter()
+                    .any(|fd| fd.as_raw_fd() >= self.fd_threshold)
+                {
+                    // Near the fd limit: not taken (see `fd_headroom`).
+                    self.fds.clear();
+                    return self.give_back(entries.map(|(id, _)| id));
+                }
                 let mut enc = Encoder::default();
                 enc.ack(entries.clone().map(|(id, _)| id));
                 self.channel.send(enc.as_bytes(), &[], false)?;

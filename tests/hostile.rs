@@ -145,7 +145,7 @@ fn an_fd_attached_by_a_worker() {
 fn a_flood_of_fds_attached_by_a_worker() {
     hostile_holding_a_connection(
         "many_fds",
-        "broke the protocol (message or its fds larger than the protocol allows); stopping it",
+        "broke the protocol (fds attached to its message, more than the receive buffer holds); stopping it",
         "signal 15 (SIGTERM)",
     );
 }

@@ -53,6 +53,8 @@ fn start(workers: usize, args: &[&str]) -> (Primary, SocketAddr) {
     for var in CLEARED {
         cmd.env_remove(var);
     }
+    // `/work?ms=N` holds a demo worker.
+    cmd.env(distributor::demo::DEMO_WORK_ENV, "1");
     let p = Primary::start_command(cmd, workers);
     let line = p.log().wait_for("metrics on ");
     let metrics = parse_metrics_on(&line).unwrap_or_else(|| panic!("no address in {line:?}"));

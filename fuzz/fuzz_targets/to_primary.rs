@@ -13,7 +13,7 @@ fuzz_target!(|input: &[u8]| {
     let datagram = &datagram[..datagram.len().min(MAX_MESSAGE)];
     let fds = usize::from(fds % 4);
     match ToPrimary::decode(datagram, fds) {
-        Ok(ToPrimary::Ack(ids)) => {
+        Ok(ToPrimary::Ack(ids) | ToPrimary::Return(ids)) => {
             assert_eq!(fds, 0);
             assert_eq!(ids.count(), (datagram.len() - 1) / 8);
         }

@@ -74,6 +74,10 @@ pub(super) const FIRST_WORKER: usize = 3;
 /// they are read.
 pub(super) const QUIET_TICK: Duration = Duration::from_millis(1);
 
+/// How long a worker that gave connections back (RETURN: near its fd
+/// limit) gets none, unless one of its connections finishes sooner.
+pub(super) const FULL_PAUSE: Duration = Duration::from_millis(250);
+
 /// The most messages read from one channel before the others get a turn.
 pub(super) const MAX_READS_PER_WAKE: usize = 64;
 
@@ -98,6 +102,8 @@ pub(crate) struct Settings {
     /// Recycling: a worker past one of these is replaced (its successor
     /// first), one slot at a time.
     pub limits: Limits,
+    /// Leave the process dumpable (else it is made non-dumpable at run).
+    pub dumpable: bool,
 }
 
 /// When a worker is recycled (`--max-requests`, `--max-memory`,
@@ -400,7 +406,13 @@ impl EventLoop {
             self.settings.workers,
             self.settings.command.program().to_string_lossy()
         );
-        match super::guardian::Guardian::start() {
+        if !self.settings.dumpable {
+            if let Err(e) = crate::sys::set_non_dumpable() {
+                warn!("cannot make the primary non-dumpable: {e}");
+            }
+        }
+        let (socket, dir) = self.notify.paths();
+        match super::guardian::Guardian::start(&socket, &dir) {
             Ok(g) => self.guardian = Some(g),
             Err(e) => warn!(
                 "cannot start the guardian process: what workers start may outlive a primary killed with SIGKILL: {e}"
@@ -743,9 +755,13 @@ impl EventLoop {
             // Some(len) of a native message, Some(0) for lines read from a
             // Node worker, None when the channel closed.
             let got = match channel {
-                Link::Native(c) => c.recv(&mut buf, &mut self.fds, true).map(|r| match r {
-                    Recv::Message(len) => Some(len),
-                    Recv::Closed => None,
+                Link::Native(c) => c.recv(&mut buf, &mut self.fds, true).and_then(|r| match r {
+                    Recv::Message(len) => Ok(Some(len)),
+                    Recv::FdsCut(_) => Err(io::Error::new(
+                        io::ErrorKind::InvalidData,
+                        "fds attached to its message, more than the receive buffer holds",
+                    )),
+                    Recv::Closed => Ok(None),
                 }),
                 Link::Node(l) => l.read(&mut buf, &mut self.fds).map(|r| match r {
                     NodeRead::Data => Some(0),
@@ -840,6 +856,34 @@ impl EventLoop {
                 self.on_leaving(i, "asks to be recycled", true);
                 None
             }
+            ToPrimary::Return(ids) => {
+                let mut back = Vec::new();
+                for id in ids {
+                    match w.unacked.remove(&id) {
+                        Some(conn) => back.push(conn),
+                        None => {
+                            return Some(format!(
+                                "returned connection {id}, which it does not hold"
+                            ));
+                        }
+                    }
+                }
+                // It is near its fd limit: others take its share a moment.
+                if w.full_until.is_none() {
+                    info!(
+                        worker = w.id,
+                        "worker {} (pid {}) is near its fd limit: it gave back {} connections, which go to other workers; it gets none for {FULL_PAUSE:?} or until one of its connections finishes",
+                        w.id,
+                        w.pid,
+                        back.len()
+                    );
+                }
+                w.full_until = Some(now + FULL_PAUSE);
+                for conn in back.into_iter().rev() {
+                    self.hand_back(conn);
+                }
+                None
+            }
             ToPrimary::Done(n) => {
                 if n < w.finished.unwrap_or(0) || (!self.settings.sched.is_kernel() && n > w.taken)
                 {
@@ -848,6 +892,10 @@ impl EventLoop {
                         w.finished.unwrap_or(0),
                         w.taken
                     ));
+                }
+                if w.finished.is_some_and(|before| n > before) {
+                    // Its fds are freed: it may take connections again.
+                    w.full_until = None;
                 }
                 w.finished = Some(n);
                 None

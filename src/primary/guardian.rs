@@ -7,12 +7,16 @@
 //! and sees the primary's death as the pipe's end (the kernel closes the
 //! write end even after `SIGKILL`); see [`crate::sys::spawn_guardian`].
 //!
+//! It also removes the workers' notify socket and its directory, which the
+//! primary removes itself when it stops.
+//!
 //! While the primary lives it kills leftovers itself, when a worker is
 //! reaped ([`super::process::WorkerProc::kill_leftovers`]); the guardian is
 //! for the death it cannot act on. A process that leaves its worker's
 //! group (`setsid`, a daemon) is out of its reach; run under a service
 //! manager (systemd kills a unit's whole cgroup) for that.
 
+use std::ffi::CStr;
 use std::io;
 use std::os::fd::{AsFd, OwnedFd};
 
@@ -30,9 +34,10 @@ pub(crate) struct Guardian {
 }
 
 impl Guardian {
-    /// Forks the guardian.
-    pub fn start() -> io::Result<Guardian> {
-        let (pipe, pid) = crate::sys::spawn_guardian()?;
+    /// Forks the guardian. When it ends, it also removes `remove` (a file)
+    /// and then `remove_dir`: the notify socket and its directory.
+    pub fn start(remove: &CStr, remove_dir: &CStr) -> io::Result<Guardian> {
+        let (pipe, pid) = crate::sys::spawn_guardian(Some(remove), Some(remove_dir))?;
         Ok(Guardian {
             pipe: Some(pipe),
             pid: Pid::from_raw(pid),

@@ -10,10 +10,16 @@
 //!   of their own (see [`owns`]); reads and writes go until `WouldBlock`,
 //!   and a response that does not fit in the socket buffer is finished on
 //!   the writable event.
-//! - **Bounded.** At most [`MAX_CLIENTS`] clients at once; more are
-//!   accepted and closed at once. A request head is at most [`MAX_HEAD`]
-//!   bytes (else 431), parsed with `httparse`. One request per connection,
-//!   answered with `Connection: close`.
+//! - **Bounded, never starved.** At most [`MAX_CLIENTS`] clients at once.
+//!   When all places are taken, a new client takes the place of the one
+//!   that has waited longest without sending a whole request (idle or slow
+//!   clients cannot keep a health check out); only when every client is
+//!   being answered is the new one closed. A request head is at most
+//!   [`MAX_HEAD`] bytes (else 431), parsed with `httparse`. One request per
+//!   connection, answered with `Connection: close`; then the endpoint
+//!   shuts its side and reads what the client still sends, for at most
+//!   [`LINGER`], before it closes, so that a client still sending (a head
+//!   too large) reads its 431 rather than a reset.
 //! - **Timers.** A client has [`CLIENT_TIMEOUT`] from its accept to send a
 //!   whole request head, and as long again to take the response, or it is
 //!   closed; the deadlines feed the loop's poll timeout. An accept that
@@ -46,6 +52,11 @@ pub(super) const MAX_CLIENTS: usize = 64;
 pub(super) const MAX_HEAD: usize = 8 * 1024;
 /// How long a client has to send its request, and then to take the response.
 pub(super) const CLIENT_TIMEOUT: Duration = Duration::from_secs(5);
+/// How long a client that has its response may still send (discarded)
+/// before its connection is closed.
+pub(super) const LINGER: Duration = Duration::from_secs(1);
+/// The most a client may send after its response before it is closed.
+const LINGER_BYTES: usize = 64 * 1024;
 /// How long accepting pauses after an error such as `EMFILE`.
 const ACCEPT_RETRY: Duration = Duration::from_millis(100);
 /// The listener's backlog: a scrape or probe at a time is the usual load.
@@ -72,6 +83,10 @@ struct Client {
     /// The response, once the request is read; `written` bytes of it sent.
     response: Option<Vec<u8>>,
     written: usize,
+    /// The response is sent and this side shut: reading to its end.
+    lingering: bool,
+    /// Bytes read and dropped while lingering.
+    lingered: usize,
     deadline: Instant,
 }
 
@@ -129,10 +144,25 @@ impl MetricsServer {
                 }
             }
         }
+        if client.lingering {
+            if readable && client.drain() {
+                self.close(registry, k);
+            }
+            return;
+        }
         if client.response.is_some() {
             match client.write_response() {
                 Ok(false) => {}
-                Ok(true) => self.close(registry, k),
+                Ok(true) => {
+                    // Whatever it still sends is read and dropped, so that
+                    // the close resets nothing it has not read.
+                    let _ = client.stream.shutdown(std::net::Shutdown::Write);
+                    client.lingering = true;
+                    client.deadline = now + LINGER;
+                    if client.drain() {
+                        self.close(registry, k);
+                    }
+                }
                 Err(e) => {
                     debug!("metrics: cannot send a response: {e}");
                     self.close(registry, k);
@@ -177,9 +207,23 @@ impl MetricsServer {
                     }
                 },
             };
-            let Some(k) = self.clients.iter().position(Option::is_none) else {
-                debug!("metrics: {MAX_CLIENTS} clients already; closing the one from {peer}");
-                continue;
+            let k = match self.clients.iter().position(Option::is_none) {
+                Some(k) => k,
+                None => match self.longest_waiting() {
+                    Some(k) => {
+                        debug!(
+                            "metrics: {MAX_CLIENTS} clients; closing the one waiting longest without a request for the one from {peer}"
+                        );
+                        self.close(registry, k);
+                        k
+                    }
+                    None => {
+                        debug!(
+                            "metrics: {MAX_CLIENTS} clients being answered; closing the one from {peer}"
+                        );
+                        continue;
+                    }
+                },
             };
             let token = Token(FIRST_TOKEN + 1 + k);
             let interest = Interest::READABLE | Interest::WRITABLE;
@@ -192,9 +236,23 @@ impl MetricsServer {
                 head: Vec::new(),
                 response: None,
                 written: 0,
+                lingering: false,
+                lingered: 0,
                 deadline: now + CLIENT_TIMEOUT,
             });
         }
+    }
+
+    /// The client that has waited longest without a whole request (its
+    /// deadline is the earliest), or that lingers after its response.
+    fn longest_waiting(&self) -> Option<usize> {
+        self.clients
+            .iter()
+            .enumerate()
+            .filter_map(|(k, c)| Some((c.as_ref()?, k)))
+            .filter(|(c, _)| c.response.is_none() || c.lingering)
+            .min_by_key(|(c, _)| (!c.lingering, c.deadline))
+            .map(|(_, k)| k)
     }
 
     fn close(&mut self, registry: &Registry, k: usize) {
@@ -224,6 +282,22 @@ impl Client {
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Ok(None),
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
                 Err(e) => return Err(e),
+            }
+        }
+    }
+
+    /// Reads and drops what a client sends after its response; `true` at
+    /// its end (or on an error): time to close.
+    fn drain(&mut self) -> bool {
+        let mut chunk = [0u8; 2048];
+        loop {
+            match (&self.stream).read(&mut chunk) {
+                Ok(0) => return true,
+                Ok(n) if self.lingered + n > LINGER_BYTES => return true,
+                Ok(n) => self.lingered += n,
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => return false,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(_) => return true,
             }
         }
     }

@@ -344,6 +344,7 @@ pub struct Builder {
     ready: Ready,
     metrics: Option<SocketAddr>,
     limits: event_loop::Limits,
+    dumpable: bool,
 }
 
 /// The default of [`Builder::max_unacked`].
@@ -376,6 +377,7 @@ impl Default for Builder {
             ready: Ready::Hello,
             metrics: None,
             limits: event_loop::Limits::default(),
+            dumpable: false,
         }
     }
 }
@@ -569,6 +571,18 @@ impl Builder {
         self
     }
 
+    /// Whether the primary's process stays dumpable (default false). When
+    /// it runs, the primary makes its process non-dumpable
+    /// (`PR_SET_DUMPABLE`): no core dump, and no process of the same user
+    /// (a compromised worker, say) can attach to it, read its memory or
+    /// take its listening socket and channels (`pidfd_getfd`). Workers are
+    /// not affected. Set true to debug the primary with a debugger as the
+    /// same user.
+    pub fn dumpable(mut self, on: bool) -> Self {
+        self.dumpable = on;
+        self
+    }
+
     /// Runs as this group (a name or a number); see [`Builder::user`].
     pub fn group(mut self, group: impl Into<String>) -> Self {
         self.group = Some(group.into());
@@ -689,6 +703,7 @@ impl Builder {
             protocol,
             weights: self.weights,
             limits: self.limits,
+            dumpable: self.dumpable,
         };
         let inner = event_loop::EventLoop::new(listener, metrics, settings)?;
         Ok(Primary { inner })

@@ -201,6 +201,9 @@ pub(crate) struct WorkerProc {
     pub cut_off_at: Option<Instant>,
     /// It has been reaped: its exit is being handled.
     pub exited: bool,
+    /// It gave connections back (near its fd limit): it gets none until
+    /// then, or until it reports one finished.
+    pub full_until: Option<Instant>,
     /// Its replacement is decided (a limit reached, or it said it is
     /// leaving): no second one is queued.
     pub recycling: bool,
@@ -362,6 +365,7 @@ impl WorkerProc {
             recycle_at: None,
             cut_off_at: None,
             exited: false,
+            full_until: None,
             recycling: false,
             asked_to_stop: false,
             channel_full: false,
@@ -390,6 +394,12 @@ impl WorkerProc {
         self.child.try_wait()
     }
 
+    /// Whether the process has exited (it is reaped now if so; the status
+    /// stays for [`WorkerProc::try_wait`]).
+    pub fn has_exited(&mut self) -> bool {
+        matches!(self.child.try_wait(), Ok(Some(_)))
+    }
+
     /// Sends `signal` to the worker's process group (it leads one of its
     /// own), so that what it started (npm's app, gunicorn's workers, a
     /// shell's command) gets it too, as a terminal or systemd's
@@ -411,8 +421,9 @@ impl WorkerProc {
     }
 
     /// The deadlines of this worker's timers.
-    pub fn deadlines(&self) -> [Option<Instant>; 8] {
+    pub fn deadlines(&self) -> [Option<Instant>; 9] {
         [
+            self.full_until,
             self.hello_warn_at,
             self.cut_off_at,
             self.ready_at,
@@ -438,6 +449,7 @@ impl WorkerProc {
         self.ready
             && !self.stopping
             && !self.channel_full
+            && self.full_until.is_none()
             && self.servers & (1 << server) != 0
             && self.channel.as_ref().is_some_and(|c| !c.blocked())
             && self.unacked.len() + self.batch.len() < max_unacked

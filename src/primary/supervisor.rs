@@ -58,8 +58,10 @@ const MEMORY_CHECK_EVERY: Duration = Duration::from_secs(1);
 /// How a slot lost its current worker.
 #[derive(Debug, Clone, Copy)]
 enum Lost {
-    /// It exited or was cut off unexpectedly, after running this long.
-    Failed(Duration),
+    /// It exited or was cut off unexpectedly, after running `uptime`;
+    /// `served`: it had been ready and taken connections, so it is no
+    /// crash loop and is replaced at once.
+    Failed { uptime: Duration, served: bool },
     /// It said it was leaving, and left.
     Left,
     /// It exited with status 0 after it had been ready.
@@ -171,9 +173,11 @@ impl EventLoop {
         // Its unacknowledged connections go to other workers, but copies
         // still wait in its end of the channel: it must not live to read
         // them, or a connection could be served twice.
-        let handed_over = !w.unacked.is_empty();
+        let handed_over = !w.unacked.is_empty() && !w.exited;
         self.disconnect(i, grace);
-        if handed_over {
+        // (One that has exited meanwhile, not reaped yet, holds none.)
+        let alive = |w: &mut WorkerProc| !w.has_exited();
+        if handed_over && self.workers[i].as_mut().is_some_and(alive) {
             if let Some(w) = self.workers[i].as_ref() {
                 warn!(
                     worker = w.id,
@@ -185,7 +189,9 @@ impl EventLoop {
             }
         }
         if replace && self.slots[slot].current == Some(i) {
-            self.slot_lost_worker(slot, Lost::Failed(uptime));
+            // Cut off (hung, broke the protocol): backoff, whatever it did.
+            let served = false;
+            self.slot_lost_worker(slot, Lost::Failed { uptime, served });
         }
     }
 
@@ -244,7 +250,7 @@ impl EventLoop {
         if !s.active || self.shutdown_at.is_some() {
             return;
         }
-        if matches!(how, Lost::Failed(_)) {
+        if matches!(how, Lost::Failed { .. }) {
             s.restarts += 1;
         }
         if let Some(n) = s.successor.take() {
@@ -257,7 +263,12 @@ impl EventLoop {
             return;
         }
         match how {
-            Lost::Failed(uptime) => self.schedule_restart(slot, uptime),
+            Lost::Failed { served: true, .. } => {
+                // It became ready and served: not a crash loop.
+                self.slots[slot].quick_exits = 0;
+                self.restart_slot(slot);
+            }
+            Lost::Failed { uptime, .. } => self.schedule_restart(slot, uptime),
             Lost::Left => {
                 if self.slots[slot].restart_at.is_none() {
                     self.restart_slot(slot);
@@ -399,7 +410,8 @@ impl EventLoop {
                 } else if recycled {
                     Lost::Exited
                 } else {
-                    Lost::Failed(uptime)
+                    let served = w.served && w.taken > 0;
+                    Lost::Failed { uptime, served }
                 };
                 self.slot_lost_worker(w.slot, how);
             }
@@ -900,6 +912,9 @@ impl EventLoop {
         let Some(w) = self.worker_mut(i) else {
             return;
         };
+        if w.full_until.is_some_and(|t| t <= now) {
+            w.full_until = None;
+        }
         if w.ready_at.is_some_and(|t| t <= now) {
             w.ready_at = None;
             if !w.ready && !w.stopping {
@@ -958,6 +973,16 @@ impl EventLoop {
                 );
             }
         }
+        if w.term_at.is_some_and(|t| t <= now) || w.kill_at.is_some_and(|t| t <= now) {
+            // Gone already? Then its exit is what to say, not a signal.
+            if let Ok(Some(status)) = w.try_wait() {
+                self.on_exit(i, status);
+                return;
+            }
+        }
+        let Some(w) = self.worker_mut(i) else {
+            return;
+        };
         if w.term_at.is_some_and(|t| t <= now) {
             w.term_at = None;
             info!(

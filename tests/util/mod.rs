@@ -34,7 +34,8 @@ pub use lines::Lines;
 pub use load::{Clients, Load, LoadStats, Mode, spawn_gets};
 pub use procfs::{
     kill_pid, pid_gone, proc_comm, proc_cpu_ticks, proc_cpu_time, proc_environ, proc_fd_count,
-    proc_fds, proc_ppid, proc_rss_kib, proc_state, signal_child_of, stop_process, wait_gone,
+    proc_fds, proc_peak_rss_kib, proc_ppid, proc_rss_kib, proc_state, signal_child_of,
+    stop_process, wait_gone,
 };
 pub use prom::{Sample, Scrape, scrape_until};
 

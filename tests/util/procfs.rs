@@ -117,6 +117,14 @@ pub fn proc_rss_kib(pid: u32) -> Option<u64> {
     line.split_whitespace().nth(1)?.parse().ok()
 }
 
+/// The peak resident set size of process `pid` in KiB (`VmHWM` of
+/// `/proc/PID/status`): the most it has held at once.
+pub fn proc_peak_rss_kib(pid: u32) -> Option<u64> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    let line = status.lines().find(|l| l.starts_with("VmHWM:"))?;
+    line.split_whitespace().nth(1)?.parse().ok()
+}
+
 /// Stops process `pid` with SIGSTOP and waits (up to `timeout`) until the
 /// kernel shows it stopped; returns whether it did.
 pub fn stop_process(pid: u32, timeout: Duration) -> bool {

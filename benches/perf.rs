@@ -85,8 +85,11 @@
 //!   `/usr/sbin/nginx`);
 //! - `PERF_CONTENDERS`: a comma-separated subset of `dist-rr`,
 //!   `dist-least-conn`, `dist-p2c`, `dist-shared`, `dist-reuseport`,
-//!   `plain-loop`, `uring-loop`, `nginx`, `node-rr`, `dist-node-rr`, and
-//!   `memory` (the memory phase).
+//!   `base-rr`, `base-reuseport`, `plain-loop`, `uring-loop`, `nginx`,
+//!   `node-rr`, `dist-node-rr`, and `memory` (the memory phase);
+//! - `PERF_BASELINE`: another `distributor` binary (an older build) that
+//!   the `base-rr` and `base-reuseport` contenders run, side by side with
+//!   this build's in the same rounds (skipped, with a note, without it).
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::fmt::Write as _;
@@ -172,8 +175,13 @@ impl Load {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Program {
     /// The demo worker (`distributor` with no command), or, with `node`,
-    /// `distributor ... -- node app.js`.
-    Distributor { sched: &'static str, node: bool },
+    /// `distributor ... -- node app.js`; with `baseline`, the binary
+    /// `PERF_BASELINE` names (an older build, measured side by side).
+    Distributor {
+        sched: &'static str,
+        node: bool,
+        baseline: bool,
+    },
     /// nginx, `reuseport`.
     Nginx,
     /// `node cluster_primary.js N`, `NODE_CLUSTER_SCHED_POLICY=rr`.
@@ -200,13 +208,14 @@ const NODE_LOADS: &[Load] = &[Load::Close];
 const PLAIN_LOADS: &[Load] = &[Load::Close, Load::Single];
 
 /// In table order; a round runs them in this order or reversed.
-const CONTENDERS: [Contender; 10] = [
+const CONTENDERS: [Contender; 12] = [
     Contender {
         key: "dist-rr",
         label: "distributor rr",
         program: Program::Distributor {
             sched: "rr",
             node: false,
+            baseline: false,
         },
         loads: LATENCY_LOADS,
     },
@@ -216,6 +225,7 @@ const CONTENDERS: [Contender; 10] = [
         program: Program::Distributor {
             sched: "least-conn",
             node: false,
+            baseline: false,
         },
         loads: DEMO_LOADS,
     },
@@ -225,6 +235,7 @@ const CONTENDERS: [Contender; 10] = [
         program: Program::Distributor {
             sched: "p2c",
             node: false,
+            baseline: false,
         },
         loads: DEMO_LOADS,
     },
@@ -234,6 +245,7 @@ const CONTENDERS: [Contender; 10] = [
         program: Program::Distributor {
             sched: "shared",
             node: false,
+            baseline: false,
         },
         loads: DEMO_LOADS,
     },
@@ -243,8 +255,29 @@ const CONTENDERS: [Contender; 10] = [
         program: Program::Distributor {
             sched: "reuseport",
             node: false,
+            baseline: false,
         },
         loads: LATENCY_LOADS,
+    },
+    Contender {
+        key: "base-rr",
+        label: "baseline rr",
+        program: Program::Distributor {
+            sched: "rr",
+            node: false,
+            baseline: true,
+        },
+        loads: DEMO_LOADS,
+    },
+    Contender {
+        key: "base-reuseport",
+        label: "baseline reuseport",
+        program: Program::Distributor {
+            sched: "reuseport",
+            node: false,
+            baseline: true,
+        },
+        loads: DEMO_LOADS,
     },
     Contender {
         key: "plain-loop",
@@ -276,6 +309,7 @@ const CONTENDERS: [Contender; 10] = [
         program: Program::Distributor {
             sched: "rr",
             node: true,
+            baseline: false,
         },
         loads: NODE_LOADS,
     },
@@ -298,6 +332,8 @@ struct Settings {
     memory: bool,
     nginx: Option<PathBuf>,
     node: Option<String>,
+    /// `PERF_BASELINE`: an older `distributor` for the `base-*` contenders.
+    baseline: Option<PathBuf>,
     /// Contenders selected but left out, and why.
     skipped: Vec<(Contender, String)>,
 }
@@ -378,6 +414,7 @@ impl Settings {
             )
         });
         let nginx = if needs_nginx { find_nginx() } else { None };
+        let baseline = std::env::var_os("PERF_BASELINE").map(PathBuf::from);
         let node = if needs_node { node_version() } else { None };
         let mut contenders = Vec::new();
         let mut skipped = Vec::new();
@@ -397,6 +434,12 @@ impl Settings {
                 {
                     skipped.push((c, "`node` is not on PATH (or does not run)".to_string()))
                 }
+                Program::Distributor { baseline: true, .. } if baseline.is_none() => {
+                    skipped.push((
+                        c,
+                        "no baseline: PERF_BASELINE names an older distributor binary".to_string(),
+                    ))
+                }
                 _ => contenders.push(c),
             }
         }
@@ -413,6 +456,7 @@ impl Settings {
             memory,
             nginx,
             node,
+            baseline,
             skipped,
         };
         if s.workers == 0
@@ -752,8 +796,17 @@ impl Server {
         let port = free_port()?;
         let n = workers.to_string();
         let mut cmd = match program {
-            Program::Distributor { sched, node } => {
-                let mut cmd = Command::new(DISTRIBUTOR);
+            Program::Distributor {
+                sched,
+                node,
+                baseline,
+            } => {
+                let binary = match (baseline, &s.baseline) {
+                    (false, _) => PathBuf::from(DISTRIBUTOR),
+                    (true, Some(b)) => b.clone(),
+                    (true, None) => return Err("no PERF_BASELINE".into()),
+                };
+                let mut cmd = Command::new(binary);
                 cmd.args(["--workers", &n, "--sched", sched])
                     .args(["--shutdown-timeout", "3s"]);
                 if node {
@@ -1050,6 +1103,7 @@ fn memory_phase(s: &Settings, log: &Path) -> Result<Memory, String> {
     let program = Program::Distributor {
         sched: "rr",
         node: false,
+        baseline: false,
     };
     let dir = log.parent().unwrap_or(Path::new("."));
     let mut server = Server::start(s, program, MEMORY_WORKERS, log, dir)?;

@@ -94,6 +94,13 @@ pub const OUTPUT_HIGH: usize = 64 * 1024;
 /// After a stop, how long an idle kept-alive connection may still bring
 /// its next request (answered with `Connection: close`) before it is closed.
 pub const DRAIN_IDLE_GRACE: Duration = Duration::from_secs(1);
+/// After its last answer, how long a connection closed by the server
+/// still has its input read and dropped (unless a declared body is being
+/// discarded, which has the body timeout), and how much at most, so that
+/// the close resets nothing the client has not read (nginx's
+/// `lingering_time` 30 s).
+pub const LINGER: Duration = Duration::from_secs(2);
+const LINGER_BYTES: u64 = 1 << 20;
 /// How often the timeouts are checked: they fire up to this late.
 const SWEEP_EVERY: Duration = Duration::from_secs(1);
 /// Connections kept below the library's fd headroom, for the worker's own
@@ -111,6 +118,9 @@ enum Wait {
     Body,
     /// The client to read what is written.
     Send,
+    /// The end of a connection closed after its last answer (see
+    /// [`LINGER`]).
+    Linger,
 }
 
 struct HttpConn {
@@ -130,6 +140,11 @@ struct HttpConn {
     since: Instant,
     /// On the list of connections with work left for the next turn.
     queued: bool,
+    /// Bytes it may still send while lingering.
+    linger_left: u64,
+    /// Its last answer refused a request (4xx, 5xx): what the client still
+    /// sends is read before the close (see [`LINGER`]).
+    refused: bool,
 }
 
 impl HttpConn {
@@ -145,6 +160,8 @@ impl HttpConn {
             wait: Wait::Head,
             since: now,
             queued: false,
+            linger_left: 0,
+            refused: false,
         }
     }
 
@@ -165,6 +182,7 @@ impl HttpConn {
             Wait::Head => HEAD_TIMEOUT,
             Wait::Body => BODY_TIMEOUT,
             Wait::Send => SEND_TIMEOUT,
+            Wait::Linger => LINGER,
         };
         now.saturating_duration_since(self.since) >= limit
     }
@@ -226,13 +244,15 @@ impl Conns {
         Some(conn)
     }
 
-    /// The connection to close for a new one: the idle kept-alive one
-    /// waiting longest, else the one sending its head longest; never one
-    /// with a request being answered or a body being read.
+    /// The connection to close for a new one: one lingering after its last
+    /// answer, else the idle kept-alive one waiting longest, else the one
+    /// sending its head longest; never one with a request being answered
+    /// or a body being read.
     fn least_useful(&self) -> Option<usize> {
         let rank = |c: &HttpConn| match c.wait {
-            Wait::Idle if c.written == c.output.len() => Some((0, c.since)),
-            Wait::Head if c.written == c.output.len() => Some((1, c.since)),
+            Wait::Linger => Some((0, c.since)),
+            Wait::Idle if c.written == c.output.len() => Some((1, c.since)),
+            Wait::Head if c.written == c.output.len() => Some((2, c.since)),
             _ => None,
         };
         self.slots
@@ -467,7 +487,7 @@ fn serve(conn: &mut HttpConn, site: &Site, now: Instant, fresh: bool) -> Turn {
     let mut answered = 0usize;
     // A fresh connection's short read took all there was.
     let mut drained = false;
-    let mut chunk = [0u8; 4096];
+    let mut chunk = [0u8; 16 * 1024];
     let turn = loop {
         // 1. Write what waits.
         match flush(conn, now) {
@@ -476,6 +496,12 @@ fn serve(conn: &mut HttpConn, site: &Site, now: Instant, fresh: bool) -> Turn {
             Err(()) => break Turn::Closed,
         }
         if conn.closing {
+            // The client may still be sending (a body, or what an error
+            // cut short): read it out first, or the close would reset.
+            let buffered = conn.unparsed().len() as u64;
+            if conn.refused || conn.body_left > buffered || conn.wait == Wait::Linger {
+                break linger(conn, now, &mut chunk, &mut read);
+            }
             break Turn::Closed;
         }
         // 2. Answer what is buffered, within the turn's budget.
@@ -509,6 +535,48 @@ fn serve(conn: &mut HttpConn, site: &Site, now: Instant, fresh: bool) -> Turn {
         conn.compact();
     }
     turn
+}
+
+/// After the last answer of a connection it closes: its side is shut (the
+/// FIN goes), then what the client still sends, the rest of a declared
+/// body (any size) or up to [`LINGER_BYTES`] of anything else, is read and
+/// dropped until the client closes, so that closing resets nothing the
+/// client has not read.
+fn linger(conn: &mut HttpConn, now: Instant, chunk: &mut [u8], read: &mut usize) -> Turn {
+    if conn.linger_left == 0 {
+        let _ = conn.stream.shutdown(std::net::Shutdown::Write);
+        let buffered = conn.input.len().saturating_sub(conn.start) as u64;
+        let body = conn.body_left > buffered;
+        conn.linger_left = if body {
+            conn.body_left - buffered
+        } else {
+            LINGER_BYTES
+        };
+        conn.wait = if body { Wait::Body } else { Wait::Linger };
+        conn.since = now;
+        conn.start = conn.input.len();
+    }
+    loop {
+        if *read >= READ_BUDGET {
+            return Turn::Again;
+        }
+        match conn.stream.read(chunk) {
+            Ok(0) => return Turn::Closed,
+            Ok(n) => {
+                *read += n;
+                if conn.wait == Wait::Body {
+                    conn.since = now;
+                }
+                conn.linger_left = conn.linger_left.saturating_sub(n as u64);
+                if conn.linger_left == 0 {
+                    return Turn::Closed;
+                }
+            }
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Turn::Open,
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(_) => return Turn::Closed,
+        }
+    }
 }
 
 /// Takes bytes read: a body being discarded swallows what is its own
@@ -752,6 +820,7 @@ fn hold((ms, cpu): (u64, bool)) {
 }
 
 fn respond(conn: &mut HttpConn, status: &str, body: &str, keep_alive: bool, head: bool) {
+    conn.refused = !status.starts_with('2');
     let connection = if keep_alive { "keep-alive" } else { "close" };
     let _ = write!(
         conn.output,

@@ -599,7 +599,13 @@ fn demo_worker() -> ExitCode {
     match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
-            eprintln!("distributor demo worker: {e:#}");
+            // Never an empty reason: an error without text shows its kind.
+            let text = format!("{e:#}");
+            if text.trim().is_empty() {
+                eprintln!("distributor demo worker: {e:?}");
+            } else {
+                eprintln!("distributor demo worker: {text}");
+            }
             ExitCode::FAILURE
         }
     }

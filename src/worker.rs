@@ -32,6 +32,19 @@
 //! accepted (a STATS message at most every 100 ms, and at stop), so the
 //! primary has per-worker figures in every mode.
 //!
+//! # Fd headroom
+//!
+//! A worker never exits, or drops what it holds, for want of fds: it keeps
+//! [`fd_headroom`] fds below its `RLIMIT_NOFILE`. Connections whose fds
+//! land in that headroom (fds are numbered lowest-free-first, so a high
+//! number means a nearly full table), or whose fds did not all arrive
+//! (`MSG_CTRUNC`), are given back to the primary (the protocol's RETURN),
+//! which hands them to other workers; in a kernel mode, accepting pauses
+//! until an fd below the headroom is free ([`WorkerListener::accept_paused`]).
+//! The rule is in docs/PROTOCOL.md, section 5, for workers in any
+//! language. Bound how long idle clients hold fds too (the demo worker's
+//! timeouts, `crate::demo`).
+//!
 //! # Liveness
 //!
 //! The primary pings ready workers; `accept` and `next_event` answer the

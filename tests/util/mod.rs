@@ -63,9 +63,16 @@ const CLEARED_ENV: &[&str] = &[
     "RUST_LOG",
 ];
 
-/// The `distributor` binary under test.
+/// The `distributor` binary under test: this build's, or the one
+/// `DISTRIBUTOR_TEST_BIN` names (to check that a test fails against an
+/// older build, as it should).
 pub fn bin() -> &'static Path {
-    Path::new(env!("CARGO_BIN_EXE_distributor"))
+    static BIN: std::sync::OnceLock<PathBuf> = std::sync::OnceLock::new();
+    BIN.get_or_init(|| {
+        std::env::var_os("DISTRIBUTOR_TEST_BIN")
+            .map(PathBuf::from)
+            .unwrap_or_else(|| PathBuf::from(env!("CARGO_BIN_EXE_distributor")))
+    })
 }
 
 /// An example binary built by `cargo test` next to the main binary

@@ -360,8 +360,13 @@ impl Encoder {
 
     /// An ACK for the given ids (at most [`MAX_FDS`]).
     pub fn ack(&mut self, ids: impl IntoIterator<Item = u64>) -> &mut Self {
+        self.ids(T_ACK, ids)
+    }
+
+    /// A message of type `kind` whose body is connection ids.
+    fn ids(&mut self, kind: u8, ids: impl IntoIterator<Item = u64>) -> &mut Self {
         self.len = 0;
-        self.put(&[T_ACK]);
+        self.put(&[kind]);
         for id in ids {
             self.put(&id.to_be_bytes());
         }
@@ -370,12 +375,7 @@ impl Encoder {
 
     /// A RETURN of the given ids (at most [`MAX_FDS`]).
     pub fn returned(&mut self, ids: impl IntoIterator<Item = u64>) -> &mut Self {
-        self.len = 0;
-        self.put(&[T_RETURN]);
-        for id in ids {
-            self.put(&id.to_be_bytes());
-        }
-        self
+        self.ids(T_RETURN, ids)
     }
 
     /// A HELLO for this crate's version.

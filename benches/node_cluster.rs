@@ -491,7 +491,7 @@ impl Server {
         let n = self.workers;
         match self.contender.kind {
             Kind::Cluster(_) => Some(format!("{n} workers listening on")),
-            Kind::Distributor(_) => Some(format!("{n}/{n} ready")),
+            Kind::Distributor(_) => Some(format!("{n} of {n} slots ready")),
             Kind::Plain => None,
         }
     }

@@ -904,7 +904,11 @@ impl Server {
         let n = self.workers;
         let text = self.log_text();
         match self.program {
-            Program::Distributor { .. } => text.contains(&format!("{n}/{n} ready")),
+            // (`N/N ready` from builds before 2026-12.)
+            Program::Distributor { .. } => {
+                text.contains(&format!("{n} of {n} slots ready"))
+                    || text.contains(&format!("{n}/{n} ready"))
+            }
             // One line per worker; not "start worker processes".
             Program::Nginx => text.matches("start worker process ").count() >= n,
             Program::NodeCluster => text.contains(&format!("{n} workers listening on")),

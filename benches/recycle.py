@@ -55,7 +55,7 @@ def start(binary, extra, app, env):
         if addr is None:
             m = re.search(r"INFO listening on (\S+)", text)
             addr = m and m.group(1)
-        if addr and "2/2 ready" in text:
+        if addr and "2 of 2 slots ready" in text:
             return proc, addr, log
         if proc.poll() is not None:
             break

@@ -3,8 +3,11 @@
 //! with `axum::serve` on the worker listener and stops gracefully when the
 //! primary says STOP (on SIGTERM, a rolling reload, scaling down).
 //!
+//! The worker listener is an axum `Listener` (the `axum` feature), so
+//! serving is `axum::serve(listener, app)`.
+//!
 //! ```text
-//! cargo run --features tokio --example axum -- --listen 127.0.0.1:8000 --workers 4
+//! cargo run --features axum --example axum -- --listen 127.0.0.1:8000 --workers 4
 //! curl http://127.0.0.1:8000/        # Hello from axum worker 2 (pid 12345)
 //! curl http://127.0.0.1:8000/json    # {"worker":3,"pid":12346,"stack":"axum"}
 //! curl http://127.0.0.1:8000/slow    # the same greeting, after 1 s
@@ -13,8 +16,6 @@
 //! `--sched shared` or `--sched reuseport` lets the kernel balance instead
 //! (the workers accept by themselves); the worker code is the same.
 
-use std::future::pending;
-use std::io;
 use std::net::SocketAddr;
 use std::time::Duration;
 
@@ -22,8 +23,6 @@ use axum::routing::get;
 use axum::{Json, Router};
 use distributor::{Event, Primary, Sched, TokioWorkerListener};
 use serde::Serialize;
-use tokio::net::TcpStream;
-use tokio::sync::oneshot;
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
     if distributor::is_primary() {
@@ -104,61 +103,12 @@ async fn worker() -> Result<(), Box<dyn std::error::Error>> {
             }),
         );
 
-    let (stop_tx, stop_rx) = oneshot::channel();
-    let listener = AxumListener {
-        listener,
-        stop: Some(stop_tx),
-    };
+    // STOP (SIGTERM, a rolling reload, scaling down) ends the serving
+    // gracefully; the grace lets a connection handed over just before STOP
+    // have its request read, which hyper would otherwise close unread.
+    let stopped = listener.stopped(Duration::from_secs(1));
     axum::serve(listener, app)
-        .with_graceful_shutdown(async move {
-            let _ = stop_rx.await;
-            // A connection handed over just before STOP may not have had its
-            // request read yet, and hyper closes such an "idle" connection
-            // at once: give those a moment, as examples/cluster.rs does.
-            tokio::time::sleep(Duration::from_secs(1)).await;
-        })
+        .with_graceful_shutdown(stopped)
         .await?;
     Ok(())
-}
-
-/// The worker listener as an axum listener. Accepts until the primary says
-/// STOP (or is gone), then tells `stop` and accepts nothing more.
-struct AxumListener {
-    listener: TokioWorkerListener,
-    stop: Option<oneshot::Sender<()>>,
-}
-
-impl axum::serve::Listener for AxumListener {
-    type Io = TcpStream;
-    type Addr = SocketAddr;
-
-    async fn accept(&mut self) -> (TcpStream, SocketAddr) {
-        loop {
-            match self.listener.accept().await {
-                Ok(conn) => return conn,
-                // STOP, or the primary gone: shut down gracefully.
-                Err(e)
-                    if matches!(
-                        e.kind(),
-                        io::ErrorKind::ConnectionAborted | io::ErrorKind::UnexpectedEof
-                    ) =>
-                {
-                    if let Some(stop) = self.stop.take() {
-                        let _ = stop.send(());
-                    }
-                    pending::<()>().await;
-                }
-                Err(e) => {
-                    eprintln!("axum worker {}: accept: {e}", self.listener.id());
-                    tokio::time::sleep(Duration::from_millis(100)).await;
-                }
-            }
-        }
-    }
-
-    fn local_addr(&self) -> io::Result<SocketAddr> {
-        // The primary owns the listening address (used by axum only for
-        // `Serve::local_addr`).
-        Err(io::ErrorKind::Unsupported.into())
-    }
 }

@@ -28,11 +28,11 @@
 use std::io::{self, BufRead, BufReader, Write};
 use std::net::{SocketAddr, TcpStream};
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Condvar, Mutex};
+use std::sync::{Arc, Mutex};
 use std::thread;
 use std::time::Duration;
 
-use distributor::{Event, Primary, WorkerEvent, WorkerListener};
+use distributor::{Drain, Event, Primary, WorkerEvent, WorkerListener};
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
     if distributor::is_primary() {
@@ -86,8 +86,7 @@ fn primary() -> Result<(), Box<dyn std::error::Error>> {
 struct Shared {
     greeting: Mutex<String>,
     /// Requests between their first byte and their response.
-    in_flight: Mutex<usize>,
-    idle: Condvar,
+    in_flight: Drain,
     stopping: AtomicBool,
 }
 
@@ -124,10 +123,7 @@ fn worker() -> Result<(), Box<dyn std::error::Error>> {
                 // wait (bounded) for the requests in flight.
                 shared.stopping.store(true, Ordering::SeqCst);
                 thread::sleep(Duration::from_secs(1));
-                let in_flight = shared.in_flight.lock().unwrap();
-                let _ = shared
-                    .idle
-                    .wait_timeout_while(in_flight, Duration::from_secs(10), |n| *n > 0);
+                shared.in_flight.wait(Duration::from_secs(10));
                 return Ok(());
             }
             Err(e) if e.kind() == io::ErrorKind::UnexpectedEof => return Ok(()),
@@ -147,10 +143,9 @@ fn serve(stream: TcpStream, id: u64, shared: &Shared) {
             Ok(0) | Err(_) => return,
             Ok(_) => {}
         }
-        *shared.in_flight.lock().unwrap() += 1;
+        let request = shared.in_flight.track();
         let answered = answer(&mut reader, &mut writer, id, shared);
-        *shared.in_flight.lock().unwrap() -= 1;
-        shared.idle.notify_all();
+        drop(request);
         if !answered {
             // The FIN now, from this worker: the primary may still hold its
             // copy of the connection, and a drop alone would leave the FIN

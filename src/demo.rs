@@ -269,6 +269,8 @@ impl Conns {
 /// # Errors
 /// When the process is not a worker, or the channel breaks the protocol.
 pub fn run_demo_worker(mut listener: WorkerListener) -> io::Result<()> {
+    // `top` and `ps -e` tell it from the primary (`distributor`).
+    let _ = crate::sys::set_process_name(c"distributor-wkr");
     let mut site = Site {
         body: format!(
             "Hello from worker {} (pid {})\n",

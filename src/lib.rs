@@ -11,6 +11,8 @@
 //! use distributor::{Primary, WorkerListener};
 //!
 //! if distributor::is_primary() {
+//!     // The primary logs through `tracing`: this shows it on stderr.
+//!     distributor::init_logging("info", distributor::LogFormat::Text);
 //!     // Re-executes this program as each worker.
 //!     Primary::builder().workers(4).build()?.run()?;
 //! } else {
@@ -39,6 +41,8 @@
 //!   `TokioWorkerListener`, for axum, hyper and other tokio servers.
 //! - [`protocol`]: the versioned worker protocol (see `docs/PROTOCOL.md`).
 //! - [`demo`]: the built-in HTTP demo worker.
+//! - `logging`: [`init_logging`], the command's log subscriber, for
+//!   programs that embed the primary (it logs through `tracing`).
 //! - [`lab`]: `distributor compare`: each scheduling mode under a built-in
 //!   load generator, with throughput, latency and fairness figures.
 //! - [`primary::policy`]: how the next worker is chosen (round-robin).
@@ -57,6 +61,7 @@ pub mod activation;
 mod channel;
 pub mod demo;
 pub mod lab;
+mod logging;
 pub mod primary;
 pub mod protocol;
 mod sys;
@@ -66,11 +71,14 @@ pub mod worker;
 
 #[cfg(feature = "tokio")]
 pub use self::tokio::{TokioWorkerEvent, TokioWorkerListener};
+pub use logging::{LogFormat, init_logging};
 pub use primary::{
     Backoff, Builder, Event, Handle, Primary, PrimaryError, Protocol, Ready, Replacement, Sched,
     SlotStats, Stats, WorkerCommand, WorkerState, WorkerStats,
 };
-pub use worker::{Incoming, WorkerError, WorkerEvent, WorkerListener, is_primary, is_worker};
+pub use worker::{
+    Drain, InFlight, Incoming, WorkerError, WorkerEvent, WorkerListener, is_primary, is_worker,
+};
 
 #[doc(hidden)]
 pub mod __private {

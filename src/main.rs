@@ -51,11 +51,12 @@ struct Cli {
     )]
     sched: Sched,
 
-    /// Address to listen on (IPv4 or [IPv6]; port 0 picks a free port)
-    /// [default: 0.0.0.0:8000]. Node apps listen where their own listen()
-    /// says (the app's port wins); this address then serves an app that
-    /// listens on port 0
-    #[arg(short, long, value_name = "ADDR", env = "DISTRIBUTOR_LISTEN")]
+    /// Address to listen on: 8000 or :8000 (every interface),
+    /// 127.0.0.1:8000, localhost:8000, [::1]:8000; port 0 picks a free
+    /// port [default: 0.0.0.0:8000]. Node apps listen where their own
+    /// listen() says; this address then serves the app's first server,
+    /// which must ask for port 0 or this port
+    #[arg(short, long, value_name = "ADDR", env = "DISTRIBUTOR_LISTEN", value_parser = parse_listen)]
     listen: Option<SocketAddr>,
 
     /// The workers' protocol: native (docs/PROTOCOL.md), node (Node's
@@ -175,11 +176,22 @@ struct Cli {
     #[arg(long, value_name = "NAME", env = "DISTRIBUTOR_GROUP")]
     group: Option<String>,
     /// Serve GET /metrics (Prometheus text format) and GET /healthz (200
-    /// while a worker is ready, else 503) on this address, e.g.
-    /// 127.0.0.1:9090; off by default. No authentication: keep it on
-    /// loopback or a private network
-    #[arg(long, value_name = "ADDR", env = "DISTRIBUTOR_METRICS")]
+    /// while a worker is ready, else 503) on this address: 9090 (on
+    /// 127.0.0.1), :9090 (every interface), 127.0.0.1:9090; off by
+    /// default. No authentication: keep it on loopback or a private network
+    #[arg(long, value_name = "ADDR", env = "DISTRIBUTOR_METRICS", value_parser = parse_metrics)]
     metrics: Option<SocketAddr>,
+
+    /// Write the primary's pid to this file at start (removed at exit)
+    #[arg(long, value_name = "FILE", env = "DISTRIBUTOR_PID_FILE")]
+    pid_file: Option<PathBuf>,
+
+    /// Stop (exit status 1) when a worker slot has failed this many times
+    /// in a row, each within 5 s of its start (a crash loop), for a service
+    /// manager's Restart= to act on, as PM2's max_restarts [default: off:
+    /// retry forever, with backoff]
+    #[arg(long, value_name = "N", env = "DISTRIBUTOR_MAX_RESTARTS", value_parser = parse_max_restarts)]
+    max_restarts: Option<u32>,
 
     /// The worker program and its arguments, after `--`
     #[arg(last = true, value_name = "COMMAND")]
@@ -341,6 +353,56 @@ fn parse_positive_duration(s: &str) -> Result<Duration, String> {
     }
 }
 
+fn parse_max_restarts(s: &str) -> Result<u32, String> {
+    parse_count(s, 1_000_000).map(|n| n as u32)
+}
+
+/// An address as users type it: a port alone (`8000`, on `host`), `:8000`
+/// or `*:8000` (every interface), `IP:PORT`, `[IPv6]:PORT`, or
+/// `NAME:PORT` (resolved now: `localhost:8000`).
+fn parse_address(s: &str, host: std::net::IpAddr) -> Result<SocketAddr, String> {
+    use std::net::{Ipv4Addr, ToSocketAddrs};
+    let t = s.trim();
+    let forms = "(forms: 8000, :8000, 127.0.0.1:8000, localhost:8000, [::1]:8000)";
+    let port = |p: &str| {
+        p.parse::<u16>()
+            .map_err(|_| format!("`{s}`: `{p}` is not a port {forms}"))
+    };
+    if t.chars().all(|c| c.is_ascii_digit()) && !t.is_empty() {
+        return Ok(SocketAddr::new(host, port(t)?));
+    }
+    if let Some(p) = t.strip_prefix(':').or_else(|| t.strip_prefix("*:")) {
+        return Ok(SocketAddr::new(Ipv4Addr::UNSPECIFIED.into(), port(p)?));
+    }
+    if let Ok(addr) = t.parse::<SocketAddr>() {
+        return Ok(addr);
+    }
+    let Some((name, p)) = t.rsplit_once(':').filter(|(n, _)| !n.is_empty()) else {
+        return Err(format!("`{s}` is not an address {forms}"));
+    };
+    let p = port(p)?;
+    let found: Vec<SocketAddr> = (name, p)
+        .to_socket_addrs()
+        .map_err(|e| format!("`{s}`: cannot resolve `{name}`: {e} {forms}"))?
+        .collect();
+    // IPv4 first, as `localhost` is usually meant.
+    found
+        .iter()
+        .find(|a| a.is_ipv4())
+        .or(found.first())
+        .copied()
+        .ok_or_else(|| format!("`{s}`: `{name}` has no address {forms}"))
+}
+
+fn parse_listen(s: &str) -> Result<SocketAddr, String> {
+    parse_address(s, std::net::Ipv4Addr::UNSPECIFIED.into())
+}
+
+/// `--metrics 9090` stays on loopback: the endpoint has no authentication.
+fn parse_metrics(s: &str) -> Result<SocketAddr, String> {
+    parse_address(s, std::net::Ipv4Addr::LOCALHOST.into())
+}
+
 fn parse_ready(s: &str) -> Result<Ready, String> {
     s.parse()
 }
@@ -398,9 +460,13 @@ fn main() -> ExitCode {
         return ExitCode::from(2);
     }
     let quiet = matches!(cli.sub, Some(Sub::Compare(_)));
-    init_logging(
+    distributor::init_logging(
         if quiet { "warn" } else { "info" },
-        cli.log_format == "json",
+        if cli.log_format == "json" {
+            distributor::LogFormat::Json
+        } else {
+            distributor::LogFormat::Text
+        },
     );
     let result = match cli.sub {
         Some(Sub::Compare(args)) => compare(args),
@@ -409,7 +475,7 @@ fn main() -> ExitCode {
     match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
-            eprintln!("error: {e:#}");
+            eprintln!("error: {}", one_line(&e));
             ExitCode::FAILURE
         }
     }
@@ -423,27 +489,49 @@ fn clap_error(e: clap::Error) -> ExitCode {
         let _ = e.print();
         return ExitCode::SUCCESS;
     }
+    use clap::error::{ContextKind, ContextValue};
     let text = e.to_string();
     let line = text
         .lines()
         .find(|l| !l.trim().is_empty())
         .unwrap_or("invalid arguments");
-    eprintln!("{line} (see --help)");
+    let context = |kind| match e.get(kind) {
+        Some(ContextValue::String(s)) => Some(s.clone()),
+        Some(ContextValue::Strings(v)) => v.first().cloned(),
+        _ => None,
+    };
+    let hint = match e.kind() {
+        ErrorKind::UnknownArgument => match (
+            context(ContextKind::SuggestedArg),
+            context(ContextKind::InvalidArg),
+        ) {
+            (Some(similar), _) => format!(": did you mean `{similar}`?"),
+            (None, Some(arg)) if !arg.starts_with('-') => format!(
+                ": to run a program as the workers, put it after `--`, e.g. `distributor -w 4 -- {arg} ...`"
+            ),
+            _ => String::new(),
+        },
+        _ => String::new(),
+    };
+    eprintln!("{line}{hint} (see --help)");
     ExitCode::from(2)
 }
 
-fn init_logging(default: &str, json: bool) {
-    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default));
-    let fmt = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr)
-        .with_target(false);
-    if json {
-        fmt.json().init();
-    } else {
-        fmt.with_ansi(std::io::stderr().is_terminal()).init();
+/// An error and its causes in one line, each said once: a cause whose
+/// text the line already holds is not repeated.
+fn one_line(e: &anyhow::Error) -> String {
+    let mut line = String::new();
+    for cause in e.chain() {
+        let text = cause.to_string();
+        if line.contains(&text) {
+            continue;
+        }
+        if !line.is_empty() {
+            line.push_str(": ");
+        }
+        line.push_str(&text);
     }
+    line
 }
 
 /// The workers' command: the one given, or this program as the demo worker
@@ -452,10 +540,11 @@ fn worker_command(command: &[OsString], work: bool) -> anyhow::Result<WorkerComm
     Ok(match command.split_first() {
         Some((program, args)) => WorkerCommand::new(program, args),
         None => {
+            // `worker` (ignored) tells it from the primary in `ps`.
             let demo = WorkerCommand::new(
                 std::env::current_exe()
                     .context("cannot find this program to run the demo worker")?,
-                Vec::<OsString>::new(),
+                ["worker"],
             )
             .env(DEMO_WORKER_ENV, "1");
             if work {
@@ -588,8 +677,29 @@ fn run(cli: Cli) -> anyhow::Result<()> {
     if let Some(addr) = cli.metrics {
         builder = builder.metrics(addr);
     }
-    builder.build()?.run()?;
+    let primary = builder.max_restarts(cli.max_restarts).build()?;
+    let pid_file = cli.pid_file.map(PidFile::write).transpose()?;
+    let outcome = primary.run();
+    drop(pid_file);
+    outcome?;
     Ok(())
+}
+
+/// `--pid-file`: the primary's pid, written at start and removed at exit.
+struct PidFile(PathBuf);
+
+impl PidFile {
+    fn write(path: PathBuf) -> anyhow::Result<PidFile> {
+        std::fs::write(&path, format!("{}\n", std::process::id()))
+            .with_context(|| format!("cannot write the pid file {}", path.display()))?;
+        Ok(PidFile(path))
+    }
+}
+
+impl Drop for PidFile {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.0);
+    }
 }
 
 fn demo_worker() -> ExitCode {

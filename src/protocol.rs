@@ -34,6 +34,14 @@ pub const ENV_WORKER_ID: &str = "DISTRIBUTOR_WORKER_ID";
 /// slot's place (restarts, reloads, recycling). `NODE_APP_INSTANCE` holds
 /// the same slot from 0, as PM2 sets it.
 pub const ENV_SLOT: &str = "DISTRIBUTOR_SLOT";
+/// Environment variable with the primary's worker timeout in milliseconds
+/// (`0`: no hang detection): a worker that sends nothing this long is
+/// taken for hung.
+pub const ENV_WORKER_TIMEOUT: &str = "DISTRIBUTOR_WORKER_TIMEOUT_MS";
+/// Environment variable with the primary's shutdown timeout in
+/// milliseconds: after STOP a worker gets `SIGTERM` at half of it and
+/// `SIGKILL` at the end.
+pub const ENV_SHUTDOWN_TIMEOUT: &str = "DISTRIBUTOR_SHUTDOWN_TIMEOUT_MS";
 /// Environment variable saying whether the primary reads DONE reports:
 /// `0` in the kernel balancing modes, where no policy uses them (a worker
 /// then sends none); `1` otherwise. Absent means `1`.

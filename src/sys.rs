@@ -526,6 +526,16 @@ unsafe fn guardian_main(
     }
 }
 
+/// Names the calling thread, which for a single-threaded process is the
+/// process's name in `top` and `ps -e` (`prctl(PR_SET_NAME)`; 15 bytes at
+/// most, longer names are cut).
+pub fn set_process_name(name: &std::ffi::CStr) -> io::Result<()> {
+    // SAFETY: PR_SET_NAME reads a NUL-terminated string of at most 16
+    // bytes from a live pointer.
+    cvt(unsafe { libc::prctl(libc::PR_SET_NAME, name.as_ptr() as libc::c_ulong, 0, 0, 0) })
+        .map(drop)
+}
+
 /// Makes this process non-dumpable (`prctl(PR_SET_DUMPABLE, 0)`): no core
 /// dump, and no process without `CAP_SYS_PTRACE` may attach to it, read
 /// its memory or take its fds (`pidfd_getfd(2)`), even one of its own

@@ -27,10 +27,17 @@
 //! # }
 //! ```
 //!
-//! `examples/axum.rs` serves an axum `Router` with `axum::serve` on this
-//! listener, through a small `axum::serve::Listener` implementation that
-//! turns STOP into axum's graceful shutdown; `examples/hyper.rs` does the
-//! same with plain hyper.
+//! With the `axum` feature the listener is an `axum::serve::Listener`, so
+//! an axum app serves on it in one line, stopping gracefully on STOP:
+//!
+//! ```ignore
+//! let listener = TokioWorkerListener::from_env()?;
+//! let stopped = listener.stopped(Duration::from_secs(1));
+//! axum::serve(listener, app).with_graceful_shutdown(stopped).await?;
+//! ```
+//!
+//! (`examples/axum.rs`; `examples/hyper.rs` does the same with plain
+//! hyper.)
 //!
 //! # Readiness
 //!
@@ -46,10 +53,10 @@
 //!
 //! On STOP, `next_event` gives [`TokioWorkerEvent::Stop`] and `accept`
 //! fails with `ConnectionAborted`, once the connections handed over before
-//! it have been taken. hyper (and so axum) closes at once, on graceful
-//! shutdown, a connection whose request it has not read yet: the examples
-//! wait a moment after STOP before shutting down, as `examples/cluster.rs`
-//! does, so a connection handed over just before STOP is still answered.
+//! it have been taken; [`TokioWorkerListener::stopped`] resolves then.
+//! hyper (and so axum) closes at once, on graceful shutdown, a connection
+//! whose request it has not read yet: give `stopped` a grace (a second),
+//! so a connection handed over just before STOP is still answered.
 //!
 //! # Liveness
 //!
@@ -69,7 +76,7 @@ use ::tokio::io::unix::{AsyncFd, AsyncFdReadyGuard};
 use ::tokio::net::TcpStream;
 
 use crate::sys;
-use crate::worker::{WorkerError, WorkerEvent, WorkerListener};
+use crate::worker::{ACCEPT_RETRY, WorkerError, WorkerEvent, WorkerListener};
 
 /// Something the primary sent, as returned by
 /// [`TokioWorkerListener::next_event`]: [`WorkerEvent`] with a tokio stream.
@@ -92,6 +99,10 @@ pub struct TokioWorkerListener {
     channel: AsyncFd<OwnedFd>,
     /// Kernel modes: readiness of the inherited listening socket.
     listener: Option<AsyncFd<OwnedFd>>,
+    /// Set once the primary has asked this worker to stop (or is gone).
+    stop: ::tokio::sync::watch::Sender<bool>,
+    /// Kernel modes, near the fd limit: when to try accepting again.
+    retry: Option<std::pin::Pin<Box<::tokio::time::Sleep>>>,
 }
 
 impl TokioWorkerListener {
@@ -127,7 +138,22 @@ impl TokioWorkerListener {
             inner: listener,
             channel,
             listener: accepting,
+            stop: ::tokio::sync::watch::Sender::new(false),
+            retry: None,
         })
+    }
+
+    /// A future that resolves once the primary has asked this worker to
+    /// stop (STOP, read by `accept` or `next_event`) or is gone, and then
+    /// `grace` has passed: for a server's graceful shutdown
+    /// (`axum::serve(...).with_graceful_shutdown(listener.stopped(...))`).
+    /// Independent of the listener: take it before the listener moves.
+    pub fn stopped(&self, grace: std::time::Duration) -> impl Future<Output = ()> + Send + 'static {
+        let mut stopped = self.stop.subscribe();
+        async move {
+            let _ = stopped.wait_for(|s| *s).await;
+            ::tokio::time::sleep(grace).await;
+        }
     }
 
     /// This worker's id (see [`WorkerListener::id`]).
@@ -232,8 +258,23 @@ impl TokioWorkerListener {
                 },
                 _ => None,
             };
-            match op(&mut self.inner) {
+            let result = op(&mut self.inner);
+            if self.inner.is_stopping() {
+                self.stop.send_replace(true);
+            }
+            match result {
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                    // Accepting paused near the fd limit: no readiness may
+                    // come for what is queued, so look again in a while.
+                    if self.inner.accept_paused() {
+                        let retry = self
+                            .retry
+                            .get_or_insert_with(|| Box::pin(::tokio::time::sleep(ACCEPT_RETRY)));
+                        if retry.as_mut().poll(cx).is_ready() {
+                            self.retry = None;
+                            continue;
+                        }
+                    }
                     if channel.is_none() && listener.is_none() {
                         return Poll::Pending;
                     }
@@ -241,8 +282,55 @@ impl TokioWorkerListener {
                         guard.clear_ready();
                     }
                 }
+                Err(e) if e.kind() == io::ErrorKind::UnexpectedEof => {
+                    self.stop.send_replace(true);
+                    return Poll::Ready(Err(e));
+                }
                 result => return Poll::Ready(result),
             }
+        }
+    }
+}
+
+/// `axum::serve(listener, app)` (the `axum` feature): connections until the
+/// primary says STOP; then [`TokioWorkerListener::stopped`] resolves and
+/// `accept` waits forever, for axum's graceful shutdown to end the serving.
+#[cfg(feature = "axum")]
+impl axum::serve::Listener for TokioWorkerListener {
+    type Io = TcpStream;
+    type Addr = SocketAddr;
+
+    async fn accept(&mut self) -> (TcpStream, SocketAddr) {
+        loop {
+            match TokioWorkerListener::accept(self).await {
+                Ok(conn) => return conn,
+                // STOP, or the primary gone: `stopped` is resolving.
+                Err(e)
+                    if matches!(
+                        e.kind(),
+                        io::ErrorKind::ConnectionAborted | io::ErrorKind::UnexpectedEof
+                    ) =>
+                {
+                    std::future::pending::<()>().await;
+                }
+                // One connection that could not be registered: the next.
+                Err(e) => {
+                    tracing::warn!("worker {}: accept: {e}", self.id());
+                    ::tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+                }
+            }
+        }
+    }
+
+    /// The listening socket's address in a kernel mode; in the others the
+    /// primary owns the listening address (`Unsupported`).
+    fn local_addr(&self) -> io::Result<SocketAddr> {
+        match self.inner.listener_fd() {
+            Some(fd) => socket2::SockRef::from(&fd)
+                .local_addr()?
+                .as_socket()
+                .ok_or_else(|| io::ErrorKind::Unsupported.into()),
+            None => Err(io::ErrorKind::Unsupported.into()),
         }
     }
 }

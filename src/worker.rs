@@ -315,6 +315,12 @@ impl WorkerListener {
             let mut enc = Encoder::default();
             self.channel.send(enc.hello().as_bytes(), &[], false)?;
             self.said_hello = true;
+            if self.listener.is_some() {
+                // A kernel mode: "I accept on fd 3 myself".
+                self.channel
+                    .send(enc.stats(self.accepted).as_bytes(), &[], false)?;
+                self.reported = self.accepted;
+            }
         }
         Ok(())
     }
@@ -604,6 +610,79 @@ impl WorkerListener {
             ToWorker::Unknown(_) => {}
         }
         Ok(())
+    }
+}
+
+/// Requests in flight on a worker's threads, counted, so that a worker
+/// told to stop can wait for them before it exits: [`WorkerListener::incoming`]
+/// ends at STOP, but the connections it handed out may still be serving.
+///
+/// ```no_run
+/// use std::io::Write;
+/// use std::time::Duration;
+/// use distributor::{Drain, WorkerListener};
+///
+/// let mut listener = WorkerListener::from_env()?;
+/// let drain = Drain::new();
+/// for conn in listener.incoming() {
+///     let (mut stream, _peer) = conn?;
+///     let in_flight = drain.track();
+///     std::thread::spawn(move || {
+///         let _ = stream.write_all(b"HTTP/1.1 200 OK\r\nContent-Length: 3\r\n\r\nhi\n");
+///         drop(in_flight);
+///     });
+/// }
+/// // Stopped: finish what is in flight (bounded), then exit 0.
+/// drain.wait(Duration::from_secs(10));
+/// # Ok::<(), Box<dyn std::error::Error>>(())
+/// ```
+#[derive(Debug, Clone, Default)]
+pub struct Drain(std::sync::Arc<(std::sync::Mutex<usize>, std::sync::Condvar)>);
+
+/// One thing in flight for a [`Drain`], until dropped.
+#[derive(Debug)]
+pub struct InFlight(Drain);
+
+impl Drain {
+    pub fn new() -> Drain {
+        Drain::default()
+    }
+
+    /// Counts one more in flight, until the returned guard is dropped.
+    pub fn track(&self) -> InFlight {
+        *self.lock() += 1;
+        InFlight(self.clone())
+    }
+
+    /// How many are in flight now.
+    pub fn in_flight(&self) -> usize {
+        *self.lock()
+    }
+
+    /// Waits until none is in flight, at most `timeout`; returns whether
+    /// none is.
+    pub fn wait(&self, timeout: Duration) -> bool {
+        let guard = self.lock();
+        let (guard, _) = self
+            .0
+            .1
+            .wait_timeout_while(guard, timeout, |n| *n > 0)
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        *guard == 0
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, usize> {
+        self.0
+            .0
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+}
+
+impl Drop for InFlight {
+    fn drop(&mut self) {
+        *self.0.lock() -= 1;
+        self.0.0.1.notify_all();
     }
 }
 

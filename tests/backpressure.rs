@@ -141,7 +141,7 @@ fn a_hung_worker_s_waiting_clients_go_to_its_replacement() {
             max = max.max(primary.fd_count());
             primary
                 .log()
-                .count_where(|l| l.contains("worker 2 (pid ") && l.contains(" ready, "))
+                .count_where(|l| l.contains("worker 2 (pid ") && l.contains(" ready: "))
                 > 0
         }),
         "no replacement became ready; log:\n{}",

@@ -18,7 +18,7 @@ use util::{DEADLINE, Primary, TempDir, have_program, kill_pid, poll_until, repo_
 /// python3.
 fn start(dir: &Path, extra: &[&str]) -> Option<Primary> {
     if !have_program("python3", "--version") {
-        eprintln!("NOTE: python3 is not installed; skipping the burst test");
+        util::skip(&util::current_test(), "python3 is not installed");
         return None;
     }
     let fixture = repo_path("tests/fixtures/burst_worker.py");

@@ -112,7 +112,7 @@ fn random_worker_kills_under_load() {
     );
     assert!(
         util::poll_until(DEADLINE, || {
-            primary.log().count(" ready, ") >= primary.log().count(" started (pid ")
+            primary.log().count(" ready: ") >= primary.log().count(" started (pid ")
         }),
         "a replacement never became ready: {}",
         primary.log().dump()

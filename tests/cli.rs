@@ -146,7 +146,7 @@ fn a_missing_worker_command_is_an_error() {
     assert_eq!(code, 1, "{line}");
     assert_eq!(
         line,
-        "error: cannot run worker command `./not-executable`: not an executable file"
+        "error: cannot run worker command `./not-executable`: ./not-executable is not executable by root"
     );
 }
 

@@ -33,7 +33,10 @@ fn pid_of(body: &str) -> u32 {
 #[test]
 fn haproxy_routes_around_a_stopped_distributor() {
     if !have_program("haproxy", "-v") {
-        eprintln!("note: haproxy not found (apt-get install haproxy); skipping");
+        util::skip(
+            &util::current_test(),
+            "haproxy is not installed (apt-get install haproxy)",
+        );
         return;
     }
     let a = Primary::start(2, &["--metrics", "127.0.0.1:0"]);

@@ -25,7 +25,7 @@ fn start(mode: &str, extra: &[&str]) -> Option<Primary> {
 /// As [`start`], with `more` arguments for the fixture after hello.py.
 fn start_with(mode: &str, extra: &[&str], more: &[&str]) -> Option<Primary> {
     if !have_program("python3", "--version") {
-        eprintln!("NOTE: python3 is not installed; skipping the hostile worker test");
+        util::skip(&util::current_test(), "python3 is not installed");
         return None;
     }
     let fixture = repo_path("tests/fixtures/hostile_worker.py");
@@ -209,7 +209,7 @@ fn a_hello_with_another_protocol_version() {
     assert_eq!(primary.wait_exited(1), "signal 15 (SIGTERM)");
     let ready = primary
         .log()
-        .count_where(|l| l.contains("worker 1 (pid ") && l.contains(" ready, "));
+        .count_where(|l| l.contains("worker 1 (pid ") && l.contains(" ready: "));
     assert_eq!(ready, 0, "{}", primary.log().dump());
     check_replaced_and_serving(&mut primary);
 }

@@ -71,7 +71,7 @@ fn none_is_an_alias_of_shared_and_the_environment_sets_the_mode() {
 
 fn unmodified_app(mode: &str) {
     if !have_program("python3", "--version") {
-        eprintln!("note: python3 not found; skipping the socket-activation app test");
+        util::skip(&util::current_test(), "python3 is not installed");
         return;
     }
     let app = repo_path("tests/fixtures/socket_activated.py");

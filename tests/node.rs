@@ -328,12 +328,12 @@ fn try_listen_form(form: &str) -> Result<(), String> {
         )
     };
     let outcome = proc.stderr.try_wait_from(0, DEADLINE, |l| {
-        l.contains(" ready, 1/1 ready")
+        l.contains(" ready: 1 of 1 slots ready")
             || l.contains("broke the protocol")
             || l.contains(" exited with ")
     });
     match outcome {
-        Some((_, l)) if l.contains(" ready, 1/1 ready") => {}
+        Some((_, l)) if l.contains(" ready: 1 of 1 slots ready") => {}
         Some((_, l)) => return Err(fail(format!("not ready: {l}"))),
         None => return Err(fail("not ready in time".into())),
     }
@@ -637,7 +637,7 @@ fn https_app_under_rr() {
         return;
     }
     if !have_program("curl", "--version") {
-        eprintln!("NOTE: curl is not installed; skipping https_app_under_rr");
+        util::skip("https_app_under_rr", "curl is not installed");
         return;
     }
     let p = start(2, &["--sched", "rr"], "https.js", &[]);

@@ -97,7 +97,7 @@ fn json_log_lines_are_json() {
     let mut cmd = Command::new(util::bin());
     cmd.args(["-w", "1", "-l", "127.0.0.1:0", "--log-format", "json"]);
     let mut p = Proc::spawn(cmd);
-    p.stderr.wait_for(" ready, 1/1 ready");
+    p.stderr.wait_for(" ready: 1 of 1 slots ready");
     p.signal(Signal::SIGTERM);
     assert!(p.expect_exit(Duration::from_secs(20)).success());
     let lines = p.stderr.snapshot();

@@ -35,16 +35,22 @@ fn free_privileged_port() -> Option<u16> {
 
 #[test]
 fn binds_as_root_then_serves_as_nobody() {
+    let test = "binds_as_root_then_serves_as_nobody";
     if !is_root() {
-        eprintln!("note: not root; skipping the --user test");
+        util::skip(test, "not root");
         return;
     }
     let Some(port) = free_privileged_port() else {
-        eprintln!("note: no free privileged port; skipping");
+        util::skip(test, "no free privileged port");
         return;
     };
     let listen = format!("127.0.0.1:{port}");
-    let p = Primary::start_on(&listen, 2, &["--user", "nobody"]);
+    // nobody must reach the binary (its workers are this binary again),
+    // wherever the build lives.
+    let (_dir, binary) = util::bin_for_anyone();
+    let mut cmd = Command::new(&binary);
+    cmd.args(["-w", "2", "-l", &listen, "--user", "nobody"]);
+    let p = Primary::start_command(cmd, 2);
     p.wait_all_ready();
     // nobody could not have bound a port below 1024: the bind came first.
     assert_eq!(p.addr.port(), port);
@@ -89,12 +95,16 @@ fn an_unknown_user_or_group_is_one_clear_line() {
 #[test]
 fn a_non_root_primary_refuses_to_switch_users() {
     if !is_root() || !util::have_program("setpriv", "--version") {
-        eprintln!("note: needs root and setpriv; skipping");
+        util::skip(
+            "a_non_root_primary_refuses_to_switch_users",
+            "needs root and setpriv",
+        );
         return;
     }
+    let (_dir, binary) = util::bin_for_anyone();
     let out = Command::new("setpriv")
         .args(["--reuid", "65534", "--regid", "65534", "--clear-groups"])
-        .arg(util::bin())
+        .arg(&binary)
         .args(["-l", "127.0.0.1:0", "--user", "root"])
         .output()
         .expect("run setpriv");
@@ -108,5 +118,55 @@ fn a_non_root_primary_refuses_to_switch_users() {
     assert!(
         stderr.contains("need root to switch users (running as uid 65534)"),
         "{stderr}"
+    );
+}
+
+/// A program this user cannot reach is named as such, not as missing: run
+/// as nobody, a command in a directory of mode 0700 is "permission denied"
+/// (it used to say "no such file"), and one without execute bits "not
+/// executable".
+#[test]
+fn an_unreachable_program_says_why() {
+    let test = "an_unreachable_program_says_why";
+    if !is_root() || !util::have_program("setpriv", "--version") {
+        util::skip(test, "needs root and setpriv");
+        return;
+    }
+    let (dir, binary) = util::bin_for_anyone();
+    use std::os::unix::fs::PermissionsExt;
+    let private = dir.path().join("private");
+    std::fs::create_dir(&private).unwrap();
+    std::fs::set_permissions(&private, std::fs::Permissions::from_mode(0o700)).unwrap();
+    let hidden = private.join("app");
+    std::fs::write(&hidden, "#!/bin/sh\nexit 0\n").unwrap();
+    std::fs::set_permissions(&hidden, std::fs::Permissions::from_mode(0o755)).unwrap();
+    let plain = dir.path().join("plain");
+    std::fs::write(&plain, "#!/bin/sh\nexit 0\n").unwrap();
+    std::fs::set_permissions(&plain, std::fs::Permissions::from_mode(0o644)).unwrap();
+    let run = |program: &std::path::Path| {
+        let out = Command::new("setpriv")
+            .args(["--reuid", "65534", "--regid", "65534", "--clear-groups"])
+            .arg(&binary)
+            .args(["-w", "1", "-l", "127.0.0.1:0", "--"])
+            .arg(program)
+            .current_dir("/")
+            .output()
+            .expect("run setpriv");
+        assert_eq!(out.status.code(), Some(1), "{out:?}");
+        String::from_utf8_lossy(&out.stderr).trim().to_string()
+    };
+    assert_eq!(
+        run(&hidden),
+        format!(
+            "error: cannot run worker command `{0}`: permission denied: uid 65534 cannot reach {0} (a directory on the way is not searchable)",
+            hidden.display()
+        )
+    );
+    assert_eq!(
+        run(&plain),
+        format!(
+            "error: cannot run worker command `{0}`: {0} is not executable by uid 65534",
+            plain.display()
+        )
     );
 }

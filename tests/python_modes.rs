@@ -19,7 +19,7 @@ const REQUESTS: u64 = 40;
 /// The path of hello.py; `None` (with a note) when python3 is missing.
 fn hello_py() -> Option<String> {
     if !have_program("python3", "--version") {
-        eprintln!("NOTE: python3 is not installed; skipping the Python kernel-mode test");
+        util::skip(&util::current_test(), "python3 is not installed");
         return None;
     }
     let script = repo_path("examples/python/hello.py");

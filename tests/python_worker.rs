@@ -14,7 +14,7 @@ use util::{DEADLINE, HttpConn, Primary, have_program, repo_path};
 #[test]
 fn python_workers_serve_round_robin() {
     if !have_program("python3", "--version") {
-        eprintln!("NOTE: python3 is not installed; skipping the Python worker test");
+        util::skip(&util::current_test(), "python3 is not installed");
         return;
     }
     let script = repo_path("examples/python/hello.py");
@@ -66,7 +66,7 @@ fn python_workers_serve_round_robin() {
 /// `None` without python3.
 fn start_with_misbehaving_worker_1(source: &str) -> Option<Primary> {
     if !have_program("python3", "--version") {
-        eprintln!("NOTE: python3 is not installed; skipping");
+        util::skip(&util::current_test(), "python3 is not installed");
         return None;
     }
     let hello = repo_path("examples/python/hello.py");

@@ -150,7 +150,7 @@ fn many_concurrent_connections_are_all_served() {
 #[test]
 fn an_ipv6_listener_serves() {
     if std::net::TcpListener::bind("[::1]:0").is_err() {
-        eprintln!("NOTE: no IPv6 loopback here; skipping");
+        util::skip(&util::current_test(), "no IPv6 loopback here");
         return;
     }
     let primary = Primary::start_on("[::1]:0", 2, &[]);

@@ -34,7 +34,7 @@ fn sigterm_drains_a_request_in_flight() {
     primary.log().wait_for_from(mark, "SIGTERM received");
     primary
         .log()
-        .wait_for_from(mark, "shutting down: stopping 1 workers");
+        .wait_for_from(mark, "shutting down: stopping 1 worker ");
     std::thread::sleep(Duration::from_millis(300));
 
     // Draining: still running for the request in flight, listener closed.

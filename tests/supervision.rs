@@ -51,7 +51,9 @@ fn a_killed_worker_is_replaced_and_requests_keep_being_served() {
     assert_ne!(replacement, victim);
     assert_ne!(replacement, survivor);
     assert!(
-        primary.wait_worker_ready(3).contains(" ready, 2/2 ready"),
+        primary
+            .wait_worker_ready(3)
+            .contains(" ready: 2 of 2 slots ready"),
         "{}",
         primary.log().dump()
     );

@@ -15,7 +15,7 @@ use util::{Primary, Proc, TempDir, get_once, have_program, kill_pid, repo_path};
 fn python() -> bool {
     let ok = have_program("python3", "--version");
     if !ok {
-        eprintln!("note: python3 not found; skipping");
+        util::skip(&util::current_test(), "python3 is not installed");
     }
     ok
 }
@@ -109,7 +109,7 @@ fn a_worker_that_never_sends_ready_is_reported() {
     p.log().wait_for("worker 1 (pid ").contains("started");
     p.log()
         .wait_for("has not sent READY=1 to its NOTIFY_SOCKET");
-    assert!(!p.log().contains(" ready, "));
+    assert!(!p.log().contains(" ready: "));
 }
 
 #[test]
@@ -126,7 +126,7 @@ fn ready_start_counts_a_worker_ready_once_started() {
 #[test]
 fn the_example_units_verify() {
     if !have_program("systemd-analyze", "--version") {
-        eprintln!("note: systemd-analyze not found; skipping");
+        util::skip(&util::current_test(), "systemd-analyze is not installed");
         return;
     }
     let dir = TempDir::new("units");

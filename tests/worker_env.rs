@@ -56,6 +56,16 @@ fn check_worker(primary: &Primary, id: u64, pid: u32, slot: usize) {
         Some("1"),
         "{env:?}"
     );
+    // The timeouts a worker must respect (the defaults: 30 s, 10 s).
+    assert_eq!(
+        env.get("DISTRIBUTOR_WORKER_TIMEOUT_MS").map(String::as_str),
+        Some("30000")
+    );
+    assert_eq!(
+        env.get("DISTRIBUTOR_SHUTDOWN_TIMEOUT_MS")
+            .map(String::as_str),
+        Some("10000")
+    );
     // The slot, which a slot's next worker is told too.
     assert_eq!(
         env.get("DISTRIBUTOR_SLOT"),
@@ -73,8 +83,10 @@ fn check_worker(primary: &Primary, id: u64, pid: u32, slot: usize) {
             "DISTRIBUTOR_FD",
             "DISTRIBUTOR_PROTOCOL",
             "DISTRIBUTOR_REPORT_FINISHED",
+            "DISTRIBUTOR_SHUTDOWN_TIMEOUT_MS",
             "DISTRIBUTOR_SLOT",
-            "DISTRIBUTOR_WORKER_ID"
+            "DISTRIBUTOR_WORKER_ID",
+            "DISTRIBUTOR_WORKER_TIMEOUT_MS"
         ],
         "unexpected DISTRIBUTOR_* variables"
     );
@@ -130,10 +142,11 @@ fn workers_inherit_only_stdio_and_their_channel() {
     let three = primary.wait_started(3);
     check_worker(&primary, 3, three, 1);
 
-    // Workers that never say hello are reported (after 5 s by default).
+    // Workers that never say hello are reported (after 2 s by default),
+    // with what to do.
     for (id, pid) in [(2, two), (3, three)] {
         let warning = format!(
-            "worker {id} (pid {pid}) has not said hello: does it speak the distributor protocol? see docs/PROTOCOL.md"
+            "worker {id} (pid {pid}) has not said hello after 2s: does it speak the distributor protocol? Under --sched rr"
         );
         primary
             .log()
@@ -142,7 +155,7 @@ fn workers_inherit_only_stdio_and_their_channel() {
             });
     }
     assert_eq!(
-        primary.log().count(" ready, "),
+        primary.log().count(" ready: "),
         0,
         "{}",
         primary.log().dump()

@@ -429,6 +429,8 @@ def main():
         srv.chan = chan
         send_msg(chan, struct.pack(">BQ", DONE, 0))  # it reports finished connections
     send_msg(chan, struct.pack(">BH", HELLO, 1))  # ready
+    if listener is not None:
+        send_msg(chan, struct.pack(">BQ", STATS, 0))  # it accepts on fd 3 itself
 
     while True:
         for key, _ in sel.select(timeout=count.due_in()):

@@ -104,6 +104,8 @@ pub(crate) struct Settings {
     pub limits: Limits,
     /// Leave the process dumpable (else it is made non-dumpable at run).
     pub dumpable: bool,
+    /// Stop after this many quick failures in a row of one slot.
+    pub max_restarts: Option<u32>,
 }
 
 /// When a worker is recycled (`--max-requests`, `--max-memory`,
@@ -139,6 +141,12 @@ pub(super) struct Slot {
     pub quick_exits: u32,
     /// Replacements after an unexpected exit or cut-off (for the stats).
     pub restarts: u64,
+    /// Who waits for its worker to be ready (a slot added by
+    /// [`crate::Handle::add_worker_and_wait`]).
+    pub ready_waiters: Vec<Sender<Result<u64, String>>>,
+    /// Who waits for its workers to be gone (a slot removed by
+    /// [`crate::Handle::remove_worker_and_wait`]).
+    pub gone_waiters: Vec<Sender<Result<(), String>>>,
 }
 
 /// Replacements one slot at a time: a rolling reload's slots, and workers
@@ -151,6 +159,8 @@ pub(super) struct Reload {
     /// A reload (SIGHUP) is under way: "reload complete" comes when none of
     /// its slots is left.
     pub reloading: bool,
+    /// Who waits for the reload to complete ([`crate::Handle::reload_and_wait`]).
+    pub waiters: Vec<Sender<Result<(), String>>>,
 }
 
 /// A replacement waiting its turn.
@@ -255,6 +265,9 @@ pub(crate) struct EventLoop {
     /// Why the primary stopped by itself, a setting that cannot work:
     /// `run` fails with it once the workers are gone.
     fatal: Option<String>,
+    /// Why no worker gets ready, if known (for `/healthz`); cleared when one
+    /// does.
+    pub(super) problem: Option<String>,
 }
 
 impl EventLoop {
@@ -351,6 +364,7 @@ impl EventLoop {
             inspect_offset: 0,
             told_of_messages: false,
             fatal: None,
+            problem: None,
         };
         if native {
             let listener = listener.expect("the native protocol binds at start");
@@ -388,6 +402,11 @@ impl EventLoop {
     }
 
     pub(crate) fn run(mut self) -> io::Result<()> {
+        info!(
+            "distributor {} primary (pid {})",
+            env!("CARGO_PKG_VERSION"),
+            std::process::id()
+        );
         if self.settings.protocol == Protocol::Native {
             info!("listening on {} ({})", self.local_addr, self.mode_text());
         } else if self.spare.is_some() {
@@ -401,9 +420,10 @@ impl EventLoop {
         if let Some(addr) = self.metrics_addr() {
             info!("metrics on {addr} (GET /metrics, GET /healthz)");
         }
+        let n = self.settings.workers;
         info!(
-            "starting {} workers: {}",
-            self.settings.workers,
+            "starting {n} worker{}: {}",
+            if n == 1 { "" } else { "s" },
             self.settings.command.program().to_string_lossy()
         );
         if !self.settings.dumpable {
@@ -818,7 +838,14 @@ impl EventLoop {
                 "it speaks protocol version {version}, this primary speaks {}",
                 protocol::VERSION
             )),
-            ToPrimary::Hello { .. } if w.ready || w.stopping => None,
+            ToPrimary::Hello { .. } if w.spoke => Some("it said HELLO twice".into()),
+            ToPrimary::Hello { .. } if w.ready || w.stopping => {
+                // Taken as ready without it (a kernel mode), or leaving: it
+                // speaks the protocol after all.
+                w.spoke = true;
+                w.stats_due_at = None;
+                None
+            }
             ToPrimary::Hello { .. } => {
                 self.on_hello(i, true);
                 None
@@ -844,8 +871,15 @@ impl EventLoop {
                 self.on_worker_message(i, data);
                 None
             }
+            ToPrimary::Pong(n) if n == 0 || n > w.last_ping => Some(format!(
+                "it answered heartbeat {n}, which it was never sent"
+            )),
             ToPrimary::Pong(_) => None,
+            ToPrimary::Stats(_) if !self.settings.sched.is_kernel() => Some(
+                "it sent STATS, which only the kernel modes use (the primary counts in rr)".into(),
+            ),
             ToPrimary::Stats(n) => {
+                w.stats_due_at = None;
                 w.taken = w.taken.max(n);
                 if w.max_requests.is_some() {
                     self.check_max_requests(i);
@@ -914,8 +948,8 @@ impl EventLoop {
                     self.begin_shutdown();
                 }
                 SIGHUP => self.begin_reload(),
-                SIGTTIN => self.add_worker(),
-                SIGTTOU => self.remove_worker(),
+                SIGTTIN => self.add_worker(None),
+                SIGTTOU => self.remove_worker(None),
                 SIGUSR2 => {
                     let next = match self.live_sched {
                         Sched::RoundRobin => Sched::LeastConn,
@@ -933,9 +967,17 @@ impl EventLoop {
         while let Ok(c) = self.control_rx.try_recv() {
             match c {
                 Control::Shutdown => self.begin_shutdown(),
-                Control::Reload => self.begin_reload(),
-                Control::AddWorker => self.add_worker(),
-                Control::RemoveWorker => self.remove_worker(),
+                Control::Reload(reply) => match (reply, self.shutdown_at) {
+                    (Some(tx), Some(_)) => {
+                        let _ = tx.try_send(Err("the primary is stopping".into()));
+                    }
+                    (reply, _) => {
+                        self.reload.waiters.extend(reply);
+                        self.begin_reload();
+                    }
+                },
+                Control::AddWorker(reply) => self.add_worker(reply),
+                Control::RemoveWorker(reply) => self.remove_worker(reply),
                 Control::Send { id, data } => self.send_user_message(id, &data),
                 Control::Stats(reply) => {
                     let _ = reply.try_send(self.stats());
@@ -1052,6 +1094,7 @@ impl EventLoop {
                 .map(|s| s.addr)
                 .collect(),
             replaced: self.replaced,
+            problem: self.problem.clone(),
         }
     }
 }

@@ -383,7 +383,12 @@ fn respond(request: &Request, stats: impl FnOnce() -> Stats) -> Vec<u8> {
             } else {
                 (503, "unavailable")
             };
-            let body = format!("{word}: {ready} of {slots} workers ready\n");
+            let body = match &stats.problem {
+                Some(problem) if ready == 0 => {
+                    format!("{word}: {ready} of {slots} workers ready; {problem}\n")
+                }
+                _ => format!("{word}: {ready} of {slots} workers ready\n"),
+            };
             response(status, TEXT, &body, head_only)
         }
         _ => response(

@@ -177,13 +177,20 @@ impl std::str::FromStr for Ready {
     }
 }
 
+/// Where the event loop answers a command that is waited for: the
+/// outcome, or why there is none.
+pub(crate) type Reply<T> = Option<Sender<Result<T, String>>>;
+
+/// Why a worker was not removed: it is the last one.
+pub(crate) const LAST_WORKER: &str = "not removing the last worker";
+
 /// A command from a [`Handle`] to the event loop.
 #[derive(Debug)]
 pub(crate) enum Control {
     Shutdown,
-    Reload,
-    AddWorker,
-    RemoveWorker,
+    Reload(Reply<()>),
+    AddWorker(Reply<u64>),
+    RemoveWorker(Reply<()>),
     Stats(Sender<Stats>),
     Send { id: Option<u64>, data: Vec<u8> },
     SetSched(Sched),
@@ -211,19 +218,74 @@ impl Handle {
 
     /// Starts a rolling reload, as SIGHUP does: each worker is replaced by
     /// a new one, one at a time, the old one stopping only once the new one
-    /// is ready.
+    /// is ready. [`Handle::reload_and_wait`] waits for it to complete.
     pub fn reload(&self) -> io::Result<()> {
-        self.post(Control::Reload)
+        self.post(Control::Reload(None))
     }
 
     /// Adds a worker, as SIGTTIN does.
     pub fn add_worker(&self) -> io::Result<()> {
-        self.post(Control::AddWorker)
+        self.post(Control::AddWorker(None))
     }
 
     /// Removes a worker gracefully, as SIGTTOU does; the last one stays.
     pub fn remove_worker(&self) -> io::Result<()> {
-        self.post(Control::RemoveWorker)
+        self.post(Control::RemoveWorker(None))
+    }
+
+    /// A rolling reload, waited for: returns once every slot's new worker
+    /// is ready (a reload asked for meanwhile, which starts it over, counts
+    /// as the same).
+    ///
+    /// # Errors
+    /// `TimedOut` after `timeout` (the reload goes on); `Interrupted` when
+    /// the primary stops first; `NotConnected` when it has stopped.
+    pub fn reload_and_wait(&self, timeout: Duration) -> io::Result<()> {
+        self.wait(timeout, |tx| Control::Reload(Some(tx)))
+    }
+
+    /// Adds a worker and waits until it is ready; returns its id.
+    ///
+    /// # Errors
+    /// As [`Handle::reload_and_wait`].
+    pub fn add_worker_and_wait(&self, timeout: Duration) -> io::Result<u64> {
+        self.wait(timeout, |tx| Control::AddWorker(Some(tx)))
+    }
+
+    /// Removes a worker and waits until it has exited (after its graceful
+    /// stop).
+    ///
+    /// # Errors
+    /// As [`Handle::reload_and_wait`], and `InvalidInput` when only one
+    /// worker is left (the last one stays).
+    pub fn remove_worker_and_wait(&self, timeout: Duration) -> io::Result<()> {
+        self.wait(timeout, |tx| Control::RemoveWorker(Some(tx)))
+    }
+
+    /// Posts the command `make` builds around a reply channel and waits up
+    /// to `timeout` for its outcome.
+    fn wait<T>(
+        &self,
+        timeout: Duration,
+        make: impl FnOnce(Sender<Result<T, String>>) -> Control,
+    ) -> io::Result<T> {
+        let (tx, rx) = crossbeam_channel::bounded(1);
+        self.post(make(tx))?;
+        match rx.recv_timeout(timeout) {
+            Ok(Ok(value)) => Ok(value),
+            Ok(Err(why)) if why == LAST_WORKER => {
+                Err(io::Error::new(io::ErrorKind::InvalidInput, why))
+            }
+            Ok(Err(why)) => Err(io::Error::new(io::ErrorKind::Interrupted, why)),
+            Err(crossbeam_channel::RecvTimeoutError::Timeout) => Err(io::Error::new(
+                io::ErrorKind::TimedOut,
+                format!("not done after {timeout:?}"),
+            )),
+            Err(crossbeam_channel::RecvTimeoutError::Disconnected) => Err(io::Error::new(
+                io::ErrorKind::Interrupted,
+                "the primary stopped first",
+            )),
+        }
     }
 
     /// Switches the scheduling policy while running, between the
@@ -345,6 +407,7 @@ pub struct Builder {
     metrics: Option<SocketAddr>,
     limits: event_loop::Limits,
     dumpable: bool,
+    max_restarts: Option<u32>,
 }
 
 /// The default of [`Builder::max_unacked`].
@@ -364,7 +427,7 @@ impl Default for Builder {
             weights: Vec::new(),
             command: None,
             shutdown_timeout: Duration::from_secs(10),
-            hello_timeout: Duration::from_secs(5),
+            hello_timeout: Duration::from_secs(2),
             worker_timeout: Some(Duration::from_secs(30)),
             max_unacked: DEFAULT_MAX_UNACKED,
             defer_accept: Duration::ZERO,
@@ -378,6 +441,7 @@ impl Default for Builder {
             metrics: None,
             limits: event_loop::Limits::default(),
             dumpable: false,
+            max_restarts: None,
         }
     }
 }
@@ -444,7 +508,8 @@ impl Builder {
     }
 
     /// After how long a worker that has not said hello is reported in the
-    /// log (default 5 s). It keeps running; it only gets no connections.
+    /// log (default 2 s), with what to do. It keeps running; it only gets
+    /// no connections.
     pub fn hello_timeout(mut self, t: Duration) -> Self {
         self.hello_timeout = t;
         self
@@ -571,6 +636,17 @@ impl Builder {
         self
     }
 
+    /// Stops the primary ([`Primary::run`] fails) once a slot's worker has
+    /// failed `n` times in a row, each within the backoff's reset time of
+    /// its start (a crash loop), as PM2's `max_restarts`, so that a service
+    /// manager's restart policy takes over. `None` (the default): retry
+    /// forever, with backoff. A worker that was ready and served does not
+    /// count.
+    pub fn max_restarts(mut self, n: Option<u32>) -> Self {
+        self.max_restarts = n.filter(|&n| n > 0);
+        self
+    }
+
     /// Whether the primary's process stays dumpable (default false). When
     /// it runs, the primary makes its process non-dumpable
     /// (`PR_SET_DUMPABLE`): no core dump, and no process of the same user
@@ -589,9 +665,6 @@ impl Builder {
         self
     }
 
-    /// Binds (unless given a listener), switches to the configured user,
-    /// checks the worker command (as that user), and prepares the event
-    /// loop. Starts no process yet.
     /// Serves `GET /metrics` (Prometheus text format: per worker, per
     /// slot, totals, the mode) and `GET /healthz` (200 while at least one
     /// worker is ready, else 503) over HTTP on `addr`; off by default.
@@ -704,6 +777,7 @@ impl Builder {
             weights: self.weights,
             limits: self.limits,
             dumpable: self.dumpable,
+            max_restarts: self.max_restarts,
         };
         let inner = event_loop::EventLoop::new(listener, metrics, settings)?;
         Ok(Primary { inner })
@@ -743,44 +817,57 @@ fn bind_only(addr: SocketAddr, reuseport: bool) -> io::Result<socket2::Socket> {
 
 /// Finds the program as `exec` would (a path, or a name on `PATH`) and
 /// checks that it is an executable file, so that a typo is one clear error
-/// at start rather than a restart loop.
+/// at start rather than a restart loop. The reason says what is wrong: no
+/// such file, a directory on the way this user may not search, a file this
+/// user may not execute.
 fn check_program(cmd: &WorkerCommand) -> Result<(), PrimaryError> {
     let program = Path::new(&cmd.program);
-    let fail = |reason: &str| PrimaryError::Command {
+    let fail = |reason: String| PrimaryError::Command {
         program: program.display().to_string(),
-        reason: reason.to_string(),
+        reason,
     };
     if cmd.program.is_empty() {
-        return Err(fail("empty program name"));
+        return Err(fail("empty program name".into()));
     }
-    let candidates: Vec<PathBuf> = if program.as_os_str().as_encoded_bytes().contains(&b'/') {
-        vec![program.to_path_buf()]
-    } else {
+    let on_path = !program.as_os_str().as_encoded_bytes().contains(&b'/');
+    let candidates: Vec<PathBuf> = if on_path {
         let path = std::env::var_os("PATH").unwrap_or_default();
         std::env::split_paths(&path)
             .map(|d| d.join(program))
             .collect()
-    };
-    let mut seen_not_executable = false;
-    for c in &candidates {
-        match std::fs::metadata(c) {
-            Ok(m) if m.is_file() => {
-                if nix::unistd::access(c.as_path(), nix::unistd::AccessFlags::X_OK).is_ok() {
-                    return Ok(());
-                }
-                seen_not_executable = true;
-            }
-            Ok(_) => seen_not_executable = true,
-            Err(_) => {}
-        }
-    }
-    if seen_not_executable {
-        Err(fail("not an executable file"))
-    } else if candidates.len() == 1 {
-        Err(fail("no such file"))
     } else {
-        Err(fail("not found on PATH"))
+        vec![program.to_path_buf()]
+    };
+    let user = || match nix::unistd::getuid().as_raw() {
+        0 => "root".to_string(),
+        uid => format!("uid {uid}"),
+    };
+    // The first reason other than "missing" found, if no candidate runs.
+    let mut problem: Option<String> = None;
+    for c in &candidates {
+        let reason = match std::fs::metadata(c) {
+            Ok(m) if m.is_file() => {
+                match nix::unistd::access(c.as_path(), nix::unistd::AccessFlags::X_OK) {
+                    Ok(()) => return Ok(()),
+                    Err(_) => format!("{} is not executable by {}", c.display(), user()),
+                }
+            }
+            Ok(_) => format!("{} is not a file", c.display()),
+            Err(e) if e.kind() == io::ErrorKind::NotFound => continue,
+            Err(e) if e.kind() == io::ErrorKind::PermissionDenied => format!(
+                "permission denied: {} cannot reach {} (a directory on the way is not searchable)",
+                user(),
+                c.display()
+            ),
+            Err(e) => format!("{}: {e}", c.display()),
+        };
+        problem.get_or_insert(reason);
     }
+    Err(fail(match problem {
+        Some(reason) => reason,
+        None if on_path => "not found on PATH".into(),
+        None => "no such file".into(),
+    }))
 }
 
 /// A primary ready to run; see the module docs.

@@ -201,6 +201,10 @@ pub(crate) struct WorkerProc {
     pub cut_off_at: Option<Instant>,
     /// It has been reaped: its exit is being handled.
     pub exited: bool,
+    /// The number of the last heartbeat sent to it.
+    pub last_ping: u64,
+    /// A kernel mode: its first STATS is due by then (after HELLO).
+    pub stats_due_at: Option<Instant>,
     /// It gave connections back (near its fd limit): it gets none until
     /// then, or until it reports one finished.
     pub full_until: Option<Instant>,
@@ -365,6 +369,8 @@ impl WorkerProc {
             recycle_at: None,
             cut_off_at: None,
             exited: false,
+            last_ping: 0,
+            stats_due_at: None,
             full_until: None,
             recycling: false,
             asked_to_stop: false,
@@ -421,9 +427,10 @@ impl WorkerProc {
     }
 
     /// The deadlines of this worker's timers.
-    pub fn deadlines(&self) -> [Option<Instant>; 9] {
+    pub fn deadlines(&self) -> [Option<Instant>; 10] {
         [
             self.full_until,
+            self.stats_due_at,
             self.hello_warn_at,
             self.cut_off_at,
             self.ready_at,

@@ -187,6 +187,9 @@ pub struct Stats {
     /// Replacements so far, by [`Replacement::index`]; see
     /// [`Stats::replacements`].
     pub(crate) replaced: [u64; Replacement::ALL.len()],
+    /// Why no worker gets ready, when the primary can tell (a program that
+    /// does not speak the protocol under `rr`): what `/healthz` says.
+    pub problem: Option<String>,
 }
 
 impl Stats {
@@ -229,6 +232,7 @@ impl Stats {
             connections_held: 0,
             listeners: Vec::new(),
             replaced: [0; Replacement::ALL.len()],
+            problem: None,
         }
     }
 }

@@ -35,7 +35,10 @@ use super::event_loop::{EventLoop, Queued, Slot, Step};
 use super::node;
 use super::process::{Link, Protocol, Role, WorkerProc, describe_exit};
 use super::stats::Replacement;
-use super::{Event, Ready};
+use super::{Event, LAST_WORKER, Ready, Reply};
+
+/// Why a command waited for has no outcome: the primary is stopping.
+const STOPPING: &str = "the primary is stopping";
 use crate::activation::Notice;
 
 /// The longest wait before SIGKILL for a worker stopped because it hung or
@@ -51,6 +54,10 @@ pub(crate) const SILENT_READY_GRACE: Duration = Duration::from_millis(500);
 /// How long a worker that closed its channel may take to exit before it
 /// is taken for broken and cut off.
 const CLOSED_CHANNEL_GRACE: Duration = Duration::from_millis(500);
+
+/// How long after its HELLO a worker in a kernel mode has to send its
+/// first STATS, which says it accepts on fd 3 itself.
+const STATS_DUE: Duration = Duration::from_secs(1);
 
 /// How often the workers' memory is measured (`--max-memory`).
 const MEMORY_CHECK_EVERY: Duration = Duration::from_secs(1);
@@ -75,11 +82,20 @@ impl EventLoop {
         let id = self.next_worker_id;
         self.next_worker_id += 1;
         let now = self.now;
+        let ms = |d: Duration| d.as_millis().to_string();
         let mut command = self
             .settings
             .command
             .clone()
-            .env("NOTIFY_SOCKET", self.notify.env_value());
+            .env("NOTIFY_SOCKET", self.notify.env_value())
+            .env(
+                crate::protocol::ENV_WORKER_TIMEOUT,
+                ms(self.settings.worker_timeout.unwrap_or_default()),
+            )
+            .env(
+                crate::protocol::ENV_SHUTDOWN_TIMEOUT,
+                ms(self.settings.shutdown_timeout),
+            );
         let speaks = self.settings.protocol;
         if let Some(with_port) = node::inspect_port(&command, self.inspect_offset + 1) {
             self.inspect_offset += 1;
@@ -313,6 +329,14 @@ impl EventLoop {
         let s = &mut self.slots[slot];
         let (delay, quick) = backoff.next(uptime, s.quick_exits);
         s.quick_exits = quick;
+        if let Some(max) = self.settings.max_restarts.filter(|&max| quick >= max) {
+            self.stop_for(format!(
+                "worker slot {} failed {quick} times in a row, each within {:?} of its start (--max-restarts {max})",
+                slot + 1,
+                backoff.reset_after
+            ));
+            return;
+        }
         if quick >= 3 {
             warn!(
                 "worker slot {} is crash-looping: {quick} exits in a row within {:?} of starting; next start in {delay:.1?} (backoff caps at {:?})",
@@ -371,6 +395,7 @@ impl EventLoop {
             g.forget(w.pid);
         }
         self.exited_connections += w.taken;
+        self.tell_if_gone(w.slot);
         let uptime = self.now.saturating_duration_since(w.started);
         let how = describe_exit(&status);
         let plural = if w.taken == 1 { "" } else { "s" };
@@ -402,6 +427,9 @@ impl EventLoop {
         });
         if self.shutdown_at.is_some() {
             return;
+        }
+        if !expected && !w.node && !w.spoke && !self.settings.sched.is_kernel() {
+            self.no_hello(w.id, w.pid, &format!("exited ({how}) before it said hello"));
         }
         match w.role {
             Role::Current if self.slots[w.slot].current == Some(i) => {
@@ -438,8 +466,12 @@ impl EventLoop {
     pub(super) fn on_hello(&mut self, i: usize, spoke: bool) {
         let w = self.workers[i].as_mut().expect("hello from a live worker");
         if spoke {
-            // It speaks the protocol: it answers pings from now on.
+            // It speaks the protocol: it answers pings from now on, and in a
+            // kernel mode says at once that it accepts on fd 3 (STATS).
             w.spoke = true;
+            if self.settings.sched.is_kernel() {
+                w.stats_due_at = Some(self.now + STATS_DUE);
+            }
             w.ping_at = self
                 .settings
                 .worker_timeout
@@ -609,6 +641,7 @@ impl EventLoop {
     /// READY=1, or was started, per the readiness setting). A successor
     /// takes over its slot, and the slot's old worker retires.
     fn become_ready(&mut self, i: usize) {
+        self.problem = None;
         let w = self.workers[i].as_mut().expect("a live worker");
         w.ready = true;
         w.served = true;
@@ -646,13 +679,18 @@ impl EventLoop {
         let total = self.slots.iter().filter(|s| s.active).count();
         info!(
             worker = id,
-            pid, "worker {id} (pid {pid}) ready, {ready}/{total} ready"
+            pid, "worker {id} (pid {pid}) ready: {ready} of {total} slots ready"
         );
         if ready == total && !self.told_systemd_ready {
             self.told_systemd_ready = true;
             tell_systemd(&format!("READY=1\nSTATUS={total} workers ready"));
         }
         self.emit(Event::WorkerReady { id, pid });
+        if self.slots[slot].current == Some(i) {
+            for tx in self.slots[slot].ready_waiters.drain(..) {
+                let _ = tx.try_send(Ok(id));
+            }
+        }
         let step_done = self.reload.step.is_some_and(|step| {
             step.slot == slot && id >= step.first_id && self.slots[slot].current == Some(i)
         });
@@ -718,12 +756,21 @@ impl EventLoop {
         }
         let timeout = self.settings.shutdown_timeout;
         let alive = self.workers.iter().flatten().count();
-        info!("shutting down: stopping {alive} workers (timeout {timeout:?})");
+        let plural = if alive == 1 { "" } else { "s" };
+        info!("shutting down: stopping {alive} worker{plural} (timeout {timeout:?})");
         // Connections already accepted go to workers before they are asked
         // to stop; the backlog is refused with the listener's close.
         self.close_listeners();
         self.shutdown_at = Some(self.now + timeout);
-        self.reload = Default::default();
+        // Who waits for a reload or a new worker waits in vain now.
+        for tx in std::mem::take(&mut self.reload).waiters {
+            let _ = tx.try_send(Err(STOPPING.into()));
+        }
+        for s in &mut self.slots {
+            for tx in s.ready_waiters.drain(..) {
+                let _ = tx.try_send(Err(STOPPING.into()));
+            }
+        }
         self.memory_check_at = None;
         for slot in &mut self.slots {
             slot.restart_at = None;
@@ -804,14 +851,22 @@ impl EventLoop {
         }
         if self.reload.reloading {
             self.reload.reloading = false;
+            for tx in self.reload.waiters.drain(..) {
+                let _ = tx.try_send(Ok(()));
+            }
             info!("reload complete");
             tell_systemd("READY=1\nSTATUS=reload complete");
         }
     }
 
     /// Adds a slot and starts its worker (SIGTTIN).
-    pub(super) fn add_worker(&mut self) {
+    /// Adds a slot and starts its worker (SIGTTIN); `reply` is told the
+    /// worker's id once it is ready.
+    pub(super) fn add_worker(&mut self, reply: Reply<u64>) {
         if self.shutdown_at.is_some() {
+            if let Some(tx) = reply {
+                let _ = tx.try_send(Err(STOPPING.into()));
+            }
             return;
         }
         let slot = match self
@@ -828,6 +883,7 @@ impl EventLoop {
         self.slots[slot] = Slot {
             active: true,
             restarts: self.slots[slot].restarts,
+            ready_waiters: reply.into_iter().collect(),
             ..Slot::default()
         };
         let total = self.slots.iter().filter(|s| s.active).count();
@@ -836,16 +892,22 @@ impl EventLoop {
     }
 
     /// Retires the last slot's worker gracefully (SIGTTOU); keeps one.
-    pub(super) fn remove_worker(&mut self) {
+    /// `reply` is told once the slot's workers are gone.
+    pub(super) fn remove_worker(&mut self, reply: Reply<()>) {
+        let refuse = |why: &str, reply: Reply<()>| {
+            if let Some(tx) = reply {
+                let _ = tx.try_send(Err(why.into()));
+            }
+        };
         if self.shutdown_at.is_some() {
-            return;
+            return refuse(STOPPING, reply);
         }
         let active: Vec<usize> = (0..self.slots.len())
             .filter(|&s| self.slots[s].active)
             .collect();
         let Some(&slot) = active.last().filter(|_| active.len() > 1) else {
-            warn!("not removing the last worker");
-            return;
+            warn!("{LAST_WORKER}");
+            return refuse(LAST_WORKER, reply);
         };
         info!("removing a worker: {} workers", active.len() - 1);
         self.drop_slot_listener(slot);
@@ -853,6 +915,7 @@ impl EventLoop {
         s.active = false;
         s.restart_at = None;
         s.replacing = None;
+        s.gone_waiters.extend(reply);
         let workers = [s.current.take(), s.successor.take()];
         for i in workers.into_iter().flatten() {
             self.retire(i);
@@ -860,6 +923,21 @@ impl EventLoop {
         if self.reload.step.is_some_and(|step| step.slot == slot) {
             self.reload.step = None;
             self.advance_reload();
+        }
+        self.tell_if_gone(slot);
+    }
+
+    /// Tells who waits for removed slot `slot` to be empty, once it is.
+    fn tell_if_gone(&mut self, slot: usize) {
+        let s = &self.slots[slot];
+        if s.active || s.gone_waiters.is_empty() {
+            return;
+        }
+        if self.workers.iter().flatten().any(|w| w.slot == slot) {
+            return;
+        }
+        for tx in self.slots[slot].gone_waiters.drain(..) {
+            let _ = tx.try_send(Ok(()));
         }
     }
 
@@ -930,6 +1008,15 @@ impl EventLoop {
                 return;
             }
         }
+        if w.stats_due_at.is_some_and(|t| t <= now) {
+            w.stats_due_at = None;
+            warn!(
+                worker = w.id,
+                "worker {} (pid {}) said HELLO but no STATS: in {sched} mode a worker accepts on its listening socket, fd 3, itself and says so (STATS 0 right after HELLO); one that waits for connections over its channel gets none (docs/PROTOCOL.md, section 7)",
+                w.id,
+                w.pid
+            );
+        }
         if w.cut_off_at.is_some_and(|t| t <= now) {
             w.cut_off_at = None;
             warn!(
@@ -948,6 +1035,7 @@ impl EventLoop {
         let Some(w) = self.worker_mut(i) else {
             return;
         };
+        let mut silent = None;
         if w.hello_warn_at.is_some_and(|t| t <= now) {
             w.hello_warn_at = None;
             if ready_mode == Ready::Notify {
@@ -965,14 +1053,16 @@ impl EventLoop {
                     w.pid
                 );
             } else if !w.ready {
-                warn!(
-                    worker = w.id,
-                    "worker {} (pid {}) has not said hello: does it speak the distributor protocol? see docs/PROTOCOL.md",
-                    w.id,
-                    w.pid
-                );
+                silent = Some((w.id, w.pid));
             }
         }
+        if let Some((id, pid)) = silent {
+            let after = self.settings.hello_timeout;
+            self.no_hello(id, pid, &format!("has not said hello after {after:?}"));
+        }
+        let Some(w) = self.worker_mut(i) else {
+            return;
+        };
         if w.term_at.is_some_and(|t| t <= now) || w.kill_at.is_some_and(|t| t <= now) {
             // Gone already? Then its exit is what to say, not a signal.
             if let Ok(Some(status)) = w.try_wait() {
@@ -1035,10 +1125,25 @@ impl EventLoop {
         let w = self.workers[i].as_mut().expect("checked above");
         if let Some(Link::Native(channel)) = w.channel.as_ref().filter(|_| w.spoke) {
             // A full channel is no reason to wait: the next turn pings again.
-            let _ = channel.send(self.enc.ping(n).as_bytes(), &[], true);
+            if channel.send(self.enc.ping(n).as_bytes(), &[], true).is_ok() {
+                w.last_ping = n;
+            }
         }
         let next = (now + ping_interval(timeout)).min(w.last_seen + timeout);
         w.ping_at = Some(next.max(now + Duration::from_millis(1)));
+    }
+
+    /// Worker `id` has not said hello (`what`: not yet, or it exited):
+    /// said in one line with what to do, every time (each restart of its
+    /// slot again), and kept for `/healthz` while no worker is ready.
+    fn no_hello(&mut self, id: u64, pid: u32, what: &str) {
+        warn!(
+            worker = id,
+            "worker {id} (pid {pid}) {what}: does it speak the distributor protocol? Under --sched rr the primary hands connections over the protocol (docs/PROTOCOL.md); a server that listens by itself runs under --sched reuseport or shared, taking its listening socket as fd 3 (socket activation: uvicorn --fd 3, gunicorn, any LISTEN_FDS program), and a Node app as `-- node app.js`"
+        );
+        self.problem = Some(format!(
+            "worker {id} {what}: does it speak the distributor protocol? (--sched reuseport for a server that listens by itself; see the log)"
+        ));
     }
 
     /// A successor was not ready in time: stop it, keep the old worker

@@ -75,6 +75,21 @@ pub fn bin() -> &'static Path {
     })
 }
 
+/// A copy of the binary under test in a fresh directory that any user
+/// may enter (mode 0755), for tests that run it as another user: the
+/// build directory may be private (a clone under root's home, mode 0700),
+/// where that user could not reach it. Gone with the returned directory.
+pub fn bin_for_anyone() -> (TempDir, PathBuf) {
+    use std::os::unix::fs::PermissionsExt;
+    let dir = TempDir::new("bin");
+    let open = std::fs::Permissions::from_mode(0o755);
+    std::fs::set_permissions(dir.path(), open.clone()).expect("chmod the directory");
+    let copy = dir.path().join("distributor");
+    std::fs::copy(bin(), &copy).expect("copy the binary");
+    std::fs::set_permissions(&copy, open).expect("chmod the binary");
+    (dir, copy)
+}
+
 /// An example binary built by `cargo test` next to the main binary
 /// (`target/<profile>/examples/<name>`).
 pub fn example_bin(name: &str) -> PathBuf {
@@ -281,16 +296,17 @@ impl Primary {
         &self.proc.stderr
     }
 
-    /// Waits until all workers have said hello: the log says `N/N ready`.
+    /// Waits until all workers have said hello: the log says `N of N slots
+    /// ready`.
     pub fn wait_all_ready(&self) {
         self.wait_ready_from(0);
     }
 
-    /// Waits for an `N/N ready` line at log index `from` or later.
+    /// Waits for an `N of N slots ready` line at log index `from` or later.
     pub fn wait_ready_from(&self, from: usize) -> usize {
         let n = self.workers;
         self.log()
-            .wait_for_from(from, &format!(" ready, {n}/{n} ready"))
+            .wait_for_from(from, &format!(" ready: {n} of {n} slots ready"))
             .0
     }
 
@@ -318,7 +334,7 @@ impl Primary {
     pub fn wait_worker_ready(&self, id: u64) -> String {
         self.log()
             .wait_from(0, &format!("worker {id} to be ready"), DEADLINE, |l| {
-                l.contains(&format!("worker {id} (pid ")) && l.contains(" ready, ")
+                l.contains(&format!("worker {id} (pid ")) && l.contains(" ready: ")
             })
             .1
     }
@@ -578,6 +594,15 @@ pub fn poll_until(timeout: Duration, mut cond: impl FnMut() -> bool) -> bool {
         }
         std::thread::sleep(Duration::from_millis(20));
     }
+}
+
+/// The name of the test running on this thread (the harness names each
+/// test's thread after it).
+pub fn current_test() -> String {
+    std::thread::current()
+        .name()
+        .unwrap_or("this test")
+        .to_string()
 }
 
 /// Says that `test` is skipped and why, where it shows: straight on the

@@ -510,7 +510,8 @@ impl EventLoop {
         if let Some(what) = unsupported {
             warn!(
                 worker = id,
-                "worker {id} asked to listen on {what} ({key}): only TCP servers are served for Node workers"
+                "worker {id} asked to listen on {what} ({}): only TCP servers are served for Node workers",
+                listen_call(q)
             );
             return Err(-libc::EAFNOSUPPORT);
         }
@@ -545,7 +546,8 @@ impl EventLoop {
             // the port agrees: Node's worker checks that its server got the
             // port it asked for.
             Some(spare) if port == 0 || port == listen.port() => {
-                info!("the app's server {key} asks for {asked}; serving it on {listen} (--listen)");
+                let call = listen_call(q);
+                info!("the app's {call} is served on {listen} (--listen)");
                 socket2::SockRef::from(&spare)
                     .listen(backlog)
                     .map(|()| spare)
@@ -575,11 +577,27 @@ impl EventLoop {
             .add_server(server)
             .map_err(|e| -e.raw_os_error().unwrap_or(libc::EINVAL))?;
         info!(
-            "listening on {addr} ({}) for the app's server {key}",
-            self.mode_text()
+            "listening on {addr} ({}) for the app's {}",
+            self.mode_text(),
+            listen_call(q)
         );
         Ok(k)
     }
+}
+
+/// A worker's `listen()` as the app wrote it, for the log: `listen(3000)`,
+/// `listen(3000, '127.0.0.1')`, `listen(0)`, with which of its listens on
+/// that address it is when not the first (Node's key, `null:3000:4:...`,
+/// says the same less plainly).
+fn listen_call(q: &Query<'_>) -> String {
+    let mut call = match &q.address {
+        None => format!("listen({})", q.port),
+        Some(a) => format!("listen({}, '{a}')", q.port),
+    };
+    if q.index > 0 {
+        call.push_str(&format!(" (its listen number {} there)", q.index + 1));
+    }
+    call
 }
 
 /// Binds as Node would for `listen(port, ip)`: no address means `::`

@@ -49,3 +49,12 @@ pub fn init_logging(default_level: &str, format: LogFormat) {
         }
     };
 }
+
+/// `n` and `noun`, plural unless `n` is 1: "1 worker", "3 workers".
+pub(crate) fn count(n: usize, noun: &str) -> String {
+    if n == 1 {
+        format!("1 {noun}")
+    } else {
+        format!("{n} {noun}s")
+    }
+}

@@ -756,3 +756,31 @@ impl mio::event::Source for WorkerListener {
         mio::unix::SourceFd(&self.as_raw_fd()).deregister(registry)
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::Drain;
+    use std::time::{Duration, Instant};
+
+    /// `wait` returns false while something is in flight (after the
+    /// timeout, not before), and true as soon as the last guard, dropped on
+    /// another thread, is gone.
+    #[test]
+    fn drain_waits_for_what_is_in_flight() {
+        let drain = Drain::new();
+        assert!(drain.wait(Duration::ZERO));
+        let (a, b) = (drain.track(), drain.track());
+        assert_eq!(drain.in_flight(), 2);
+        let t = Instant::now();
+        assert!(!drain.wait(Duration::from_millis(50)));
+        assert!(t.elapsed() >= Duration::from_millis(50));
+        drop(a);
+        let late = std::thread::spawn(move || {
+            std::thread::sleep(Duration::from_millis(50));
+            drop(b);
+        });
+        assert!(drain.wait(Duration::from_secs(30)));
+        assert_eq!(drain.in_flight(), 0);
+        late.join().unwrap();
+    }
+}

@@ -66,6 +66,51 @@ fn an_unparsable_listen_address_is_a_usage_error() {
         line.starts_with("error: invalid value 'banana' for '--listen <ADDR>'"),
         "{line}"
     );
+    // The line shows the forms that parse.
+    assert!(
+        line.contains("(forms: 8000, :8000, 127.0.0.1:8000, localhost:8000, [::1]:8000)"),
+        "{line}"
+    );
+    for bad in [
+        "8000x",
+        "localhost",
+        "127.0.0.1:",
+        ":",
+        "70000",
+        "[::1]",
+        "no.such.host.invalid:80",
+    ] {
+        for flag in ["-l", "--metrics"] {
+            let (code, line) = fails(&["-w", "1", flag, bad], dir.path());
+            assert_eq!(code, 2, "{flag} {bad}: {line}");
+            assert!(line.contains("forms: 8000, :8000"), "{flag} {bad}: {line}");
+        }
+    }
+}
+
+/// The two slips a new user makes first get the fix in their one line: a
+/// program without `--` before it, an option spelled almost right.
+#[test]
+fn usage_slips_get_a_hint() {
+    let dir = TempDir::new("cli");
+    let (code, line) = fails(&["python3", "app.py"], dir.path());
+    assert_eq!(code, 2, "{line}");
+    assert!(
+        line.contains("unexpected argument 'python3'") && line.contains("put it after `--`"),
+        "{line}"
+    );
+    for (typo, meant) in [
+        ("--worker", "--workers"),
+        ("--metric", "--metrics"),
+        ("--listn", "--listen"),
+    ] {
+        let (code, line) = fails(&[typo, "4"], dir.path());
+        assert_eq!(code, 2, "{line}");
+        assert!(
+            line.contains(&format!("did you mean `{meant}`?")),
+            "{typo}: {line}"
+        );
+    }
 }
 
 #[test]
@@ -115,6 +160,8 @@ fn a_port_in_use_is_an_error() {
         "{line}"
     );
     assert!(line.contains("in use"), "{line}");
+    // Said once, not once per layer of the error.
+    assert_eq!(line.matches("in use").count(), 1, "{line}");
 }
 
 #[test]

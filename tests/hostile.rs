@@ -91,7 +91,7 @@ fn hostile_holding_a_connection(mode: &str, problem: &str, exit: &str) {
         line.contains("; stopping it") || line.contains("closed its channel"),
         "{line}"
     );
-    log.wait_for("handing 1 unacknowledged connections of worker 1 to other workers");
+    log.wait_for("handing 1 unacknowledged connection of worker 1 to other workers");
     assert_eq!(primary.wait_exited(1), exit, "{}", log.dump());
     check_replaced_and_serving(&mut primary);
     // Whatever worker 1 sent (fds included) was closed, its channel too.
@@ -234,7 +234,7 @@ fn a_worker_that_answers_heartbeats_but_never_acknowledges() {
     assert_eq!(r.worker().0, 2, "{r:?}");
     primary
         .log()
-        .wait_for("handing 1 unacknowledged connections of worker 1 to other workers");
+        .wait_for("handing 1 unacknowledged connection of worker 1 to other workers");
     primary.assert_running();
     primary.assert_no_panic();
 }
@@ -311,9 +311,7 @@ fn an_acknowledged_connection_is_not_handed_over_after_the_worker_exits() {
         .wait_for(&format!("worker 1 (pid {one}) exited with status 0"));
     let eof = client.expect_eof();
     assert_eq!(
-        primary
-            .log()
-            .count("unacknowledged connections of worker 1"),
+        primary.log().count("of worker 1 to other workers"),
         0,
         "worker 1's acknowledged connection was handed over; log:\n{}",
         primary.log().dump()

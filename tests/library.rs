@@ -283,3 +283,88 @@ fn stats_show_states_restarts_and_totals_and_the_endpoint_agrees() {
 
     util::shut_down(&handle, runner);
 }
+
+/// `Handle::*_and_wait` return when what they asked for is done, not
+/// before: the added worker is ready, the removed one has exited (its pid
+/// is gone), a reload has every slot on a new, ready worker. A timeout is
+/// `TimedOut` (the reload goes on and completes), the last worker is
+/// `InvalidInput`, and a stopped primary is an error, never a hang.
+#[test]
+fn a_program_can_wait_for_a_reload_or_a_scale_to_finish() {
+    use std::io::ErrorKind;
+    let Library {
+        addr,
+        events,
+        handle,
+        runner,
+        ..
+    } = run_library(
+        Primary::builder()
+            .workers(2)
+            .listener(plain_listener())
+            .command(demo_command()),
+    );
+    util::wait_ready_events(&events, 2, true);
+    let states = |h: &distributor::Handle| -> Vec<(u64, u32, WorkerState)> {
+        let s = h.stats().expect("stats");
+        s.workers.iter().map(|w| (w.id, w.pid, w.state)).collect()
+    };
+
+    let id = handle.add_worker_and_wait(util::DEADLINE).expect("added");
+    assert_eq!(id, 3);
+    let now = states(&handle);
+    assert!(
+        now.iter()
+            .any(|&(i, _, s)| i == 3 && s == WorkerState::Ready),
+        "worker 3 not ready when add_worker_and_wait returned: {now:?}"
+    );
+
+    let removed = now.iter().find(|w| w.0 == 3).expect("worker 3").1;
+    handle
+        .remove_worker_and_wait(util::DEADLINE)
+        .expect("removed");
+    assert!(
+        nix::sys::signal::kill(nix::unistd::Pid::from_raw(removed as i32), None).is_err(),
+        "worker 3 (pid {removed}) still exists when remove_worker_and_wait returned"
+    );
+    assert_eq!(states(&handle).len(), 2);
+
+    handle.reload_and_wait(util::DEADLINE).expect("reloaded");
+    let now = states(&handle);
+    let ready: Vec<u64> = now
+        .iter()
+        .filter(|w| w.2 == WorkerState::Ready)
+        .map(|w| w.0)
+        .collect();
+    assert_eq!(ready.len(), 2, "{now:?}");
+    assert!(
+        ready.iter().all(|&i| i > 3),
+        "old workers still serving: {now:?}"
+    );
+    let r = get_once(addr).expect("served after the reload");
+    assert!(parse_worker(&r.body).expect("demo body").0 > 3, "{r:?}");
+
+    // Too short a wait: TimedOut, and the reload still completes.
+    let e = handle
+        .reload_and_wait(Duration::from_millis(1))
+        .expect_err("a reload in 1 ms");
+    assert_eq!(e.kind(), ErrorKind::TimedOut, "{e}");
+    handle
+        .reload_and_wait(util::DEADLINE)
+        .expect("the reload completes");
+
+    handle
+        .remove_worker_and_wait(util::DEADLINE)
+        .expect("down to 1");
+    let e = handle
+        .remove_worker_and_wait(util::DEADLINE)
+        .expect_err("the last worker stays");
+    assert_eq!(e.kind(), ErrorKind::InvalidInput, "{e}");
+    assert_eq!(states(&handle).len(), 1);
+
+    util::shut_down(&handle, runner);
+    let e = handle
+        .add_worker_and_wait(util::DEADLINE)
+        .expect_err("the primary has stopped");
+    assert_eq!(e.kind(), ErrorKind::NotConnected, "{e}");
+}

@@ -113,7 +113,7 @@ fn scaling_up_and_down_with_signals() {
     assert_eq!(answered_by(&primary, 6), BTreeSet::from([1, 2, 3]));
 
     signal_and_wait(&primary, Signal::SIGTTOU, "removing a worker: 2 workers");
-    signal_and_wait(&primary, Signal::SIGTTOU, "removing a worker: 1 workers");
+    signal_and_wait(&primary, Signal::SIGTTOU, "removing a worker: 1 worker");
     assert_eq!(primary.wait_exited(3), "status 0");
     assert_eq!(primary.wait_exited(2), "status 0");
     assert_eq!(answered_by(&primary, 3), BTreeSet::from([1]));

@@ -422,8 +422,8 @@ impl EventLoop {
         }
         let n = self.settings.workers;
         info!(
-            "starting {n} worker{}: {}",
-            if n == 1 { "" } else { "s" },
+            "starting {}: {}",
+            crate::logging::count(n, "worker"),
             self.settings.command.program().to_string_lossy()
         );
         if !self.settings.dumpable {

@@ -432,8 +432,8 @@ impl EventLoop {
         if !w.unacked.is_empty() {
             info!(
                 worker = w.id,
-                "handing {} unacknowledged connections of worker {} to other workers",
-                w.unacked.len(),
+                "handing {} of worker {} to other workers",
+                crate::logging::count(w.unacked.len(), "unacknowledged connection"),
                 w.id
             );
             let mut held: Vec<Conn> = w.unacked.drain().map(|(_, c)| c).collect();

@@ -756,8 +756,10 @@ impl EventLoop {
         }
         let timeout = self.settings.shutdown_timeout;
         let alive = self.workers.iter().flatten().count();
-        let plural = if alive == 1 { "" } else { "s" };
-        info!("shutting down: stopping {alive} worker{plural} (timeout {timeout:?})");
+        info!(
+            "shutting down: stopping {} (timeout {timeout:?})",
+            crate::logging::count(alive, "worker")
+        );
         // Connections already accepted go to workers before they are asked
         // to stop; the backlog is refused with the listener's close.
         self.close_listeners();
@@ -793,7 +795,10 @@ impl EventLoop {
         if self.reload.reloading {
             info!("reloading: a reload was under way; starting over");
         }
-        info!("reloading: replacing {} workers one at a time", slots.len());
+        info!(
+            "reloading: replacing {} one at a time",
+            crate::logging::count(slots.len(), "worker")
+        );
         tell_systemd(&format!(
             "RELOADING=1\nMONOTONIC_USEC={}\nSTATUS=reloading",
             monotonic_usec()
@@ -887,7 +892,10 @@ impl EventLoop {
             ..Slot::default()
         };
         let total = self.slots.iter().filter(|s| s.active).count();
-        info!("adding a worker: {total} workers");
+        info!(
+            "adding a worker: {}",
+            crate::logging::count(total, "worker")
+        );
         self.restart_slot(slot);
     }
 
@@ -909,7 +917,10 @@ impl EventLoop {
             warn!("{LAST_WORKER}");
             return refuse(LAST_WORKER, reply);
         };
-        info!("removing a worker: {} workers", active.len() - 1);
+        info!(
+            "removing a worker: {}",
+            crate::logging::count(active.len() - 1, "worker")
+        );
         self.drop_slot_listener(slot);
         let s = &mut self.slots[slot];
         s.active = false;
@@ -1139,10 +1150,10 @@ impl EventLoop {
     fn no_hello(&mut self, id: u64, pid: u32, what: &str) {
         warn!(
             worker = id,
-            "worker {id} (pid {pid}) {what}: does it speak the distributor protocol? Under --sched rr the primary hands connections over the protocol (docs/PROTOCOL.md); a server that listens by itself runs under --sched reuseport or shared, taking its listening socket as fd 3 (socket activation: uvicorn --fd 3, gunicorn, any LISTEN_FDS program), and a Node app as `-- node app.js`"
+            "worker {id} (pid {pid}) {what}: does it speak the distributor protocol? Under --sched rr the primary hands connections over the protocol (docs/PROTOCOL.md); a server that listens by itself runs under --sched reuseport or shared, taking its listening socket as fd 3 (socket activation: uvicorn --fd 3, gunicorn, any LISTEN_FDS program; add --ready start if it never speaks the protocol), and a Node app as `-- node app.js`"
         );
         self.problem = Some(format!(
-            "worker {id} {what}: does it speak the distributor protocol? (--sched reuseport for a server that listens by itself; see the log)"
+            "worker {id} {what}: does it speak the distributor protocol? (--sched reuseport --ready start for a server that listens by itself on fd 3; see the log)"
         ));
     }
 

@@ -216,6 +216,8 @@ fn text_logs_say_each_thing_once() {
     let mark = p.log().len();
     p.signal(Signal::SIGHUP);
     p.log().wait_for_from(mark, "reload complete");
+    p.wait_exited(1);
+    p.wait_exited(2);
     p.signal(Signal::SIGTERM);
     assert_eq!(p.proc.expect_exit(DEADLINE).code(), Some(0));
     assert!(p.log().wait_closed(DEADLINE));

@@ -56,6 +56,7 @@ fn main() {
             duration_s: seconds as f64,
             keepalive,
             path: "/".into(),
+            cores: std::thread::available_parallelism().map_or(0, |n| n.get()),
         };
         println!("{}", report::table(&meta, &reports));
     }

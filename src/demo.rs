@@ -329,12 +329,15 @@ pub fn run_demo_worker(mut listener: WorkerListener) -> io::Result<()> {
         if listener.accept_paused() {
             wake = wake.min(now + crate::worker::ACCEPT_RETRY);
         }
+        listener.flush_reports()?;
+        if let Some(report) = listener.report_timeout() {
+            wake = wake.min(now + report);
+        }
         let timeout = if again.is_empty() {
             wake.saturating_duration_since(now)
         } else {
             Duration::ZERO
         };
-        listener.flush_reports()?;
         if let Err(e) = poll.poll(&mut events, Some(timeout)) {
             if e.kind() == io::ErrorKind::Interrupted {
                 continue;

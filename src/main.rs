@@ -212,8 +212,8 @@ enum Sub {
 
 #[derive(Debug, Args)]
 struct CompareArgs {
-    /// Number of worker processes [default: available CPUs]; more workers
-    /// than cores is where kernel imbalance shows
+    /// Number of worker processes [default: twice the available CPUs, so
+    /// that workers compete for cores, where kernel balancing turns uneven]
     #[arg(short, long, value_name = "N", value_parser = parse_workers)]
     workers: Option<usize>,
 
@@ -568,10 +568,9 @@ fn compare(args: CompareArgs) -> anyhow::Result<()> {
             .collect::<Vec<_>>()
             .join(" ")
     };
+    let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
     let opts = CompareOptions {
-        workers: args
-            .workers
-            .unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get())),
+        workers: args.workers.unwrap_or(2 * cores),
         scheds: args.sched,
         duration: args.duration,
         connections: args.connections,
@@ -612,6 +611,7 @@ fn compare(args: CompareArgs) -> anyhow::Result<()> {
         connections: opts.connections,
         duration_s: opts.duration.as_secs_f64(),
         keepalive: opts.keepalive,
+        cores,
         path: match &opts.slow {
             Some(slow) => format!(
                 "{}, {:.1}% GET {}",

@@ -103,6 +103,9 @@ pub struct TokioWorkerListener {
     stop: ::tokio::sync::watch::Sender<bool>,
     /// Kernel modes, near the fd limit: when to try accepting again.
     retry: Option<std::pin::Pin<Box<::tokio::time::Sleep>>>,
+    /// Kernel modes, idle with an unreported count: when to report it
+    /// ([`WorkerListener::report_timeout`]).
+    report: Option<std::pin::Pin<Box<::tokio::time::Sleep>>>,
 }
 
 impl TokioWorkerListener {
@@ -140,6 +143,7 @@ impl TokioWorkerListener {
             listener: accepting,
             stop: ::tokio::sync::watch::Sender::new(false),
             retry: None,
+            report: None,
         })
     }
 
@@ -274,6 +278,22 @@ impl TokioWorkerListener {
                             self.retry = None;
                             continue;
                         }
+                    }
+                    // Idle with an unreported count: report it when due.
+                    if let Err(e) = self.inner.flush_reports() {
+                        return Poll::Ready(Err(e));
+                    }
+                    match self.inner.report_timeout() {
+                        Some(due) => {
+                            let timer = self
+                                .report
+                                .get_or_insert_with(|| Box::pin(::tokio::time::sleep(due)));
+                            if timer.as_mut().poll(cx).is_ready() {
+                                self.report = None;
+                                continue;
+                            }
+                        }
+                        None => self.report = None,
                     }
                     if channel.is_none() && listener.is_none() {
                         return Poll::Pending;

@@ -392,9 +392,11 @@ impl WorkerListener {
         Ok(())
     }
 
-    /// Sends the DONE total now if it changed: for event loops that wait
-    /// on their own (mio) rather than in `accept`/`next_event`; call it
-    /// before waiting.
+    /// Sends the DONE total now if it changed, and in a kernel mode the
+    /// STATS total if it changed and 100 ms have passed since the last:
+    /// for event loops that wait on their own (mio) rather than in
+    /// `accept`/`next_event`; call it before waiting, and wait at most
+    /// [`WorkerListener::report_timeout`].
     pub fn flush_reports(&mut self) -> io::Result<()> {
         if self.reports_wanted && self.finished != self.finished_reported {
             let mut enc = Encoder::default();
@@ -402,7 +404,27 @@ impl WorkerListener {
                 .send(enc.done(self.finished).as_bytes(), &[], false)?;
             self.finished_reported = self.finished;
         }
+        if self.stats_due().is_some_and(|t| t <= Instant::now()) {
+            self.report()?;
+        }
         Ok(())
+    }
+
+    /// In a kernel mode, with accepted connections not reported yet: how
+    /// long an event loop that waits on its own may wait before it calls
+    /// [`WorkerListener::flush_reports`] (or `accept`/`next_event`), so
+    /// that the primary's figures lag at most 100 ms behind. `None` when
+    /// there is nothing to report.
+    pub fn report_timeout(&self) -> Option<Duration> {
+        self.stats_due()
+            .map(|t| t.saturating_duration_since(Instant::now()))
+    }
+
+    /// When the unreported STATS total is due (100 ms after the last
+    /// STATS); `None` when the primary has the current total.
+    fn stats_due(&self) -> Option<Instant> {
+        (self.listener.is_some() && self.accepted != self.reported)
+            .then(|| self.last_report + REPORT_EVERY)
     }
 
     /// Whether events already received wait to be taken: the next
@@ -531,13 +553,17 @@ impl WorkerListener {
             if self.nonblocking {
                 return Err(io::ErrorKind::WouldBlock.into());
             }
+            // Idle: the count reaches the primary within 100 ms.
+            self.flush_reports()?;
+            let report = self.report_timeout();
             let listener = self.listener.as_ref().expect("checked above");
             if self.stopping {
                 sys::wait_readable(&[self.channel.as_fd()], None)?;
             } else if self.accept_paused {
-                sys::wait_readable(&[self.channel.as_fd()], Some(ACCEPT_RETRY))?;
+                let wait = report.map_or(ACCEPT_RETRY, |r| r.min(ACCEPT_RETRY));
+                sys::wait_readable(&[self.channel.as_fd()], Some(wait))?;
             } else {
-                sys::wait_readable(&[self.channel.as_fd(), listener.as_fd()], None)?;
+                sys::wait_readable(&[self.channel.as_fd(), listener.as_fd()], report)?;
             }
         }
     }

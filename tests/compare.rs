@@ -95,3 +95,62 @@ fn a_bad_duration_is_one_clear_line() {
         "{stderr}"
     );
 }
+
+/// With keep-alive the report counts connections too: rr places them
+/// exactly evenly (8 connections over 2 workers: 4 each), and the output
+/// says how to read request shares then. Without `-w`, the default is two
+/// workers per core, so that workers compete for cores.
+#[test]
+fn keepalive_reports_connection_shares_and_the_default_is_two_workers_per_core() {
+    let out = compare(&["--sched", "rr,shared", "--keepalive", "--json"]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let doc: serde_json::Value = serde_json::from_slice(&out.stdout).expect("JSON");
+    let rr = &doc["modes"][0];
+    assert_eq!(rr["mode"], "rr");
+    assert_eq!(
+        rr["conn_share_pct"],
+        serde_json::json!([50.0, 50.0]),
+        "{rr}"
+    );
+    let conns: Vec<u64> = rr["per_worker"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|w| w["connections"].as_u64().expect("connections"))
+        .collect();
+    assert_eq!(conns, [4, 4], "{rr}");
+    let shared = &doc["modes"][1];
+    let total: u64 = shared["per_worker"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|w| w["connections"].as_u64().unwrap_or(0))
+        .sum();
+    assert_eq!(total, 8, "every connection counted once: {shared}");
+
+    let table = compare(&["--sched", "rr", "--keepalive"]);
+    let text = String::from_utf8_lossy(&table.stdout);
+    assert!(text.contains("conns min–max %"), "{text}");
+    assert!(
+        text.contains("keep-alive: each connection is placed once"),
+        "{text}"
+    );
+
+    let out = Command::new(util::bin())
+        .args(["compare", "-d", "200ms", "-c", "4", "-s", "rr", "--json"])
+        .output()
+        .expect("run distributor compare");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let doc: serde_json::Value = serde_json::from_slice(&out.stdout).expect("JSON");
+    let cores = std::thread::available_parallelism().map_or(1, |n| n.get()) as u64;
+    assert_eq!(doc["meta"]["workers"].as_u64(), Some(2 * cores), "{doc}");
+    assert_eq!(doc["meta"]["cores"].as_u64(), Some(cores), "{doc}");
+}

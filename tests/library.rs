@@ -368,3 +368,35 @@ fn a_program_can_wait_for_a_reload_or_a_scale_to_finish() {
         .expect_err("the primary has stopped");
     assert_eq!(e.kind(), ErrorKind::NotConnected, "{e}");
 }
+
+/// In a kernel mode a worker accepts by itself and reports its count: an
+/// idle worker reports within 100 ms, not at the next heartbeat (5 s with
+/// the default 30 s worker timeout), so `Handle::stats` is current soon
+/// after a burst ends.
+#[test]
+fn kernel_mode_counts_reach_the_primary_soon_after_a_burst() {
+    let Library {
+        addr,
+        events,
+        handle,
+        runner,
+        ..
+    } = run_library(
+        Primary::builder()
+            .workers(1)
+            .listener(plain_listener())
+            .sched(Sched::Shared)
+            .command(demo_command()),
+    );
+    util::wait_ready_events(&events, 1, true);
+    // Past the STATS sent after HELLO: the next one is not held back by
+    // the 100 ms spacing.
+    std::thread::sleep(Duration::from_millis(200));
+    for _ in 0..3 {
+        assert_eq!(get_once(addr).expect("request").status, 200);
+    }
+    let counted = || handle.stats().expect("stats").workers[0].connections;
+    let reported = util::poll_until(Duration::from_millis(2500), || counted() == 3);
+    assert!(reported, "the count is {} after 2.5 s, not 3", counted());
+    util::shut_down(&handle, runner);
+}

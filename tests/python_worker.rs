@@ -210,18 +210,23 @@ fn the_minimal_python_worker_does_what_the_protocol_asks() {
     assert!(r.worker().0 >= 4, "{r:?}");
 
     // A connection handed over before SIGTERM, its request sent after.
-    let worker_fds = || -> usize {
-        primary
-            .alive_workers()
-            .iter()
-            .map(|(_, pid)| std::fs::read_dir(format!("/proc/{pid}/fd")).map_or(0, |d| d.count()))
-            .sum()
-    };
-    let before = worker_fds();
     let mut slow = std::net::TcpStream::connect(primary.addr).unwrap();
     slow.set_read_timeout(Some(DEADLINE)).unwrap();
+    // The server side of this connection, by its socket inode, in a
+    // worker's fds: handed over.
+    let inode = server_side_inode(primary.addr.port(), slow.local_addr().unwrap().port());
+    let held = || {
+        primary.alive_workers().iter().any(|(_, pid)| {
+            std::fs::read_dir(format!("/proc/{pid}/fd")).is_ok_and(|d| {
+                d.flatten().any(|e| {
+                    std::fs::read_link(e.path())
+                        .is_ok_and(|t| t.to_string_lossy() == format!("socket:[{inode}]"))
+                })
+            })
+        })
+    };
     assert!(
-        util::poll_until(DEADLINE, || worker_fds() > before),
+        util::poll_until(DEADLINE, held),
         "the connection never reached a worker"
     );
     primary.signal(Signal::SIGTERM);
@@ -328,4 +333,22 @@ fn a_kernel_mode_worker_that_never_reports_is_named() {
     std::thread::sleep(std::time::Duration::from_millis(1500));
     assert_eq!(good.log().count("no STATS"), 0, "{}", good.log().dump());
     good.terminate_promptly();
+}
+
+/// The inode of the accepted socket of the IPv4 loopback connection
+/// between `server` port and `client` port, from /proc/net/tcp.
+fn server_side_inode(server: u16, client: u16) -> u64 {
+    let deadline = std::time::Instant::now() + DEADLINE;
+    loop {
+        let table = std::fs::read_to_string("/proc/net/tcp").unwrap();
+        for line in table.lines().skip(1) {
+            let f: Vec<&str> = line.split_whitespace().collect();
+            let port = |a: &str| u16::from_str_radix(a.rsplit(':').next().unwrap(), 16).unwrap();
+            if port(f[1]) == server && port(f[2]) == client && f[9] != "0" {
+                return f[9].parse().unwrap();
+            }
+        }
+        assert!(std::time::Instant::now() < deadline, "no such connection");
+        std::thread::sleep(std::time::Duration::from_millis(10));
+    }
 }

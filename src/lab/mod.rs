@@ -194,6 +194,14 @@ fn run_mode(
         let _ = runner.join();
         return Err(e);
     }
+    // In the kernel modes workers report what they accept within 100 ms:
+    // let the figures settle before each snapshot.
+    let settle = || {
+        if mode.is_kernel() {
+            thread::sleep(Duration::from_millis(250));
+        }
+    };
+    settle();
     let before = handle.stats().ok();
     spec.duration = opts.duration;
     let total = opts.duration;
@@ -216,6 +224,7 @@ fn run_mode(
         }
         generator.join().expect("the load generator does not panic")
     });
+    settle();
     let after = handle.stats().ok();
     stop(&handle);
     let _ = runner.join();
@@ -228,21 +237,30 @@ fn run_mode(
         .filter(|w| !w.stopping)
         .map(|w| w.id)
         .collect();
-    if result.per_worker.is_empty() {
-        // The bodies do not name workers: use the primary's figures for
-        // the measured run (connections, not requests).
-        for w in &after.workers {
-            let earlier = before
-                .as_ref()
-                .and_then(|b| b.workers.iter().find(|x| x.id == w.id))
-                .map_or(0, |x| x.connections);
-            let n = w.connections.saturating_sub(earlier);
-            if n > 0 {
-                result.per_worker.insert(w.id, n);
-            }
+    // Connections each worker took during the measured run, from the
+    // primary's figures.
+    let mut connections = std::collections::BTreeMap::new();
+    for w in &after.workers {
+        let earlier = before
+            .as_ref()
+            .and_then(|b| b.workers.iter().find(|x| x.id == w.id))
+            .map_or(0, |x| x.connections);
+        let n = w.connections.saturating_sub(earlier);
+        if n > 0 {
+            connections.insert(w.id, n);
         }
     }
-    Ok(ModeReport::new(mode.name(), opts.workers, &result, &ids))
+    if result.per_worker.is_empty() {
+        // The bodies do not name workers: shares of connections, not of
+        // requests.
+        result.per_worker = connections.clone();
+    }
+    let report = ModeReport::new(mode.name(), opts.workers, &result, &ids);
+    Ok(if opts.keepalive {
+        report.with_connections(&connections)
+    } else {
+        report
+    })
 }
 
 /// A line naming this machine: CPU model, cores, kernel.

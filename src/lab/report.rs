@@ -45,6 +45,14 @@ pub struct ModeReport {
     /// Jain's fairness index over `per_worker` (see [`jain`]); 0 without
     /// per-worker data.
     pub jain: f64,
+    /// With keep-alive: the smallest and largest share of the run's
+    /// connections any worker took, % (from the primary's figures; see
+    /// [`ModeReport::with_connections`]). A connection is placed once and
+    /// then carries requests for the whole run, so this is how the mode
+    /// balanced, and the request shares how fast each worker served its
+    /// connections.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub conn_share_pct: Option<(f64, f64)>,
 }
 
 /// What one worker served in a run.
@@ -56,6 +64,9 @@ pub struct WorkerShare {
     pub requests: u64,
     /// Its part of the requests attributed to a worker, %.
     pub share_pct: f64,
+    /// Connections it took during the run, when known (keep-alive runs).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub connections: Option<u64>,
 }
 
 impl ModeReport {
@@ -90,6 +101,7 @@ impl ModeReport {
                 } else {
                     requests as f64 * 100.0 / attributed as f64
                 },
+                connections: None,
             })
             .collect();
         let (share_min_pct, share_max_pct) = if attributed == 0 {
@@ -127,7 +139,27 @@ impl ModeReport {
             share_min_pct,
             share_max_pct,
             jain: jain(&counts),
+            conn_share_pct: None,
         }
+    }
+
+    /// Adds the connections each worker took during the run (`counts`, by
+    /// worker id; a worker missing from it took none) and their smallest
+    /// and largest share. Nothing changes when no connection was counted.
+    pub fn with_connections(mut self, counts: &std::collections::BTreeMap<u64, u64>) -> ModeReport {
+        let total: u64 = counts.values().sum();
+        if total == 0 || self.per_worker.is_empty() {
+            return self;
+        }
+        let (mut lo, mut hi) = (f64::INFINITY, 0.0f64);
+        for w in &mut self.per_worker {
+            let n = counts.get(&w.id).copied().unwrap_or(0);
+            w.connections = Some(n);
+            let pct = n as f64 * 100.0 / total as f64;
+            (lo, hi) = (lo.min(pct), hi.max(pct));
+        }
+        self.conn_share_pct = Some((lo, hi));
+        self
     }
 
     /// Whether any request was attributed to a worker, i.e. whether the
@@ -169,6 +201,8 @@ pub struct Meta {
     pub keepalive: bool,
     /// The request path.
     pub path: String,
+    /// CPU cores of the machine (0 when unknown).
+    pub cores: usize,
 }
 
 impl Meta {
@@ -224,6 +258,11 @@ pub fn table(meta: &Meta, reports: &[ModeReport]) -> String {
         "share min–max %".to_string(),
         "Jain".to_string(),
     ];
+    let conns = reports.iter().any(|r| r.conn_share_pct.is_some());
+    let mut header = header.to_vec();
+    if conns {
+        header.push("conns min–max %".to_string());
+    }
     let mut rows = vec![header];
     for r in reports {
         let (share, jain) = if r.has_shares() {
@@ -234,7 +273,7 @@ pub fn table(meta: &Meta, reports: &[ModeReport]) -> String {
         } else {
             ("n/a".to_string(), "n/a".to_string())
         };
-        rows.push([
+        let mut row = vec![
             r.mode.clone(),
             format!("{:.0}", r.requests_per_sec),
             r.errors.to_string(),
@@ -243,9 +282,16 @@ pub fn table(meta: &Meta, reports: &[ModeReport]) -> String {
             format_latency(r.p999_us, divisor),
             share,
             jain,
-        ]);
+        ];
+        if conns {
+            let cell = r
+                .conn_share_pct
+                .map_or("n/a".to_string(), |(lo, hi)| format!("{lo:.1}–{hi:.1}"));
+            row.push(cell);
+        }
+        rows.push(row);
     }
-    let mut widths = [0usize; 8];
+    let mut widths = vec![0usize; rows[0].len()];
     for row in &rows {
         for (w, cell) in widths.iter_mut().zip(row) {
             *w = (*w).max(cell.chars().count());
@@ -279,7 +325,47 @@ pub fn table(meta: &Meta, reports: &[ModeReport]) -> String {
         "\nshare: each worker's part of the requests{ideal}; \
          Jain: 1 = all served as many, 1/N = one served all."
     );
+    for note in notes(meta, reports) {
+        let _ = writeln!(out, "{note}");
+    }
     out
+}
+
+/// What the figures cannot say by themselves, for the table and the chart:
+/// how keep-alive shares read, and why every mode may come out even.
+pub(super) fn notes(meta: &Meta, reports: &[ModeReport]) -> Vec<String> {
+    let mut notes = Vec::new();
+    if meta.keepalive {
+        notes.push(
+            "keep-alive: each connection is placed once and carries requests for the whole run, \
+             so `conns` shows how a mode balanced (rr: exactly even) and `share` how fast each \
+             worker served its connections (the CPU it got), not the balancing."
+                .to_string(),
+        );
+    }
+    let measured: Vec<&ModeReport> = reports.iter().filter(|r| r.has_shares()).collect();
+    // Even: by requests, and by connections where they were counted.
+    let even = |r: &&ModeReport| {
+        let conns: Vec<u64> = r.per_worker.iter().filter_map(|w| w.connections).collect();
+        r.jain >= 0.98 && (conns.is_empty() || jain(&conns) >= 0.98)
+    };
+    if measured.len() > 1 && measured.iter().all(even) {
+        let why = if meta.cores > 0 && meta.workers <= meta.cores {
+            format!(
+                "{} workers on {} cores: every worker has a core and is kept busy",
+                meta.workers, meta.cores
+            )
+        } else {
+            "every worker was kept busy".to_string()
+        };
+        notes.push(format!(
+            "every mode came out even here ({why}); kernel balancing turns uneven with more \
+             workers than cores (-w {}) or with idle workers (fewer connections, -c, or a \
+             slower app).",
+            (meta.cores * 4).max(8)
+        ));
+    }
+    notes
 }
 
 #[derive(Serialize)]
@@ -335,6 +421,7 @@ pub(super) mod fixtures {
             duration_s: 5.0,
             keepalive: true,
             path: "/?a=1&b=\"2\"".to_string(),
+            cores: 2,
         }
     }
 
@@ -448,6 +535,64 @@ mod tests {
     fn table_in_microseconds_for_small_latencies() {
         let t = table(&meta(), &sample()[..1]);
         assert!(t.contains("p50 µs"), "{t}");
+    }
+
+    #[test]
+    fn connection_shares_with_keepalive() {
+        let counts = std::collections::BTreeMap::from([(0, 48), (1, 16)]);
+        let r = ModeReport::new(
+            "shared",
+            4,
+            &result(&[(0, 50), (1, 50)], &[10]),
+            &[0, 1, 2, 3],
+        )
+        .with_connections(&counts);
+        let conns: Vec<Option<u64>> = r.per_worker.iter().map(|w| w.connections).collect();
+        assert_eq!(conns, [Some(48), Some(16), Some(0), Some(0)]);
+        assert_eq!(r.conn_share_pct, Some((0.0, 75.0)));
+        let none = ModeReport::new("rr", 2, &result(&[(0, 1)], &[10]), &[0, 1])
+            .with_connections(&std::collections::BTreeMap::new());
+        assert_eq!(none.conn_share_pct, None);
+        // The table grows a column, after Jain, and says how to read it.
+        let mut m = meta();
+        let t = table(&m, std::slice::from_ref(&r));
+        assert!(
+            t.lines().any(|l| l.ends_with("Jain  conns min–max %")),
+            "{t}"
+        );
+        assert!(
+            t.lines()
+                .any(|l| l.starts_with("shared") && l.ends_with("0.0–75.0")),
+            "{t}"
+        );
+        assert!(
+            t.contains("keep-alive: each connection is placed once"),
+            "{t}"
+        );
+        // Requests even but connections not: no claim that all came out even.
+        assert!(!t.contains("every mode came out even"), "{t}");
+        m.keepalive = false;
+        assert!(!table(&m, &[r]).contains("keep-alive:"));
+    }
+
+    #[test]
+    fn an_even_run_says_why_it_is_even() {
+        let mut m = meta();
+        m.keepalive = false;
+        let even = vec![sample()[0].clone(), sample()[0].clone()];
+        m.workers = 2;
+        let t = table(&m, &even);
+        assert!(
+            t.contains(
+                "every mode came out even here (2 workers on 2 cores: every worker has a core"
+            ),
+            "{t}"
+        );
+        assert!(t.contains("(-w 8)"), "{t}");
+        m.workers = 4;
+        assert!(table(&m, &even).contains("(every worker was kept busy)"));
+        // One uneven mode: no such note.
+        assert!(!table(&m, &sample()).contains("came out even"));
     }
 
     #[test]

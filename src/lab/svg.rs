@@ -11,14 +11,18 @@ mod shares;
 
 use std::fmt::Write as _;
 
-use super::report::{Meta, ModeReport};
+use super::report::{Meta, ModeReport, notes};
 use latency::latency_panel;
 use shares::shares_panel;
 
 const FONT: &str = "font-family=\"DejaVu Sans, Helvetica, Arial, sans-serif\"";
 
 const WIDTH: f64 = 1200.0;
-const HEIGHT: f64 = 570.0;
+/// The height without notes; each line of notes adds [`NOTE_LINE`].
+const HEIGHT: f64 = 590.0;
+const NOTE_LINE: f64 = 15.0;
+/// Characters per line of notes (11 px sans).
+const NOTE_WIDTH: usize = 180;
 const PLOT_TOP: f64 = 120.0;
 const PLOT_BOTTOM: f64 = 460.0;
 
@@ -28,17 +32,22 @@ const PLOT_BOTTOM: f64 = 460.0;
 /// its exact value; all text is XML-escaped.
 pub fn svg(meta: &Meta, reports: &[ModeReport]) -> String {
     let mut out = String::with_capacity(16 * 1024);
+    let notes: Vec<String> = notes(meta, reports)
+        .iter()
+        .flat_map(|n| wrap(n, NOTE_WIDTH))
+        .collect();
+    let height = HEIGHT + NOTE_LINE * notes.len() as f64;
     let _ = writeln!(
         out,
-        "<svg xmlns=\"http://www.w3.org/2000/svg\" width=\"{WIDTH}\" height=\"{HEIGHT}\" \
-         viewBox=\"0 0 {WIDTH} {HEIGHT}\" {FONT} fill=\"#222\">"
+        "<svg xmlns=\"http://www.w3.org/2000/svg\" width=\"{WIDTH}\" height=\"{height}\" \
+         viewBox=\"0 0 {WIDTH} {height}\" {FONT} fill=\"#222\">"
     );
     let _ = writeln!(
         out,
         "<title>{}</title>",
         escape(&format!("distributor compare: {}", meta.settings()))
     );
-    rect(&mut out, 0.0, 0.0, WIDTH, HEIGHT, "#ffffff", "");
+    rect(&mut out, 0.0, 0.0, WIDTH, height, "#ffffff", "");
     let title = format!("distributor compare: {}", shorten(&meta.settings(), 120));
     // Bold sans glyphs average about 0.62 em: shrink a long title to fit.
     let fit = (WIDTH - 40.0) / (0.62 * title.chars().count() as f64);
@@ -76,6 +85,17 @@ pub fn svg(meta: &Meta, reports: &[ModeReport]) -> String {
         "Share: each worker's part of the requests. Jain's index: 1 = all served as many, \
          1/N = one served all. Hover a bar for its exact value.",
     );
+    for (k, note) in notes.iter().enumerate() {
+        text(
+            &mut out,
+            WIDTH / 2.0,
+            HEIGHT - 14.0 + NOTE_LINE * (k + 1) as f64,
+            11,
+            "middle",
+            "fill=\"#666\"",
+            note,
+        );
+    }
     out.push_str("</svg>\n");
     out
 }
@@ -162,6 +182,33 @@ fn slot_note(out: &mut String, center: f64, note: &str) {
     );
 }
 
+/// About how wide `content` is at `size` px (sans glyphs average about
+/// 0.6 em), for placing labels.
+fn text_length(content: &str, size: u32) -> f64 {
+    content.chars().count() as f64 * f64::from(size) * 0.6
+}
+
+/// Text that runs upwards from (`x`, `y`), centred on `x`: `anchor`
+/// `start` puts its start at `y`, `end` its end.
+fn upward_text(
+    out: &mut String,
+    x: f64,
+    y: f64,
+    size: u32,
+    anchor: &str,
+    extra: &str,
+    content: &str,
+) {
+    // Rotated, the glyphs lie left of the baseline: shift by about half
+    // their height to centre them on `x`.
+    let _ = writeln!(
+        out,
+        "<text transform=\"translate({:.1} {y:.1}) rotate(-90)\" font-size=\"{size}\" text-anchor=\"{anchor}\" {extra}>{}</text>",
+        x + f64::from(size) * 0.35,
+        escape(content)
+    );
+}
+
 /// Text anchored at (`x`, `y`).
 fn text(out: &mut String, x: f64, y: f64, size: u32, anchor: &str, extra: &str, content: &str) {
     let _ = writeln!(
@@ -200,6 +247,23 @@ fn escape(s: &str) -> String {
         }
     }
     out
+}
+
+/// `s` in lines of at most `width` characters, cut between words.
+fn wrap(s: &str, width: usize) -> Vec<String> {
+    let mut lines = vec![String::new()];
+    for word in s.split_whitespace() {
+        let last = lines.last_mut().expect("one line at least");
+        if !last.is_empty() && last.chars().count() + 1 + word.chars().count() > width {
+            lines.push(word.to_string());
+        } else {
+            if !last.is_empty() {
+                last.push(' ');
+            }
+            last.push_str(word);
+        }
+    }
+    lines
 }
 
 /// At most `max` characters of `s`, with `…` when cut.
@@ -282,6 +346,68 @@ mod tests {
         let empty = svg(&meta(), &[]);
         assert_well_formed(&empty);
         assert!(empty.contains("no runs"));
+    }
+
+    /// The latency labels, which run upwards, never overlap one another
+    /// and stay inside the chart, for 1 to 8 modes (the clipped `1.15 m`
+    /// of horizontal labels on neighbouring bars).
+    #[test]
+    fn latency_labels_never_overlap() {
+        let base = sample();
+        for n in 1..=8 {
+            let reports: Vec<ModeReport> = (0..n).map(|k| base[k % 2].clone()).collect();
+            let doc = svg(&meta(), &reports);
+            let height: f64 = doc
+                .split("height=\"")
+                .nth(1)
+                .and_then(|h| h.split('"').next())
+                .and_then(|h| h.parse().ok())
+                .expect("a height");
+            // (left, right, top, bottom) of each upward label.
+            let mut boxes: Vec<(f64, f64, f64, f64)> = Vec::new();
+            for el in doc.split("<text transform=\"translate(").skip(1) {
+                if !el.contains("rotate(-90)\" font-size=\"1") || el.contains("font-size=\"13\"") {
+                    continue; // the axis titles
+                }
+                let nums: Vec<f64> = el
+                    .split(')')
+                    .next()
+                    .unwrap()
+                    .split(' ')
+                    .map(|v| v.parse().unwrap())
+                    .collect();
+                let (x, y) = (nums[0], nums[1]);
+                let size: f64 = el.split("font-size=\"").nth(1).unwrap()[..2]
+                    .parse()
+                    .unwrap();
+                let content = &el[el.find('>').unwrap() + 1..el.find("</text>").unwrap()];
+                let len = text_length(content, size as u32);
+                let (top, bottom) = if el.contains("text-anchor=\"end\"") {
+                    (y, y + len)
+                } else {
+                    (y - len, y)
+                };
+                boxes.push((x - 0.8 * size, x + 0.2 * size, top, bottom));
+            }
+            assert_eq!(boxes.len(), 3 * n, "one label per latency bar");
+            for (i, a) in boxes.iter().enumerate() {
+                assert!(
+                    a.0 >= 0.0 && a.1 <= WIDTH && a.2 >= 70.0 && a.3 <= height,
+                    "{a:?}"
+                );
+                for b in &boxes[i + 1..] {
+                    let apart = a.1 <= b.0 || b.1 <= a.0 || a.3 <= b.2 || b.3 <= a.2;
+                    assert!(apart, "{n} modes: labels overlap: {a:?} {b:?}");
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn wrap_cuts_between_words() {
+        assert_eq!(wrap("aa bb cc", 5), ["aa bb", "cc"]);
+        assert_eq!(wrap("a", 5), ["a"]);
+        assert_eq!(wrap("toolongword x", 4), ["toolongword", "x"]);
     }
 
     #[test]

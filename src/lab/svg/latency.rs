@@ -1,7 +1,10 @@
 //! The chart's right panel: latency percentiles (p50, p99, p99.9) per mode,
 //! on a log scale.
 
-use super::{PLOT_BOTTOM, PLOT_TOP, axes, line, mode_name, panel_title, rect, slot_note, text};
+use super::{
+    PLOT_BOTTOM, PLOT_TOP, axes, line, mode_name, panel_title, rect, slot_note, text, text_length,
+    upward_text,
+};
 use crate::lab::report::ModeReport;
 
 const LATENCY_COLORS: [(&str, &str); 3] =
@@ -136,18 +139,24 @@ pub(super) fn latency_panel(out: &mut String, reports: &[ModeReport], left: f64,
                 color,
                 &format!("{}: {name} {}", r.mode, human_latency(us)),
             );
-            // On narrow bars the middle label goes a line higher, so that
-            // neighbours of about the same height do not overlap.
-            let lift = if bar < 56.0 && k == 1 { 16.0 } else { 5.0 };
-            text(
-                out,
-                x + bar / 2.0,
-                y - lift,
-                if bar >= 44.0 { 11 } else { 10 },
-                "middle",
-                "",
-                &human_latency(us),
-            );
+            // Labels run upwards, one per bar, so that neighbours never
+            // overlap however narrow the bars: inside a bar tall enough
+            // (white), else above it.
+            let label = human_latency(us);
+            let size = if bar >= 20.0 { 11 } else { 10 };
+            let inside = PLOT_BOTTOM - y >= text_length(&label, size) + 10.0;
+            let (at, anchor, fill) = if inside {
+                // Dark on the light p50 bar, white on the others.
+                let fill = if k == 0 {
+                    "fill=\"#08306b\""
+                } else {
+                    "fill=\"#ffffff\""
+                };
+                (y + 5.0, "end", fill)
+            } else {
+                (y - 4.0, "start", "")
+            };
+            upward_text(out, x + bar / 2.0, at, size, anchor, fill, &label);
         }
     }
 }

@@ -7,6 +7,8 @@ use crate::lab::report::ModeReport;
 const MODE_COLORS: [&str; 8] = [
     "#4e79a7", "#f28e2b", "#59a14f", "#e15759", "#76b7b2", "#b07aa1", "#9c755f", "#edc948",
 ];
+/// The mark of a worker's share of the connections (keep-alive runs).
+const CONN_MARK: &str = "stroke=\"#111111\" stroke-width=\"3\"";
 /// Worker ids are written under bars at least this wide.
 const ID_LABEL_MIN_BAR: f64 = 14.0;
 
@@ -44,21 +46,47 @@ pub(super) fn shares_panel(out: &mut String, reports: &[ModeReport], left: f64, 
         "",
         "ideal share (1/N)",
     );
-    let max_share = reports
-        .iter()
-        .flat_map(|r| {
-            let ideal = if r.per_worker.is_empty() {
-                0.0
-            } else {
-                100.0 / r.per_worker.len() as f64
-            };
-            r.per_worker
-                .iter()
-                .map(|w| w.share_pct)
-                .chain([ideal * 1.5])
-        })
-        .fold(0.0, f64::max)
-        .clamp(1.0, 100.0);
+    let conns = reports.iter().any(|r| r.conn_share_pct.is_some());
+    if conns {
+        let x = legend_x + 4.0;
+        line(
+            out,
+            x,
+            PLOT_TOP - 19.0,
+            x + 20.0,
+            PLOT_TOP - 19.0,
+            CONN_MARK,
+        );
+        text(
+            out,
+            x + 30.0,
+            PLOT_TOP - 15.0,
+            12,
+            "start",
+            "",
+            "share of connections",
+        );
+    }
+    let max_share =
+        reports
+            .iter()
+            .flat_map(|r| {
+                let ideal = if r.per_worker.is_empty() {
+                    0.0
+                } else {
+                    100.0 / r.per_worker.len() as f64
+                };
+                let total: u64 = r.per_worker.iter().filter_map(|w| w.connections).sum();
+                r.per_worker
+                    .iter()
+                    .map(|w| w.share_pct)
+                    .chain(r.per_worker.iter().filter_map(move |w| {
+                        Some(w.connections? as f64 * 100.0 / total.max(1) as f64)
+                    }))
+                    .chain([ideal * 1.5])
+            })
+            .fold(0.0, f64::max)
+            .clamp(1.0, 100.0);
     let step = nice_step(max_share, 5.0);
     let top = (max_share / step).ceil() * step;
     let y_of = |v: f64| PLOT_BOTTOM - v / top * (PLOT_BOTTOM - PLOT_TOP);
@@ -109,6 +137,18 @@ pub(super) fn shares_panel(out: &mut String, reports: &[ModeReport], left: f64, 
             "fill=\"#555\"",
             &format!("{:.1}–{:.1} %", r.share_min_pct, r.share_max_pct),
         );
+        if let Some((lo, hi)) = r.conn_share_pct {
+            text(
+                out,
+                center,
+                PLOT_BOTTOM + 88.0,
+                12,
+                "middle",
+                "fill=\"#555\"",
+                &format!("conns {lo:.0}–{hi:.0} %"),
+            );
+        }
+        let conn_total: u64 = r.per_worker.iter().filter_map(|w| w.connections).sum();
         let n = r.per_worker.len() as f64;
         let bar = inner / n;
         // Label the first largest and the first smallest bar only, and
@@ -137,6 +177,22 @@ pub(super) fn shares_panel(out: &mut String, reports: &[ModeReport], left: f64, 
                     r.mode, w.id, w.requests, w.share_pct
                 ),
             );
+            if let Some(c) = w.connections.filter(|_| conn_total > 0) {
+                let pct = c as f64 * 100.0 / conn_total as f64;
+                let cy = y_of(pct);
+                let _ = std::fmt::Write::write_fmt(
+                    out,
+                    format_args!(
+                        "<line x1=\"{:.1}\" y1=\"{cy:.1}\" x2=\"{:.1}\" y2=\"{cy:.1}\" {CONN_MARK}><title>{}</title></line>\n",
+                        x,
+                        x + bar,
+                        super::escape(&format!(
+                            "{}: worker {}: {c} connections, {pct:.1} %",
+                            r.mode, w.id
+                        ))
+                    ),
+                );
+            }
             if bar >= ID_LABEL_MIN_BAR {
                 text(
                     out,

@@ -177,9 +177,18 @@ impl EventLoop {
     /// and its slot gets a new worker now (with backoff if it died young)
     /// rather than when it finally exits.
     pub(super) fn cut_off(&mut self, i: usize) {
+        self.cut_off_because(i, false);
+    }
+
+    /// [`EventLoop::cut_off`]; `gone` when the worker closed its channel,
+    /// which is most often its exit seen before its SIGCHLD (a `kill -9`):
+    /// one that was ready and served is then replaced at once, as its exit
+    /// would have been, not with backoff.
+    fn cut_off_because(&mut self, i: usize, gone: bool) {
         let Some(w) = self.workers[i].as_mut() else {
             return;
         };
+        let served = gone && w.served && w.taken > 0;
         let replace = !w.stopping && w.role == Role::Current && self.shutdown_at.is_none();
         let (slot, uptime) = (w.slot, self.now.saturating_duration_since(w.started));
         if replace {
@@ -206,7 +215,6 @@ impl EventLoop {
         }
         if replace && self.slots[slot].current == Some(i) {
             // Cut off (hung, broke the protocol): backoff, whatever it did.
-            let served = false;
             self.slot_lost_worker(slot, Lost::Failed { uptime, served });
         }
     }
@@ -241,7 +249,7 @@ impl EventLoop {
                     "worker {} (pid {}) closed its channel", w.id, w.pid
                 );
             }
-            self.cut_off(i);
+            self.cut_off_because(i, true);
             return;
         }
         if w.spoke {

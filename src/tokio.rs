@@ -270,29 +270,16 @@ impl TokioWorkerListener {
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
                     // Accepting paused near the fd limit: no readiness may
                     // come for what is queued, so look again in a while.
-                    if self.inner.accept_paused() {
-                        let retry = self
-                            .retry
-                            .get_or_insert_with(|| Box::pin(::tokio::time::sleep(ACCEPT_RETRY)));
-                        if retry.as_mut().poll(cx).is_ready() {
-                            self.retry = None;
-                            continue;
-                        }
+                    if self.inner.accept_paused() && fired(&mut self.retry, ACCEPT_RETRY, cx) {
+                        continue;
                     }
                     // Idle with an unreported count: report it when due.
                     if let Err(e) = self.inner.flush_reports() {
                         return Poll::Ready(Err(e));
                     }
                     match self.inner.report_timeout() {
-                        Some(due) => {
-                            let timer = self
-                                .report
-                                .get_or_insert_with(|| Box::pin(::tokio::time::sleep(due)));
-                            if timer.as_mut().poll(cx).is_ready() {
-                                self.report = None;
-                                continue;
-                            }
-                        }
+                        Some(due) if fired(&mut self.report, due, cx) => continue,
+                        Some(_) => {}
                         None => self.report = None,
                     }
                     if channel.is_none() && listener.is_none() {
@@ -309,6 +296,22 @@ impl TokioWorkerListener {
                 result => return Poll::Ready(result),
             }
         }
+    }
+}
+
+/// Polls the timer in `slot`, started for `after` if there is none; true
+/// (and the slot emptied) once it has fired, else it wakes `cx` then.
+fn fired(
+    slot: &mut Option<std::pin::Pin<Box<::tokio::time::Sleep>>>,
+    after: std::time::Duration,
+    cx: &mut Context<'_>,
+) -> bool {
+    let timer = slot.get_or_insert_with(|| Box::pin(::tokio::time::sleep(after)));
+    if timer.as_mut().poll(cx).is_ready() {
+        *slot = None;
+        true
+    } else {
+        false
     }
 }
 

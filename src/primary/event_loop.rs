@@ -48,9 +48,10 @@ use signal_hook_mio::v1_0::Signals;
 use tracing::{debug, error, info, warn};
 
 use super::backoff::Backoff;
+use super::custody::{Ledger, NotHeld};
 use super::metrics::{self, MetricsServer};
 use super::node::link::Read as NodeRead;
-use super::process::{Link, Protocol, Role, WorkerCommand, WorkerProc};
+use super::process::{Conn, Link, Protocol, Role, WorkerCommand, WorkerProc};
 use super::servers::{self, Server};
 use super::stats::{Replacement, SlotStats, WorkerState};
 use super::{Control, Event, Handle, Sched, Stats, WorkerStats};
@@ -227,7 +228,9 @@ pub(crate) struct EventLoop {
     pub(super) live_sched: Sched,
     /// The policy's view of the workers, reused for each connection.
     pub(super) candidates: Vec<super::policy::Candidate>,
-    /// Workers with connections staged in their batch this turn.
+    /// Custody of every accepted connection, and the workers' figures.
+    pub(super) ledger: Ledger<Conn>,
+    /// Workers whose staged batch is being sent (reused).
     pub(super) batched: Vec<usize>,
     /// Accepting paused after an accept error, until then.
     pub(super) accept_paused_until: Option<Instant>,
@@ -340,6 +343,7 @@ impl EventLoop {
             next_ping: 1,
             live_sched,
             candidates: Vec::new(),
+            ledger: Ledger::default(),
             batched: Vec::new(),
             accept_paused_until: None,
             accept_warned_at: None,
@@ -507,7 +511,7 @@ impl EventLoop {
             self.pump();
             self.watch_channels(seq);
         }
-        let held: usize = self.servers.iter().map(|s| s.pending.len()).sum();
+        let held = self.ledger.held_total();
         if held > 0 {
             warn!("closing {held} accepted connections that no worker could take before shutdown");
         }
@@ -632,7 +636,7 @@ impl EventLoop {
             || self.reload.step.is_some()
             || !self.reload.queue.is_empty()
             || self.accept_paused_until.is_some()
-            || self.servers.iter().any(|s| !s.pending.is_empty())
+            || self.ledger.held_total() > 0
             || self.workers.iter().flatten().any(|w| {
                 w.channel
                     .as_ref()
@@ -851,18 +855,18 @@ impl EventLoop {
                 None
             }
             ToPrimary::Ack(ids) => {
+                let limited = w.max_requests.is_some();
                 for id in ids {
-                    if w.unacked.remove(&id).is_none() {
+                    if let Err(NotHeld(id)) = self.ledger.ack(i, id) {
                         return Some(format!(
                             "acknowledged connection {id}, which it does not hold"
                         ));
                     }
-                    w.taken += 1;
                 }
                 // The primary's copies are closed now: room for more, and
                 // fds for an accept that ran out of them.
                 self.accept_paused_until = None;
-                if w.max_requests.is_some() {
+                if limited {
                     self.check_max_requests(i);
                 }
                 None
@@ -880,8 +884,9 @@ impl EventLoop {
             ),
             ToPrimary::Stats(n) => {
                 w.stats_due_at = None;
-                w.taken = w.taken.max(n);
-                if w.max_requests.is_some() {
+                let limited = w.max_requests.is_some();
+                self.ledger.report_taken(i, n);
+                if limited {
                     self.check_max_requests(i);
                 }
                 None
@@ -891,48 +896,48 @@ impl EventLoop {
                 None
             }
             ToPrimary::Return(ids) => {
+                // It is near its fd limit: others take its share a moment.
+                if w.full_until.is_none() {
+                    info!(
+                        worker = w.id,
+                        "worker {} (pid {}) is near its fd limit: it gave back {}, which go to other workers; it gets none for {FULL_PAUSE:?} or until one of its connections finishes",
+                        w.id,
+                        w.pid,
+                        crate::logging::count(ids.clone().count(), "connection")
+                    );
+                }
+                w.full_until = Some(now + FULL_PAUSE);
                 let mut back = Vec::new();
                 for id in ids {
-                    match w.unacked.remove(&id) {
-                        Some(conn) => back.push(conn),
-                        None => {
+                    match self.ledger.take_back(i, id) {
+                        Ok(conn) => back.push(conn),
+                        Err(NotHeld(id)) => {
+                            for conn in back.into_iter().rev() {
+                                self.ledger.hand_back(conn);
+                            }
                             return Some(format!(
                                 "returned connection {id}, which it does not hold"
                             ));
                         }
                     }
                 }
-                // It is near its fd limit: others take its share a moment.
-                if w.full_until.is_none() {
-                    info!(
-                        worker = w.id,
-                        "worker {} (pid {}) is near its fd limit: it gave back {} connections, which go to other workers; it gets none for {FULL_PAUSE:?} or until one of its connections finishes",
-                        w.id,
-                        w.pid,
-                        back.len()
-                    );
-                }
-                w.full_until = Some(now + FULL_PAUSE);
                 for conn in back.into_iter().rev() {
-                    self.hand_back(conn);
+                    self.ledger.hand_back(conn);
                 }
                 None
             }
             ToPrimary::Done(n) => {
-                if n < w.finished.unwrap_or(0) || (!self.settings.sched.is_kernel() && n > w.taken)
-                {
-                    return Some(format!(
-                        "reported {n} connections finished, after {} and with {} taken",
-                        w.finished.unwrap_or(0),
-                        w.taken
-                    ));
+                let bounded = !self.settings.sched.is_kernel();
+                match self.ledger.report_finished(i, n, bounded) {
+                    Err(problem) => Some(problem),
+                    Ok(grew) => {
+                        if grew {
+                            // Its fds are freed: it may take connections again.
+                            w.full_until = None;
+                        }
+                        None
+                    }
                 }
-                if w.finished.is_some_and(|before| n > before) {
-                    // Its fds are freed: it may take connections again.
-                    w.full_until = None;
-                }
-                w.finished = Some(n);
-                None
             }
         }
     }
@@ -1055,18 +1060,19 @@ impl EventLoop {
         let mut workers: Vec<WorkerStats> = self
             .workers
             .iter()
-            .flatten()
-            .map(|w| WorkerStats {
+            .enumerate()
+            .filter_map(|(i, w)| Some((i, w.as_ref()?)))
+            .map(|(i, w)| WorkerStats {
                 id: w.id,
                 pid: w.pid,
                 slot: w.slot + 1,
                 ready: w.ready,
                 stopping: w.stopping,
                 state: WorkerState::of(w.ready, w.stopping),
-                connections: w.taken,
-                unacknowledged: w.unacked.len(),
-                in_flight: w.in_flight(),
-                finished: w.finished,
+                connections: self.ledger.taken(i),
+                unacknowledged: self.ledger.unacknowledged(i),
+                in_flight: self.ledger.in_flight(i),
+                finished: self.ledger.finished(i),
                 weight: self.weight(w.slot),
                 uptime: self.now.saturating_duration_since(w.started),
             })
@@ -1086,7 +1092,7 @@ impl EventLoop {
                 })
                 .collect(),
             exited_connections: self.exited_connections,
-            connections_held: self.servers.iter().map(|s| s.pending.len()).sum(),
+            connections_held: self.ledger.held_total(),
             listeners: self
                 .servers
                 .iter()

@@ -19,6 +19,7 @@
 //! ```
 
 mod backoff;
+mod custody;
 mod event_loop;
 mod exposition;
 mod guardian;

@@ -1,7 +1,6 @@
 //! One worker process as the primary sees it: the child, its channel, its
 //! state, the connections it has not acknowledged, and its timers.
 
-use std::collections::HashMap;
 use std::ffi::OsString;
 use std::io;
 use std::net::SocketAddr;
@@ -80,6 +79,15 @@ pub(crate) struct Conn {
     pub sent: Instant,
     /// How many Node workers answered `accepted: false`.
     pub refusals: u32,
+}
+
+impl super::custody::Custody for Conn {
+    fn id(&self) -> u64 {
+        self.id
+    }
+    fn server(&self) -> usize {
+        self.server
+    }
 }
 
 /// Which protocol the workers speak.
@@ -222,18 +230,6 @@ pub(crate) struct WorkerProc {
     /// When to send SIGTERM, and when SIGKILL.
     pub term_at: Option<Instant>,
     pub kill_at: Option<Instant>,
-    /// Connections sent and not yet acknowledged, by connection id.
-    pub unacked: HashMap<u64, Conn>,
-    /// Connections given to it during this turn's burst and not sent yet:
-    /// they go in one CONNECTION message at the end of the burst (or when
-    /// [`MAX_FDS`](crate::protocol::MAX_FDS) are staged). Empty between
-    /// turns.
-    pub batch: Vec<Conn>,
-    /// Connections this worker acknowledged.
-    pub taken: u64,
-    /// Connections it reported finished (DONE, a running total); `None`
-    /// until its first report.
-    pub finished: Option<u64>,
     /// When the worker last sent anything (hang detection).
     pub last_seen: Instant,
     /// When to send the next heartbeat.
@@ -379,14 +375,6 @@ impl WorkerProc {
             hello_warn_at: None,
             term_at: None,
             kill_at: None,
-            unacked: HashMap::new(),
-            batch: if speaks == Protocol::Native {
-                Vec::with_capacity(crate::protocol::MAX_FDS)
-            } else {
-                Vec::new()
-            },
-            taken: 0,
-            finished: None,
             last_seen: now,
             ping_at: None,
             give_up_at: None,
@@ -442,24 +430,17 @@ impl WorkerProc {
         ]
     }
 
-    /// Connections it holds: unacknowledged ones, plus, once it reports
-    /// completions, those acknowledged and not yet finished.
-    pub fn in_flight(&self) -> u64 {
-        let open = self
-            .finished
-            .map_or(0, |done| self.taken.saturating_sub(done));
-        (self.unacked.len() + self.batch.len()) as u64 + open
-    }
-
-    /// Whether the primary may send it a connection of `server` now.
-    pub fn can_take(&self, server: usize, max_unacked: usize) -> bool {
+    /// Whether the primary may send it a connection of `server` now, with
+    /// `outstanding` connections given and not acknowledged (the ledger's
+    /// count) against `max_unacked`.
+    pub fn can_take(&self, server: usize, outstanding: usize, max_unacked: usize) -> bool {
         self.ready
             && !self.stopping
             && !self.channel_full
             && self.full_until.is_none()
             && self.servers & (1 << server) != 0
             && self.channel.as_ref().is_some_and(|c| !c.blocked())
-            && self.unacked.len() + self.batch.len() < max_unacked
+            && outstanding < max_unacked
     }
 }
 

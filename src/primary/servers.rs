@@ -26,7 +26,6 @@
 //!   `pending` and go to another worker. A connection is acknowledged by
 //!   one worker only, so none is served twice.
 
-use std::collections::VecDeque;
 use std::io;
 use std::net::{Ipv4Addr, SocketAddr, TcpListener};
 use std::os::fd::{AsFd, AsRawFd, OwnedFd};
@@ -69,8 +68,6 @@ pub(crate) struct Server {
     /// Node: the `data` of the first worker that asked (a TLS server's
     /// ticket keys), raw JSON, echoed to every worker.
     pub data: String,
-    /// Accepted connections no worker holds.
-    pub pending: VecDeque<Conn>,
     /// Connections may wait in the backlog: set by the listener's
     /// (edge-triggered) readiness, cleared only by an accept that found
     /// none (`WouldBlock`). It stays set when accepting stopped for want of
@@ -99,7 +96,6 @@ impl Server {
             listener: Some(listener),
             slot_listeners: Vec::new(),
             data: "null".into(),
-            pending: VecDeque::new(),
             backlog_waiting: true,
             lone: true,
             policy: Box::new(RoundRobin::default()),
@@ -142,6 +138,7 @@ impl EventLoop {
             }
         }
         self.servers.push(server);
+        self.ledger.add_server(k);
         Ok(k)
     }
 
@@ -153,13 +150,13 @@ impl EventLoop {
             // `pending` and that worker is marked full, so the next pass
             // gives it to the others: each pass but the last marks one.
             for _ in 0..=self.workers.len() {
-                while let Some(conn) = self.servers[k].pending.pop_front() {
+                while let Some(conn) = self.ledger.next_held(k) {
                     if let Err(conn) = self.dispatch(conn) {
-                        self.servers[k].pending.push_front(conn);
+                        self.ledger.hand_back(conn);
                         break;
                     }
                 }
-                if self.servers[k].pending.is_empty()
+                if self.ledger.held(k) == 0
                     && self.servers[k].backlog_waiting
                     && self.accept_paused_until.is_none()
                     && !self.settings.sched.is_kernel()
@@ -167,7 +164,7 @@ impl EventLoop {
                     self.accept_loop(k);
                 }
                 self.send_batches();
-                if self.servers[k].pending.is_empty() || !self.can_place(k) {
+                if self.ledger.held(k) == 0 || !self.can_place(k) {
                     break;
                 }
             }
@@ -212,14 +209,14 @@ impl EventLoop {
                         refusals: 0,
                     };
                     if let Err(conn) = self.dispatch(conn) {
-                        self.servers[k].pending.push_back(conn);
+                        self.ledger.hold(conn);
                         return accepted;
                     }
                     accepted += 1;
                     if accepted == 1 && self.servers[k].lone {
                         self.send_batches();
                     }
-                    if !self.servers[k].pending.is_empty() {
+                    if self.ledger.held(k) > 0 {
                         // A full batch met a full channel: those go first.
                         return accepted;
                     }
@@ -258,7 +255,14 @@ impl EventLoop {
     /// Whether some worker can take a connection of server `k` now.
     fn can_place(&self, k: usize) -> bool {
         let max = self.settings.max_unacked;
-        self.workers.iter().flatten().any(|w| w.can_take(k, max))
+        (0..self.workers.len()).any(|i| self.can_take(i, k, max))
+    }
+
+    /// Whether worker `i` can take a connection of server `k` now.
+    fn can_take(&self, i: usize, k: usize, max: usize) -> bool {
+        self.workers[i]
+            .as_ref()
+            .is_some_and(|w| w.can_take(k, self.ledger.outstanding(i), max))
     }
 
     /// The worker the policy gives server `k`'s next connection to.
@@ -267,10 +271,11 @@ impl EventLoop {
         let mut candidates = std::mem::take(&mut self.candidates);
         candidates.clear();
         for (index, w) in self.workers.iter().enumerate() {
-            if let Some(w) = w.as_ref().filter(|w| w.can_take(k, max)) {
+            let Some(w) = w.as_ref() else { continue };
+            if w.can_take(k, self.ledger.outstanding(index), max) {
                 candidates.push(Candidate {
                     index,
-                    in_flight: w.in_flight(),
+                    in_flight: self.ledger.in_flight(index),
                     weight: self.weight(w.slot),
                 });
             }
@@ -300,11 +305,7 @@ impl EventLoop {
             let w = self.workers[i].as_mut().expect("picked workers exist");
             let sent = match w.channel.as_mut().expect("picked workers have a channel") {
                 Link::Native(_) => {
-                    if w.batch.is_empty() {
-                        self.batched.push(i);
-                    }
-                    w.batch.push(conn);
-                    if w.batch.len() == MAX_FDS {
+                    if self.ledger.stage(i, conn) == MAX_FDS {
                         self.send_batch(i);
                     }
                     return Ok(());
@@ -321,7 +322,7 @@ impl EventLoop {
             };
             match sent {
                 Ok(()) => {
-                    w.unacked.insert(conn.id, conn);
+                    self.ledger.sent(i, conn);
                     return Ok(());
                 }
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => w.channel_full = true,
@@ -337,6 +338,7 @@ impl EventLoop {
     /// Sends every batch staged this turn.
     fn send_batches(&mut self) {
         let mut batched = std::mem::take(&mut self.batched);
+        self.ledger.take_staged_workers(&mut batched);
         for i in batched.drain(..) {
             self.send_batch(i);
         }
@@ -351,31 +353,26 @@ impl EventLoop {
         let Some(w) = self.workers.get_mut(i).and_then(Option::as_mut) else {
             return;
         };
-        if w.batch.is_empty() {
+        let batch = self.ledger.staged(i);
+        if batch.is_empty() {
             return;
         }
         let sent = match w.channel.as_ref() {
             Some(Link::Native(channel)) => {
                 let enc = self.enc.connection();
                 let mut fds = [channel.as_fd(); MAX_FDS];
-                for (fd, c) in fds.iter_mut().zip(&w.batch) {
+                for (fd, c) in fds.iter_mut().zip(batch) {
                     enc.entry(c.id, c.peer);
                     *fd = c.fd.as_fd();
                 }
-                channel.send(self.enc.as_bytes(), &fds[..w.batch.len()], true)
+                channel.send(self.enc.as_bytes(), &fds[..batch.len()], true)
             }
             _ => Err(io::Error::from(io::ErrorKind::NotConnected)),
         };
         match sent {
-            Ok(()) => {
-                for c in w.batch.drain(..) {
-                    w.unacked.insert(c.id, c);
-                }
-            }
+            Ok(()) => self.ledger.commit(i),
             Err(e) => {
-                for c in w.batch.drain(..).rev() {
-                    self.servers[c.server].pending.push_front(c);
-                }
+                self.ledger.abort(i);
                 if e.kind() == io::ErrorKind::WouldBlock {
                     w.channel_full = true;
                 } else {
@@ -384,12 +381,6 @@ impl EventLoop {
                 }
             }
         }
-    }
-
-    /// Gives back a connection that a worker no longer holds, to go to
-    /// another worker first.
-    pub(super) fn hand_back(&mut self, conn: Conn) {
-        self.servers[conn.server].pending.push_front(conn);
     }
 
     /// Closes worker `i`'s channel: its unacknowledged connections go back
@@ -423,24 +414,17 @@ impl EventLoop {
                 .channel_registry()
                 .deregister(&mut SourceFd(&channel.as_fd().as_raw_fd()));
         }
-        let Some(w) = self.workers.get_mut(i).and_then(Option::as_mut) else {
+        let Some(w) = self.workers.get(i).and_then(Option::as_ref) else {
             return;
         };
-        for c in w.batch.drain(..).rev() {
-            self.servers[c.server].pending.push_front(c);
-        }
-        if !w.unacked.is_empty() {
+        let n = self.ledger.release(i);
+        if n > 0 {
             info!(
                 worker = w.id,
                 "handing {} of worker {} to other workers",
-                crate::logging::count(w.unacked.len(), "unacknowledged connection"),
+                crate::logging::count(n, "unacknowledged connection"),
                 w.id
             );
-            let mut held: Vec<Conn> = w.unacked.drain().map(|(_, c)| c).collect();
-            held.sort_unstable_by_key(|c| c.id);
-            for c in held {
-                self.servers[c.server].pending.push_back(c);
-            }
         }
     }
 

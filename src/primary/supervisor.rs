@@ -163,6 +163,7 @@ impl EventLoop {
         );
         self.emit(Event::WorkerStarted { id, pid: w.pid });
         self.workers[i] = Some(w);
+        self.ledger.open(i);
         match role {
             Role::Current => self.slots[slot].current = Some(i),
             Role::Successor => self.slots[slot].successor = Some(i),
@@ -188,7 +189,7 @@ impl EventLoop {
         let Some(w) = self.workers[i].as_mut() else {
             return;
         };
-        let served = gone && w.served && w.taken > 0;
+        let served = gone && w.served && self.ledger.taken(i) > 0;
         let replace = !w.stopping && w.role == Role::Current && self.shutdown_at.is_none();
         let (slot, uptime) = (w.slot, self.now.saturating_duration_since(w.started));
         if replace {
@@ -198,7 +199,7 @@ impl EventLoop {
         // Its unacknowledged connections go to other workers, but copies
         // still wait in its end of the channel: it must not live to read
         // them, or a connection could be served twice.
-        let handed_over = !w.unacked.is_empty() && !w.exited;
+        let handed_over = self.ledger.unacknowledged(i) > 0 && !w.exited;
         self.disconnect(i, grace);
         // (One that has exited meanwhile, not reaped yet, holds none.)
         let alive = |w: &mut WorkerProc| !w.has_exited();
@@ -241,7 +242,7 @@ impl EventLoop {
             self.on_exit(i, status);
             return;
         }
-        let holds = !w.unacked.is_empty() || !w.batch.is_empty();
+        let holds = self.ledger.outstanding(i) > 0;
         if holds || w.stopping {
             if !w.stopping {
                 warn!(
@@ -391,6 +392,7 @@ impl EventLoop {
         w.stopping = true;
         self.disconnect(i, Duration::ZERO);
         let w = self.workers[i].take().expect("exited worker exists");
+        let (taken, _) = self.ledger.close(i);
         self.free.push(i);
         // Nothing it started outlives it.
         if w.kill_leftovers() {
@@ -402,14 +404,15 @@ impl EventLoop {
         if let Some(g) = self.guardian.as_mut() {
             g.forget(w.pid);
         }
-        self.exited_connections += w.taken;
+        self.exited_connections += taken;
         self.tell_if_gone(w.slot);
         let uptime = self.now.saturating_duration_since(w.started);
         let how = describe_exit(&status);
-        let plural = if w.taken == 1 { "" } else { "s" };
         let text = format!(
-            "worker {} (pid {}) exited with {how} after {uptime:.1?}, having taken {} connection{plural}",
-            w.id, w.pid, w.taken
+            "worker {} (pid {}) exited with {how} after {uptime:.1?}, having taken {}",
+            w.id,
+            w.pid,
+            crate::logging::count(taken as usize, "connection")
         );
         if expected {
             info!(worker = w.id, pid = w.pid, "{text}");
@@ -446,7 +449,7 @@ impl EventLoop {
                 } else if recycled {
                     Lost::Exited
                 } else {
-                    let served = w.served && w.taken > 0;
+                    let served = w.served && taken > 0;
                     Lost::Failed { uptime, served }
                 };
                 self.slot_lost_worker(w.slot, how);
@@ -615,8 +618,9 @@ impl EventLoop {
         let Some(w) = self.workers[i].as_ref() else {
             return;
         };
-        if let Some(max) = w.max_requests.filter(|&max| w.taken >= max) {
-            let detail = format!("has taken {} connections (--max-requests {max})", w.taken);
+        let taken = self.ledger.taken(i);
+        if let Some(max) = w.max_requests.filter(|&max| taken >= max) {
+            let detail = format!("has taken {taken} connections (--max-requests {max})");
             self.recycle(i, Replacement::MaxRequests, &detail);
         }
     }
@@ -1089,7 +1093,7 @@ impl EventLoop {
                 return;
             }
         }
-        let Some(w) = self.worker_mut(i) else {
+        let Some(w) = self.workers.get_mut(i).and_then(Option::as_mut) else {
             return;
         };
         if w.term_at.is_some_and(|t| t <= now) {
@@ -1120,7 +1124,7 @@ impl EventLoop {
             true => Duration::ZERO,
             false => now.saturating_duration_since(w.last_seen),
         };
-        let oldest_unacked = w.unacked.values().map(|c| c.sent).min();
+        let oldest_unacked = self.ledger.sent_to(i).map(|c| c.sent).min();
         let stuck = oldest_unacked.map(|t| now.saturating_duration_since(t));
         if silent >= timeout || stuck.is_some_and(|s| s >= timeout) {
             let why = if silent >= timeout {
@@ -1128,7 +1132,7 @@ impl EventLoop {
             } else {
                 format!(
                     "{} connections unacknowledged for {:.1?}",
-                    w.unacked.len(),
+                    self.ledger.unacknowledged(i),
                     stuck.unwrap_or_default()
                 )
             };

@@ -307,18 +307,23 @@ impl EventLoop {
         };
         match msg {
             FromWorker::Accepted { ack, accepted } => {
-                let Some(mut conn) = w.unacked.remove(&ack) else {
-                    return Some(format!(
+                let not_held = || {
+                    Some(format!(
                         "answered for connection {ack}, which it does not hold"
-                    ));
+                    ))
                 };
                 if accepted {
-                    w.taken += 1;
-                    drop(conn);
-                    if w.max_requests.is_some() {
+                    let limited = w.max_requests.is_some();
+                    if self.ledger.ack(i, ack).is_err() {
+                        return not_held();
+                    }
+                    if limited {
                         self.check_max_requests(i);
                     }
                 } else {
+                    let Ok(mut conn) = self.ledger.take_back(i, ack) else {
+                        return not_held();
+                    };
                     // A worker on its way out, or one that closed this
                     // server, refuses for that reason: it does not count.
                     let k = conn.server;
@@ -338,7 +343,7 @@ impl EventLoop {
                         );
                     } else {
                         debug!("connection {} refused by a worker: to another", conn.id);
-                        self.hand_back(conn);
+                        self.ledger.hand_back(conn);
                     }
                 }
                 self.accept_paused_until = None;
@@ -351,8 +356,8 @@ impl EventLoop {
                 // to another worker (Node's own primary would resend it).
                 let id = link.handles.pop_front();
                 let worker = w.id;
-                match id.and_then(|id| w.unacked.remove(&id)) {
-                    Some(conn) => self.hand_back(conn),
+                match id.and_then(|id| self.ledger.take_back(i, id).ok()) {
+                    Some(conn) => self.ledger.hand_back(conn),
                     None => warn!(worker, "worker {worker} did not receive a listening socket"),
                 }
             }

@@ -51,9 +51,10 @@ use super::backoff::Backoff;
 use super::custody::{Ledger, NotHeld};
 use super::metrics::{self, MetricsServer};
 use super::node::link::Read as NodeRead;
-use super::process::{Conn, Link, Protocol, Role, WorkerCommand, WorkerProc};
+use super::process::{Conn, Link, Phase, Protocol, Role, WorkerCommand, WorkerProc};
 use super::servers::{self, Server};
-use super::stats::{Replacement, SlotStats, WorkerState};
+use super::stats::{Replacement, SlotStats};
+use super::timers::Timer;
 use super::{Control, Event, Handle, Sched, Stats, WorkerStats};
 use crate::channel::Recv;
 use crate::protocol::{self, Encoder, ToPrimary};
@@ -640,7 +641,7 @@ impl EventLoop {
             || self.workers.iter().flatten().any(|w| {
                 w.channel
                     .as_ref()
-                    .is_some_and(|c| !w.ready || w.stopping || w.channel_full || c.blocked())
+                    .is_some_and(|c| !w.is_ready() || w.channel_full || c.blocked())
             })
     }
 
@@ -843,11 +844,11 @@ impl EventLoop {
                 protocol::VERSION
             )),
             ToPrimary::Hello { .. } if w.spoke => Some("it said HELLO twice".into()),
-            ToPrimary::Hello { .. } if w.ready || w.stopping => {
+            ToPrimary::Hello { .. } if w.phase != Phase::Starting => {
                 // Taken as ready without it (a kernel mode), or leaving: it
                 // speaks the protocol after all.
                 w.spoke = true;
-                w.stats_due_at = None;
+                w.timers.clear(Timer::StatsDue);
                 None
             }
             ToPrimary::Hello { .. } => {
@@ -883,7 +884,7 @@ impl EventLoop {
                 "it sent STATS, which only the kernel modes use (the primary counts in rr)".into(),
             ),
             ToPrimary::Stats(n) => {
-                w.stats_due_at = None;
+                w.timers.clear(Timer::StatsDue);
                 let limited = w.max_requests.is_some();
                 self.ledger.report_taken(i, n);
                 if limited {
@@ -897,7 +898,7 @@ impl EventLoop {
             }
             ToPrimary::Return(ids) => {
                 // It is near its fd limit: others take its share a moment.
-                if w.full_until.is_none() {
+                if !w.timers.is_set(Timer::FullPause) {
                     info!(
                         worker = w.id,
                         "worker {} (pid {}) is near its fd limit: it gave back {}, which go to other workers; it gets none for {FULL_PAUSE:?} or until one of its connections finishes",
@@ -906,7 +907,7 @@ impl EventLoop {
                         crate::logging::count(ids.clone().count(), "connection")
                     );
                 }
-                w.full_until = Some(now + FULL_PAUSE);
+                w.timers.set(Timer::FullPause, now + FULL_PAUSE);
                 let mut back = Vec::new();
                 for id in ids {
                     match self.ledger.take_back(i, id) {
@@ -933,7 +934,7 @@ impl EventLoop {
                     Ok(grew) => {
                         if grew {
                             // Its fds are freed: it may take connections again.
-                            w.full_until = None;
+                            w.timers.clear(Timer::FullPause);
                         }
                         None
                     }
@@ -1038,7 +1039,7 @@ impl EventLoop {
         for w in self.workers.iter_mut().filter_map(Option::as_mut) {
             let wanted = match target {
                 Some(id) => w.id == id,
-                None => w.ready,
+                None => w.was_ready(),
             };
             let Some(channel) = w.channel.as_mut().filter(|_| wanted) else {
                 continue;
@@ -1066,9 +1067,9 @@ impl EventLoop {
                 id: w.id,
                 pid: w.pid,
                 slot: w.slot + 1,
-                ready: w.ready,
-                stopping: w.stopping,
-                state: WorkerState::of(w.ready, w.stopping),
+                ready: w.was_ready(),
+                stopping: w.is_stopping(),
+                state: w.phase.into(),
                 connections: self.ledger.taken(i),
                 unacknowledged: self.ledger.unacknowledged(i),
                 in_flight: self.ledger.in_flight(i),

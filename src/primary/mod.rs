@@ -33,6 +33,7 @@ mod process;
 mod servers;
 mod stats;
 mod supervisor;
+mod timers;
 
 use std::fmt;
 use std::io;

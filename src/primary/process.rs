@@ -14,6 +14,7 @@ use nix::unistd::Pid;
 
 use super::node::link::NodeLink;
 use super::output::{Relay, Stream};
+use super::timers::Timers;
 use crate::channel::Channel;
 use crate::protocol;
 use crate::sys;
@@ -176,6 +177,30 @@ pub(crate) enum Role {
     Retiring,
 }
 
+/// Where a worker is in its life.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Phase {
+    /// Started, not ready yet (no hello, per the readiness setting): gets
+    /// no connections.
+    Starting,
+    /// Ready: gets connections.
+    Ready,
+    /// Asked to stop, leaving, or cut off: gets no more connections.
+    /// `was_ready`: it was ready when it began to stop (a Node worker then
+    /// gets `disconnect`; messages still reach it).
+    Stopping { was_ready: bool },
+}
+
+impl From<Phase> for super::stats::WorkerState {
+    fn from(p: Phase) -> Self {
+        match p {
+            Phase::Starting => super::stats::WorkerState::Starting,
+            Phase::Ready => super::stats::WorkerState::Ready,
+            Phase::Stopping { .. } => super::stats::WorkerState::Stopping,
+        }
+    }
+}
+
 /// A running worker process.
 #[derive(Debug)]
 pub(crate) struct WorkerProc {
@@ -191,31 +216,17 @@ pub(crate) struct WorkerProc {
     pub servers: u64,
     /// A Node worker (`Link::Node`), even after its channel is gone.
     pub node: bool,
-    /// Said hello: may get connections.
-    pub ready: bool,
-    /// Stopping (asked to, or cut off): gets no more connections.
-    pub stopping: bool,
+    /// Where it is in its life: starting, ready, stopping.
+    pub phase: Phase,
     /// Was ready at some point: an exit with status 0 after that is the
     /// worker's own choice (recycling itself), not a failure to start.
     pub served: bool,
-    /// Taken as ready then without a hello: at once with `--ready start`
-    /// (on the next turn), or in a kernel mode after a short grace.
-    pub ready_at: Option<Instant>,
     /// Its `--max-requests` limit (jitter included).
     pub max_requests: Option<u64>,
-    /// When it reaches `--max-age`.
-    pub recycle_at: Option<Instant>,
-    /// It closed its channel: cut off then if it still runs.
-    pub cut_off_at: Option<Instant>,
     /// It has been reaped: its exit is being handled.
     pub exited: bool,
     /// The number of the last heartbeat sent to it.
     pub last_ping: u64,
-    /// A kernel mode: its first STATS is due by then (after HELLO).
-    pub stats_due_at: Option<Instant>,
-    /// It gave connections back (near its fd limit): it gets none until
-    /// then, or until it reports one finished.
-    pub full_until: Option<Instant>,
     /// Its replacement is decided (a limit reached, or it said it is
     /// leaving): no second one is queued.
     pub recycling: bool,
@@ -225,22 +236,15 @@ pub(crate) struct WorkerProc {
     /// The last send found the channel's buffer full; cleared on writable.
     pub channel_full: bool,
     pub started: Instant,
-    /// When to say that this worker has not said hello (once).
-    pub hello_warn_at: Option<Instant>,
-    /// When to send SIGTERM, and when SIGKILL.
-    pub term_at: Option<Instant>,
-    pub kill_at: Option<Instant>,
+    /// Its deadlines (hello warning, readiness, heartbeat, SIGTERM and
+    /// SIGKILL, ...).
+    pub timers: Timers,
     /// When the worker last sent anything (hang detection).
     pub last_seen: Instant,
-    /// When to send the next heartbeat.
-    pub ping_at: Option<Instant>,
     /// It said hello: it speaks the protocol and answers pings.
     pub spoke: bool,
     /// The last `STATUS=` it sent to its notify socket.
     pub status: Option<String>,
-    /// A reload's new worker that has not said hello by then is stopped
-    /// and the reload retried.
-    pub give_up_at: Option<Instant>,
 }
 
 impl WorkerProc {
@@ -357,27 +361,17 @@ impl WorkerProc {
             channel: Some(ours),
             servers: 0,
             node: speaks == Protocol::Node,
-            ready: false,
-            stopping: false,
+            phase: Phase::Starting,
             served: false,
-            ready_at: None,
             max_requests: None,
-            recycle_at: None,
-            cut_off_at: None,
             exited: false,
             last_ping: 0,
-            stats_due_at: None,
-            full_until: None,
             recycling: false,
             asked_to_stop: false,
             channel_full: false,
             started: now,
-            hello_warn_at: None,
-            term_at: None,
-            kill_at: None,
+            timers: Timers::default(),
             last_seen: now,
-            ping_at: None,
-            give_up_at: None,
             spoke: false,
             status: None,
         })
@@ -414,30 +408,50 @@ impl WorkerProc {
         kill(Pid::from_raw(-(self.pid as i32)), Signal::SIGKILL).is_ok()
     }
 
-    /// The deadlines of this worker's timers.
-    pub fn deadlines(&self) -> [Option<Instant>; 10] {
-        [
-            self.full_until,
-            self.stats_due_at,
-            self.hello_warn_at,
-            self.cut_off_at,
-            self.ready_at,
-            self.term_at,
-            self.kill_at,
-            self.ping_at,
-            self.give_up_at,
-            self.recycle_at,
-        ]
+    /// Ready: it gets connections.
+    pub fn is_ready(&self) -> bool {
+        self.phase == Phase::Ready
+    }
+
+    pub fn is_stopping(&self) -> bool {
+        matches!(self.phase, Phase::Stopping { .. })
+    }
+
+    /// Ready, or stopping after it was ready.
+    pub fn was_ready(&self) -> bool {
+        matches!(
+            self.phase,
+            Phase::Ready | Phase::Stopping { was_ready: true }
+        )
+    }
+
+    /// It begins to stop; returns false if it already was stopping.
+    pub fn stop(&mut self) -> bool {
+        let was_ready = match self.phase {
+            Phase::Stopping { .. } => return false,
+            Phase::Ready => true,
+            Phase::Starting => false,
+        };
+        self.phase = Phase::Stopping { was_ready };
+        true
+    }
+
+    /// It no longer counts as ready (it closed its channel, or said it is
+    /// stopping), whether it stops or not.
+    pub fn unready(&mut self) {
+        self.phase = match self.phase {
+            Phase::Stopping { .. } => Phase::Stopping { was_ready: false },
+            _ => Phase::Starting,
+        };
     }
 
     /// Whether the primary may send it a connection of `server` now, with
     /// `outstanding` connections given and not acknowledged (the ledger's
     /// count) against `max_unacked`.
     pub fn can_take(&self, server: usize, outstanding: usize, max_unacked: usize) -> bool {
-        self.ready
-            && !self.stopping
+        self.is_ready()
             && !self.channel_full
-            && self.full_until.is_none()
+            && !self.timers.is_set(super::timers::Timer::FullPause)
             && self.servers & (1 << server) != 0
             && self.channel.as_ref().is_some_and(|c| !c.blocked())
             && outstanding < max_unacked

@@ -41,6 +41,7 @@ use super::event_loop::EventLoop;
 use super::node::wire;
 use super::policy::{self, Candidate, Policy, RoundRobin};
 use super::process::{Conn, Link, Protocol};
+use super::timers::Timer;
 use crate::protocol::MAX_FDS;
 
 /// The most servers (listening addresses) one primary serves.
@@ -392,12 +393,11 @@ impl EventLoop {
         let Some(w) = self.workers.get_mut(i).and_then(Option::as_mut) else {
             return;
         };
-        w.ready = false;
-        w.ping_at = None;
-        if !w.stopping {
-            w.stopping = true;
+        w.unready();
+        w.timers.clear(Timer::Ping);
+        if w.stop() {
             w.signal(Signal::SIGTERM);
-            w.kill_at = Some(now + grace);
+            w.timers.set(Timer::Kill, now + grace);
         }
     }
 

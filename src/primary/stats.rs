@@ -38,14 +38,6 @@ impl WorkerState {
             WorkerState::Stopping => "stopping",
         }
     }
-
-    pub(crate) fn of(ready: bool, stopping: bool) -> WorkerState {
-        match (ready, stopping) {
-            (_, true) => WorkerState::Stopping,
-            (true, false) => WorkerState::Ready,
-            (false, false) => WorkerState::Starting,
-        }
-    }
 }
 
 impl fmt::Display for WorkerState {

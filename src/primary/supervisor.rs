@@ -33,8 +33,9 @@ use tracing::{debug, error, info, warn};
 
 use super::event_loop::{EventLoop, Queued, Slot, Step};
 use super::node;
-use super::process::{Link, Protocol, Role, WorkerProc, describe_exit};
+use super::process::{Link, Phase, Protocol, Role, WorkerProc, describe_exit};
 use super::stats::Replacement;
+use super::timers::Timer;
 use super::{Event, LAST_WORKER, Ready, Reply};
 
 /// Why a command waited for has no outcome: the primary is stopping.
@@ -73,6 +74,15 @@ enum Lost {
     Left,
     /// It exited with status 0 after it had been ready.
     Exited,
+}
+
+/// Whether a worker's other timers are looked at this turn, after one
+/// fired.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Turn {
+    Next,
+    /// It became ready, was stopped, or is gone: the rest waits.
+    Done,
 }
 
 impl EventLoop {
@@ -138,23 +148,28 @@ impl EventLoop {
             w.signal(Signal::SIGKILL);
             return Err(e);
         }
-        w.hello_warn_at = Some(now + self.settings.hello_timeout);
-        w.ready_at = match self.settings.ready {
-            // On the next turn, once the caller has done its bookkeeping.
-            Ready::Start => Some(now),
-            Ready::Hello if self.settings.sched.is_kernel() && speaks == Protocol::Native => {
-                Some(now + SILENT_READY_GRACE)
-            }
-            _ => None,
-        };
+        w.timers
+            .set(Timer::HelloWarn, now + self.settings.hello_timeout);
+        w.timers.set_opt(
+            Timer::Ready,
+            match self.settings.ready {
+                // On the next turn, once the caller has done its bookkeeping.
+                Ready::Start => Some(now),
+                Ready::Hello if self.settings.sched.is_kernel() && speaks == Protocol::Native => {
+                    Some(now + SILENT_READY_GRACE)
+                }
+                _ => None,
+            },
+        );
         if role == Role::Successor {
-            w.give_up_at = Some(now + self.candidate_timeout());
+            w.timers.set(Timer::GiveUp, now + self.candidate_timeout());
         }
         let limits = self.settings.limits;
         w.max_requests = limits
             .max_requests
             .map(|n| n.saturating_add(fastrand::u64(0..=limits.max_requests_jitter)));
-        w.recycle_at = limits.max_age.map(|age| now + age);
+        w.timers
+            .set_opt(Timer::Recycle, limits.max_age.map(|age| now + age));
         info!(
             worker = id,
             pid = w.pid,
@@ -190,7 +205,7 @@ impl EventLoop {
             return;
         };
         let served = gone && w.served && self.ledger.taken(i) > 0;
-        let replace = !w.stopping && w.role == Role::Current && self.shutdown_at.is_none();
+        let replace = !w.is_stopping() && w.role == Role::Current && self.shutdown_at.is_none();
         let (slot, uptime) = (w.slot, self.now.saturating_duration_since(w.started));
         if replace {
             w.role = Role::Retiring;
@@ -243,8 +258,8 @@ impl EventLoop {
             return;
         }
         let holds = self.ledger.outstanding(i) > 0;
-        if holds || w.stopping {
-            if !w.stopping {
+        if holds || w.is_stopping() {
+            if !w.is_stopping() {
                 warn!(
                     worker = w.id,
                     "worker {} (pid {}) closed its channel", w.id, w.pid
@@ -254,9 +269,9 @@ impl EventLoop {
             return;
         }
         if w.spoke {
-            w.ready = false;
-            w.ping_at = None;
-            w.cut_off_at = Some(self.now + CLOSED_CHANNEL_GRACE);
+            w.unready();
+            w.timers.clear(Timer::Ping);
+            w.timers.set(Timer::CutOff, self.now + CLOSED_CHANNEL_GRACE);
         } else {
             debug!(
                 worker = w.id,
@@ -282,7 +297,7 @@ impl EventLoop {
             s.current = Some(n);
             if let Some(w) = self.workers[n].as_mut() {
                 w.role = Role::Current;
-                w.give_up_at = None;
+                w.timers.clear(Timer::GiveUp);
             }
             self.count_replacement(slot);
             return;
@@ -389,7 +404,7 @@ impl EventLoop {
         let expected = w.asked_to_stop || self.shutdown_at.is_some();
         let recycled = !expected && status.success() && w.served;
         // It is gone: no signal for it, only its connections to hand over.
-        w.stopping = true;
+        w.stop();
         self.disconnect(i, Duration::ZERO);
         let w = self.workers[i].take().expect("exited worker exists");
         let (taken, _) = self.ledger.close(i);
@@ -481,13 +496,15 @@ impl EventLoop {
             // kernel mode says at once that it accepts on fd 3 (STATS).
             w.spoke = true;
             if self.settings.sched.is_kernel() {
-                w.stats_due_at = Some(self.now + STATS_DUE);
+                w.timers.set(Timer::StatsDue, self.now + STATS_DUE);
             }
-            w.ping_at = self
-                .settings
-                .worker_timeout
-                .map(|t| self.now + ping_interval(t));
-            if self.settings.ready != Ready::Hello || w.ready {
+            w.timers.set_opt(
+                Timer::Ping,
+                self.settings
+                    .worker_timeout
+                    .map(|t| self.now + ping_interval(t)),
+            );
+            if self.settings.ready != Ready::Hello || w.is_ready() {
                 return;
             }
         }
@@ -518,7 +535,7 @@ impl EventLoop {
                     Ready::Hello => kernel && !w.node && !w.spoke,
                     Ready::Start => false,
                 };
-                if counts && !w.ready && !w.stopping {
+                if counts && w.phase == Phase::Starting {
                     self.become_ready(i);
                 }
             }
@@ -526,12 +543,13 @@ impl EventLoop {
                 // WATCHDOG=1 keeps it alive for hang detection, like systemd's
                 // WatchdogSec; once sent, silence counts.
                 w.last_seen = now;
-                if w.ping_at.is_none() && w.ready && !w.stopping {
-                    w.ping_at = timeout.map(|t| now + ping_interval(t));
+                if !w.timers.is_set(Timer::Ping) && w.is_ready() {
+                    w.timers
+                        .set_opt(Timer::Ping, timeout.map(|t| now + ping_interval(t)));
                 }
             }
             Notice::Stopping => {
-                w.ready = false;
+                w.unready();
                 self.on_leaving(i, "says it is stopping (STOPPING=1)", false);
             }
             Notice::Status(s) => {
@@ -553,10 +571,9 @@ impl EventLoop {
         let Some(w) = self.workers[i].as_mut() else {
             return;
         };
-        if !serving && !w.stopping {
-            w.stopping = true;
-            w.term_at = Some(now + timeout / 2);
-            w.kill_at = Some(now + timeout);
+        if !serving && w.stop() {
+            w.timers.set(Timer::Term, now + timeout / 2);
+            w.timers.set(Timer::Kill, now + timeout);
         }
         if w.recycling || w.role != Role::Current || self.shutdown_at.is_some() {
             return;
@@ -592,11 +609,11 @@ impl EventLoop {
         let Some(w) = self.workers[i].as_mut() else {
             return;
         };
-        if w.recycling || w.stopping || w.role != Role::Current || self.shutdown_at.is_some() {
+        if w.recycling || w.is_stopping() || w.role != Role::Current || self.shutdown_at.is_some() {
             return;
         }
         w.recycling = true;
-        w.recycle_at = None;
+        w.timers.clear(Timer::Recycle);
         info!(
             worker = w.id,
             reason = why.name(),
@@ -632,7 +649,7 @@ impl EventLoop {
             let Some(w) = self.workers[i].as_ref() else {
                 continue;
             };
-            if w.role != Role::Current || !w.ready || w.stopping || w.recycling {
+            if w.role != Role::Current || !w.is_ready() || w.recycling {
                 continue;
             }
             let Ok(rss) = super::process::tree_rss(w.pid) else {
@@ -655,11 +672,11 @@ impl EventLoop {
     fn become_ready(&mut self, i: usize) {
         self.problem = None;
         let w = self.workers[i].as_mut().expect("a live worker");
-        w.ready = true;
+        w.phase = Phase::Ready;
         w.served = true;
-        w.hello_warn_at = None;
-        w.give_up_at = None;
-        w.ready_at = None;
+        w.timers.clear(Timer::HelloWarn);
+        w.timers.clear(Timer::GiveUp);
+        w.timers.clear(Timer::Ready);
         let (id, pid, slot, role) = (w.id, w.pid, w.slot, w.role);
         if role == Role::Successor {
             w.role = Role::Current;
@@ -686,7 +703,7 @@ impl EventLoop {
             .workers
             .iter()
             .flatten()
-            .filter(|w| w.ready && w.role == Role::Current)
+            .filter(|w| w.is_ready() && w.role == Role::Current)
             .count();
         let total = self.slots.iter().filter(|s| s.active).count();
         info!(
@@ -724,22 +741,20 @@ impl EventLoop {
             return;
         };
         w.role = Role::Retiring;
-        w.hello_warn_at = None;
-        w.ready_at = None;
-        w.recycle_at = None;
-        w.ping_at = None;
+        w.timers.clear(Timer::HelloWarn);
+        w.timers.clear(Timer::Ready);
+        w.timers.clear(Timer::Recycle);
+        w.timers.clear(Timer::Ping);
         w.asked_to_stop = true;
-        if w.stopping {
+        if !w.stop() {
             return;
         }
-        w.stopping = true;
         let seq = self.next_seq();
         let w = self.workers[i].as_mut().expect("checked above");
+        let (spoke, was_ready) = (w.spoke, w.was_ready());
         let asked = match w.channel.as_mut() {
-            Some(Link::Native(c)) if w.spoke => {
-                c.send(self.enc.stop().as_bytes(), &[], true).is_ok()
-            }
-            Some(Link::Node(l)) if w.ready => {
+            Some(Link::Native(c)) if spoke => c.send(self.enc.stop().as_bytes(), &[], true).is_ok(),
+            Some(Link::Node(l)) if was_ready => {
                 // Node closes its servers, lets their connections
                 // finish, closes the channel and exits.
                 self.line.clear();
@@ -751,8 +766,9 @@ impl EventLoop {
         if !asked {
             w.signal(Signal::SIGTERM);
         }
-        w.term_at = asked.then(|| now + timeout / 2);
-        w.kill_at = Some(now + timeout);
+        w.timers
+            .set_opt(Timer::Term, asked.then(|| now + timeout / 2));
+        w.timers.set(Timer::Kill, now + timeout);
     }
 
     pub(super) fn begin_shutdown(&mut self) {
@@ -999,27 +1015,36 @@ impl EventLoop {
         t.max(self.settings.hello_timeout * 2)
     }
 
+    /// Acts on worker `i`'s timers that are due, in [`Timer::ALL`]'s
+    /// order, until one ends its turn (it became ready, was stopped or is
+    /// gone).
     fn worker_timers(&mut self, i: usize, now: Instant) {
-        if self.workers[i]
-            .as_ref()
-            .is_some_and(|w| w.give_up_at.is_some_and(|t| t <= now))
-        {
-            self.give_up_candidate(i);
-            return;
+        for t in Timer::ALL {
+            let Some(w) = self.workers.get_mut(i).and_then(Option::as_mut) else {
+                return;
+            };
+            if !w.timers.fire(t, now) {
+                continue;
+            }
+            if self.on_timer(i, t, now) == Turn::Done {
+                return;
+            }
         }
-        let worker_timeout = self.settings.worker_timeout;
+    }
+
+    /// Worker `i`'s timer `t` fired (and is cleared).
+    fn on_timer(&mut self, i: usize, t: Timer, now: Instant) -> Turn {
         let sched = self.settings.sched;
-        let ready_mode = self.settings.ready;
-        let Some(w) = self.worker_mut(i) else {
-            return;
-        };
-        if w.full_until.is_some_and(|t| t <= now) {
-            w.full_until = None;
-        }
-        if w.ready_at.is_some_and(|t| t <= now) {
-            w.ready_at = None;
-            if !w.ready && !w.stopping {
-                if ready_mode == Ready::Hello {
+        let w = self.workers[i].as_mut().expect("a live worker's timer");
+        match t {
+            Timer::GiveUp => {
+                self.give_up_candidate(i);
+                return Turn::Done;
+            }
+            // Its pause is over: it may take connections again.
+            Timer::FullPause => {}
+            Timer::Ready if w.phase == Phase::Starting => {
+                if self.settings.ready == Ready::Hello {
                     info!(
                         worker = w.id,
                         "worker {} (pid {}) has not said hello and runs; in {sched} mode it accepts by itself, so it is taken as ready (without figures or hang detection)",
@@ -1028,96 +1053,87 @@ impl EventLoop {
                     );
                 }
                 self.become_ready(i);
-                return;
+                return Turn::Done;
             }
-        }
-        if w.stats_due_at.is_some_and(|t| t <= now) {
-            w.stats_due_at = None;
-            warn!(
+            Timer::Ready => {}
+            Timer::StatsDue => warn!(
                 worker = w.id,
                 "worker {} (pid {}) said HELLO but no STATS: in {sched} mode a worker accepts on its listening socket, fd 3, itself and says so (STATS 0 right after HELLO); one that waits for connections over its channel gets none (docs/PROTOCOL.md, section 7)",
                 w.id,
                 w.pid
-            );
+            ),
+            Timer::CutOff => {
+                warn!(
+                    worker = w.id,
+                    "worker {} (pid {}) closed its channel and still runs", w.id, w.pid
+                );
+                self.cut_off(i);
+                return Turn::Done;
+            }
+            Timer::Recycle => {
+                let age = self.settings.limits.max_age.unwrap_or_default();
+                let detail = format!("has run for {age:.1?} (--max-age)");
+                self.recycle(i, Replacement::MaxAge, &detail);
+            }
+            Timer::HelloWarn => self.hello_overdue(i),
+            Timer::Term | Timer::Kill => {
+                // Gone already? Then its exit is what to say, not a signal.
+                if let Ok(Some(status)) = w.try_wait() {
+                    self.on_exit(i, status);
+                    return Turn::Done;
+                }
+                if t == Timer::Term {
+                    info!(
+                        worker = w.id,
+                        "worker {} (pid {}) is still running: SIGTERM", w.id, w.pid
+                    );
+                    w.signal(Signal::SIGTERM);
+                } else {
+                    warn!(
+                        worker = w.id,
+                        "worker {} (pid {}) did not stop in time: SIGKILL", w.id, w.pid
+                    );
+                    w.signal(Signal::SIGKILL);
+                }
+            }
+            Timer::Ping => return self.heartbeat(i, now),
         }
-        if w.cut_off_at.is_some_and(|t| t <= now) {
-            w.cut_off_at = None;
+        Turn::Next
+    }
+
+    /// Worker `i` is past the hello timeout: say so, in the words of the
+    /// readiness setting.
+    fn hello_overdue(&mut self, i: usize) {
+        let w = self.workers[i].as_ref().expect("a live worker");
+        if self.settings.ready == Ready::Notify {
             warn!(
                 worker = w.id,
-                "worker {} (pid {}) closed its channel and still runs", w.id, w.pid
+                "worker {} (pid {}) has not sent READY=1 to its NOTIFY_SOCKET (--ready notify)",
+                w.id,
+                w.pid
             );
-            self.cut_off(i);
-            return;
-        }
-        if w.recycle_at.is_some_and(|t| t <= now) {
-            w.recycle_at = None;
-            let age = self.settings.limits.max_age.unwrap_or_default();
-            let detail = format!("has run for {age:.1?} (--max-age)");
-            self.recycle(i, Replacement::MaxAge, &detail);
-        }
-        let Some(w) = self.worker_mut(i) else {
-            return;
-        };
-        let mut silent = None;
-        if w.hello_warn_at.is_some_and(|t| t <= now) {
-            w.hello_warn_at = None;
-            if ready_mode == Ready::Notify {
-                warn!(
-                    worker = w.id,
-                    "worker {} (pid {}) has not sent READY=1 to its NOTIFY_SOCKET (--ready notify)",
-                    w.id,
-                    w.pid
-                );
-            } else if w.node {
-                warn!(
-                    worker = w.id,
-                    "Node worker {} (pid {}) has no server listening yet: does the app call listen()? see docs/NODE.md",
-                    w.id,
-                    w.pid
-                );
-            } else if !w.ready {
-                silent = Some((w.id, w.pid));
-            }
-        }
-        if let Some((id, pid)) = silent {
+        } else if w.node {
+            warn!(
+                worker = w.id,
+                "Node worker {} (pid {}) has no server listening yet: does the app call listen()? see docs/NODE.md",
+                w.id,
+                w.pid
+            );
+        } else if !w.was_ready() {
+            let (id, pid) = (w.id, w.pid);
             let after = self.settings.hello_timeout;
             self.no_hello(id, pid, &format!("has not said hello after {after:?}"));
         }
-        let Some(w) = self.worker_mut(i) else {
-            return;
+    }
+
+    /// Worker `i`'s heartbeat is due: it is hung if it has been silent, or
+    /// sat on a connection, for the worker timeout; else it is pinged (a
+    /// native worker that speaks the protocol) and the next one set.
+    fn heartbeat(&mut self, i: usize, now: Instant) -> Turn {
+        let Some(timeout) = self.settings.worker_timeout else {
+            return Turn::Next;
         };
-        if w.term_at.is_some_and(|t| t <= now) || w.kill_at.is_some_and(|t| t <= now) {
-            // Gone already? Then its exit is what to say, not a signal.
-            if let Ok(Some(status)) = w.try_wait() {
-                self.on_exit(i, status);
-                return;
-            }
-        }
-        let Some(w) = self.workers.get_mut(i).and_then(Option::as_mut) else {
-            return;
-        };
-        if w.term_at.is_some_and(|t| t <= now) {
-            w.term_at = None;
-            info!(
-                worker = w.id,
-                "worker {} (pid {}) is still running: SIGTERM", w.id, w.pid
-            );
-            w.signal(Signal::SIGTERM);
-        }
-        if w.kill_at.is_some_and(|t| t <= now) {
-            w.kill_at = None;
-            warn!(
-                worker = w.id,
-                "worker {} (pid {}) did not stop in time: SIGKILL", w.id, w.pid
-            );
-            w.signal(Signal::SIGKILL);
-        }
-        let Some(timeout) = worker_timeout else {
-            return;
-        };
-        if w.ping_at.is_none_or(|t| t > now) {
-            return;
-        }
+        let w = self.workers[i].as_ref().expect("a live worker");
         // Node workers have no heartbeat: they are silent when idle, and
         // hung only when a connection waits for their answer too long.
         let silent = match w.node {
@@ -1131,8 +1147,8 @@ impl EventLoop {
                 format!("no acknowledgement or heartbeat for {silent:.1?}")
             } else {
                 format!(
-                    "{} connections unacknowledged for {:.1?}",
-                    self.ledger.unacknowledged(i),
+                    "{} unacknowledged for {:.1?}",
+                    crate::logging::count(self.ledger.unacknowledged(i), "connection"),
                     stuck.unwrap_or_default()
                 )
             };
@@ -1141,7 +1157,7 @@ impl EventLoop {
                 "worker {} (pid {}) is hung: {why}; stopping it", w.id, w.pid
             );
             self.cut_off(i);
-            return;
+            return Turn::Done;
         }
         let n = self.next_ping;
         self.next_ping += 1;
@@ -1153,7 +1169,9 @@ impl EventLoop {
             }
         }
         let next = (now + ping_interval(timeout)).min(w.last_seen + timeout);
-        w.ping_at = Some(next.max(now + Duration::from_millis(1)));
+        w.timers
+            .set(Timer::Ping, next.max(now + Duration::from_millis(1)));
+        Turn::Next
     }
 
     /// Worker `id` has not said hello (`what`: not yet, or it exited):
@@ -1175,7 +1193,7 @@ impl EventLoop {
         let Some(w) = self.workers[i].as_mut() else {
             return;
         };
-        w.give_up_at = None;
+        w.timers.clear(Timer::GiveUp);
         let (id, pid, slot) = (w.id, w.pid, w.slot);
         let uptime = self.now.saturating_duration_since(w.started);
         let s = &mut self.slots[slot];
@@ -1195,11 +1213,7 @@ impl EventLoop {
 
     pub(super) fn next_deadline(&self) -> Option<Instant> {
         let slots = self.slots.iter().map(|s| s.restart_at);
-        let workers = self
-            .workers
-            .iter()
-            .flatten()
-            .flat_map(WorkerProc::deadlines);
+        let workers = self.workers.iter().flatten().map(|w| w.timers.next());
         slots
             .chain(workers)
             .chain([self.accept_paused_until, self.memory_check_at])

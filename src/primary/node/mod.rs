@@ -32,9 +32,10 @@ use std::os::fd::AsFd;
 use tracing::{debug, info, warn};
 
 use super::event_loop::EventLoop;
-use super::process::{Link, Protocol, WorkerCommand};
+use super::process::{Link, Phase, Protocol, WorkerCommand};
 use super::servers::{MAX_SERVERS, Server};
 use super::{Ready, Sched};
+use crate::primary::timers::Timer;
 use wire::{AddressType, FromWorker, Query};
 
 /// The embedding program's message as a line for Node workers: one JSON
@@ -327,14 +328,14 @@ impl EventLoop {
                     // A worker on its way out, or one that closed this
                     // server, refuses for that reason: it does not count.
                     let k = conn.server;
-                    if !w.stopping && w.servers & (1 << k) != 0 {
+                    if !w.is_stopping() && w.servers & (1 << k) != 0 {
                         conn.refusals += 1;
                     }
                     let holders = self
                         .workers
                         .iter()
                         .flatten()
-                        .filter(|w| w.servers & (1 << k) != 0 && !w.stopping)
+                        .filter(|w| w.servers & (1 << k) != 0 && !w.is_stopping())
                         .count();
                     if conn.refusals > 0 && conn.refusals as usize >= holders {
                         info!(
@@ -364,14 +365,16 @@ impl EventLoop {
             FromWorker::Online => debug!(worker = w.id, "worker {} online", w.id),
             FromWorker::QueryServer(q) => self.on_query(i, &q),
             FromWorker::Listening => {
-                if w.ping_at.is_none() && !w.stopping {
+                if !w.timers.is_set(Timer::Ping) && !w.is_stopping() {
                     // Hang detection: a connection unanswered too long.
-                    w.ping_at = self
-                        .settings
-                        .worker_timeout
-                        .map(|t| now + super::supervisor::ping_interval(t));
+                    w.timers.set_opt(
+                        Timer::Ping,
+                        self.settings
+                            .worker_timeout
+                            .map(|t| now + super::supervisor::ping_interval(t)),
+                    );
                 }
-                if !w.ready && !w.stopping && self.settings.ready == Ready::Hello {
+                if w.phase == Phase::Starting && self.settings.ready == Ready::Hello {
                     self.on_hello(i, false);
                 }
             }
@@ -379,7 +382,7 @@ impl EventLoop {
                 if let Some(k) = self.servers.iter().position(|s| s.key == key) {
                     w.servers &= !(1 << k);
                 }
-                if w.servers == 0 && w.ready && !w.stopping {
+                if w.servers == 0 && w.is_ready() {
                     // A worker without a server serves nothing: it is
                     // leaving (cluster.worker.disconnect() closes the
                     // servers first), or of no more use.
@@ -418,7 +421,7 @@ impl EventLoop {
         let Some(w) = self.workers[i].as_ref() else {
             return;
         };
-        if w.stopping {
+        if w.is_stopping() {
             // As Node's primary: a worker on its way out gets no server.
             return;
         }

@@ -10,7 +10,7 @@
 //! - **The workers' channels.** In rr with native workers they are in the
 //!   main poll. With Node workers, and with least-conn and p2c, they live
 //!   in a poll of their own (`channels`), which the main poll watches
-//!   (token `CHANNELS`), so that all of them can be read with one
+//!   (`Source::Channels`), so that all of them can be read with one
 //!   zero-timeout poll (which costs one `epoll_wait` more per wake-up, and
 //!   is why rr does without it). A switch of policy moves them.
 //! - **Fresh counts for load-aware placement.** A worker reports a finished
@@ -42,34 +42,23 @@ use std::time::{Duration, Instant};
 
 use crossbeam_channel::{Receiver, Sender, TrySendError};
 use mio::unix::SourceFd;
-use mio::{Events, Interest, Poll, Token, Waker};
+use mio::{Events, Interest, Poll, Waker};
 use signal_hook::consts::{SIGCHLD, SIGHUP, SIGINT, SIGTERM, SIGTTIN, SIGTTOU, SIGUSR2};
 use signal_hook_mio::v1_0::Signals;
 use tracing::{debug, error, info, warn};
 
 use super::backoff::Backoff;
 use super::custody::{Ledger, NotHeld};
-use super::metrics::{self, MetricsServer};
+use super::metrics::MetricsServer;
 use super::node::link::Read as NodeRead;
 use super::process::{Conn, Link, Phase, Protocol, Role, WorkerCommand, WorkerProc};
-use super::servers::{self, Server};
+use super::servers::Server;
+use super::source::Source;
 use super::stats::{Replacement, SlotStats};
 use super::timers::Timer;
 use super::{Control, Event, Handle, Sched, Stats, WorkerStats};
 use crate::channel::Recv;
 use crate::protocol::{self, Encoder, ToPrimary};
-
-// Tokens: the waker and signals first, then one per worker process alive
-// (`FIRST_WORKER + index`, indexes reused), then, far above any number of
-// processes, the servers' listeners (`servers::token`) and the metrics
-// endpoint's (`metrics::FIRST_TOKEN` and up, see `metrics::owns`).
-const WAKER: Token = Token(1);
-const SIGNALS: Token = Token(2);
-/// The workers' notify socket: far from the worker and metrics tokens.
-const NOTIFY: Token = Token(usize::MAX - 1);
-/// The workers' channels' own poll, when watched.
-const CHANNELS: Token = Token(0);
-pub(super) const FIRST_WORKER: usize = 3;
 
 /// While a turn accepted two or more connections this recently, workers'
 /// messages do not wake the primary by themselves; at most this late,
@@ -287,7 +276,7 @@ impl EventLoop {
         let channels = Poll::new()?;
         poll.registry().register(
             &mut SourceFd(&channels.as_raw_fd()),
-            CHANNELS,
+            Source::Channels.token(),
             Interest::READABLE,
         )?;
         if let Some(m) = metrics.as_mut() {
@@ -297,19 +286,22 @@ impl EventLoop {
             Some(l) => l.local_addr()?,
             None => SocketAddr::from((Ipv4Addr::UNSPECIFIED, 0)),
         };
-        let waker = Arc::new(Waker::new(poll.registry(), WAKER)?);
+        let waker = Arc::new(Waker::new(poll.registry(), Source::Waker.token())?);
         let mut wanted = vec![SIGCHLD];
         if settings.handle_signals {
             wanted.extend([SIGTERM, SIGINT, SIGHUP, SIGTTIN, SIGTTOU, SIGUSR2]);
         }
         let mut signals = Signals::new(&wanted)?;
         poll.registry()
-            .register(&mut signals, SIGNALS, Interest::READABLE)?;
+            .register(&mut signals, Source::Signals.token(), Interest::READABLE)?;
         let (control_tx, control_rx) = crossbeam_channel::unbounded();
         let settings_prefix = settings.prefix_output;
         let notify = super::notify::NotifySocket::bind()?;
-        poll.registry()
-            .register(&mut SourceFd(&notify.raw_fd()), NOTIFY, Interest::READABLE)?;
+        poll.registry().register(
+            &mut SourceFd(&notify.raw_fd()),
+            Source::Notify.token(),
+            Interest::READABLE,
+        )?;
         let live_sched = settings.sched;
         let native = settings.protocol == Protocol::Native;
         let (listener, spare) = if native {
@@ -483,26 +475,22 @@ impl EventLoop {
             let seq = self.next_seq;
             // Workers' messages first, so that what follows (stats,
             // placement, timers) sees them.
-            if !self.prompt || events.iter().any(|e| e.token() == CHANNELS) {
+            if !self.prompt || events.iter().any(|e| e.token() == Source::Channels.token()) {
                 self.read_channels();
             }
             for event in events.iter() {
-                match event.token() {
-                    t if servers::owner(t).is_some() => {
-                        let k = servers::owner(t).expect("checked");
+                match Source::of(event.token()) {
+                    Source::Listener(k) => {
                         if let Some(s) = self.servers.get_mut(k) {
                             s.backlog_waiting = true;
                         }
                     }
-                    WAKER => self.on_control(),
-                    SIGNALS => self.on_signals(),
-                    NOTIFY => self.read_notices(),
-                    t if metrics::owns(t) => self.on_metrics(event),
-                    CHANNELS => {}
-                    Token(t) => {
-                        let i = t - FIRST_WORKER;
-                        self.on_channel_event(i, event);
-                    }
+                    Source::Waker => self.on_control(),
+                    Source::Signals => self.on_signals(),
+                    Source::Notify => self.read_notices(),
+                    Source::MetricsListener | Source::MetricsClient(_) => self.on_metrics(event),
+                    Source::Worker(i) => self.on_channel_event(i, event),
+                    Source::Channels | Source::Unknown => {}
                 }
             }
             for i in std::mem::take(&mut self.readable_again) {
@@ -573,7 +561,7 @@ impl EventLoop {
     ) -> io::Result<()> {
         registry.register(
             &mut SourceFd(&fd),
-            Token(FIRST_WORKER + i),
+            Source::Worker(i).token(),
             Interest::READABLE | Interest::WRITABLE,
         )
     }
@@ -619,7 +607,9 @@ impl EventLoop {
                 break;
             }
             for event in events.iter() {
-                self.on_channel_event(event.token().0 - FIRST_WORKER, event);
+                if let Source::Worker(i) = Source::of(event.token()) {
+                    self.on_channel_event(i, event);
+                }
             }
             if events.iter().count() < events.capacity() {
                 break;
@@ -660,9 +650,11 @@ impl EventLoop {
             return;
         }
         let done = if want {
-            self.poll
-                .registry()
-                .register(&mut SourceFd(&fd), CHANNELS, Interest::READABLE)
+            self.poll.registry().register(
+                &mut SourceFd(&fd),
+                Source::Channels.token(),
+                Interest::READABLE,
+            )
         } else {
             self.poll.registry().deregister(&mut SourceFd(&fd))
         };
@@ -855,23 +847,7 @@ impl EventLoop {
                 self.on_hello(i, true);
                 None
             }
-            ToPrimary::Ack(ids) => {
-                let limited = w.max_requests.is_some();
-                for id in ids {
-                    if let Err(NotHeld(id)) = self.ledger.ack(i, id) {
-                        return Some(format!(
-                            "acknowledged connection {id}, which it does not hold"
-                        ));
-                    }
-                }
-                // The primary's copies are closed now: room for more, and
-                // fds for an accept that ran out of them.
-                self.accept_paused_until = None;
-                if limited {
-                    self.check_max_requests(i);
-                }
-                None
-            }
+            ToPrimary::Ack(ids) => self.acknowledged(i, ids).err(),
             ToPrimary::Message(data) => {
                 self.on_worker_message(i, data);
                 None
@@ -941,6 +917,27 @@ impl EventLoop {
                 }
             }
         }
+    }
+
+    /// Worker `i` acknowledged connections `ids` (the protocol's ACK, or a
+    /// Node worker's `accepted: true`): the one path for both.
+    pub(super) fn acknowledged(
+        &mut self,
+        i: usize,
+        ids: impl IntoIterator<Item = u64>,
+    ) -> Result<(), String> {
+        for id in ids {
+            if let Err(NotHeld(id)) = self.ledger.ack(i, id) {
+                return Err(format!(
+                    "acknowledged connection {id}, which it does not hold"
+                ));
+            }
+        }
+        // The primary's copies are closed now: room for more, and fds for
+        // an accept that ran out of them.
+        self.accept_paused_until = None;
+        self.check_max_requests(i);
+        Ok(())
     }
 
     fn on_signals(&mut self) {

@@ -34,20 +34,16 @@ use std::time::{Duration, Instant};
 
 use mio::event::Event;
 use mio::net::{TcpListener, TcpStream};
-use mio::{Interest, Registry, Token};
+use mio::{Interest, Registry};
+
+use super::source::Source;
 use tracing::{debug, warn};
 
 use super::exposition;
 use super::stats::Stats;
 
-/// The endpoint's tokens: its listener at `FIRST_TOKEN`, client `k` at
-/// `FIRST_TOKEN + 1 + k`. Worker channels count up from a small number,
-/// one token per worker process alive, so they never come near.
-pub(super) const FIRST_TOKEN: usize = usize::MAX / 2;
-const LISTENER: Token = Token(FIRST_TOKEN);
-
 /// The most clients served at once.
-pub(super) const MAX_CLIENTS: usize = 64;
+pub(super) const MAX_CLIENTS: usize = super::source::MAX_METRICS_CLIENTS;
 /// The longest request head (request line and headers), in bytes.
 pub(super) const MAX_HEAD: usize = 8 * 1024;
 /// How long a client has to send its request, and then to take the response.
@@ -62,16 +58,11 @@ const ACCEPT_RETRY: Duration = Duration::from_millis(100);
 /// The listener's backlog: a scrape or probe at a time is the usual load.
 const BACKLOG: i32 = 128;
 
-/// Whether `token` is one of the endpoint's.
-pub(super) fn owns(token: Token) -> bool {
-    (FIRST_TOKEN..=FIRST_TOKEN + MAX_CLIENTS).contains(&token.0)
-}
-
 /// The endpoint: its listener and its clients.
 pub(crate) struct MetricsServer {
     listener: TcpListener,
     local_addr: SocketAddr,
-    /// Client `k` has token `FIRST_TOKEN + 1 + k`.
+    /// Client `k` has token `Source::MetricsClient(k)`.
     clients: Vec<Option<Client>>,
     accept_retry_at: Option<Instant>,
 }
@@ -109,7 +100,11 @@ impl MetricsServer {
     }
 
     pub(super) fn register(&mut self, registry: &Registry) -> io::Result<()> {
-        registry.register(&mut self.listener, LISTENER, Interest::READABLE)
+        registry.register(
+            &mut self.listener,
+            Source::MetricsListener.token(),
+            Interest::READABLE,
+        )
     }
 
     /// Handles an event for one of the endpoint's tokens; `stats` is
@@ -121,11 +116,13 @@ impl MetricsServer {
         now: Instant,
         stats: impl FnOnce() -> Stats,
     ) {
-        if event.token() == LISTENER {
-            self.accept(registry, now);
-            return;
-        }
-        let k = event.token().0 - FIRST_TOKEN - 1;
+        let k = match Source::of(event.token()) {
+            Source::MetricsClient(k) => k,
+            _ => {
+                self.accept(registry, now);
+                return;
+            }
+        };
         let Some(client) = self.clients.get_mut(k).and_then(Option::as_mut) else {
             return;
         };
@@ -225,7 +222,7 @@ impl MetricsServer {
                     }
                 },
             };
-            let token = Token(FIRST_TOKEN + 1 + k);
+            let token = Source::MetricsClient(k).token();
             let interest = Interest::READABLE | Interest::WRITABLE;
             if let Err(e) = registry.register(&mut stream, token, interest) {
                 warn!("metrics: cannot watch a client: {e}");
@@ -518,16 +515,5 @@ mod tests {
         let r = text(respond(&head_only, stats));
         assert!(r.ends_with("\r\n\r\n"), "HEAD has no body: {r}");
         assert!(!r.contains("Content-Length: 0\r\n"), "{r}");
-    }
-
-    #[test]
-    fn tokens_are_apart_from_the_loops_own() {
-        assert!(owns(LISTENER));
-        assert!(owns(Token(FIRST_TOKEN + MAX_CLIENTS)));
-        assert!(!owns(Token(FIRST_TOKEN + MAX_CLIENTS + 1)));
-        assert!(!owns(Token(
-            super::super::event_loop::FIRST_WORKER + 100_000
-        )));
-        assert!(!owns(Token(usize::MAX)), "mio may use usize::MAX itself");
     }
 }

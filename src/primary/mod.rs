@@ -31,6 +31,7 @@ pub mod policy;
 mod privileges;
 mod process;
 mod servers;
+mod source;
 mod stats;
 mod supervisor;
 mod timers;

@@ -31,8 +31,8 @@ use std::net::{Ipv4Addr, SocketAddr, TcpListener};
 use std::os::fd::{AsFd, AsRawFd, OwnedFd};
 use std::time::Duration;
 
+use mio::Interest;
 use mio::unix::SourceFd;
-use mio::{Interest, Token};
 use nix::sys::signal::Signal;
 use tracing::{debug, info, warn};
 
@@ -41,13 +41,11 @@ use super::event_loop::EventLoop;
 use super::node::wire;
 use super::policy::{self, Candidate, Policy, RoundRobin};
 use super::process::{Conn, Link, Protocol};
+use super::source::Source;
 use super::timers::Timer;
 use crate::protocol::MAX_FDS;
 
-/// The most servers (listening addresses) one primary serves.
-pub(crate) const MAX_SERVERS: usize = 64;
-/// Server `k`'s listener token: far from the workers' and the metrics'.
-const FIRST_SERVER_TOKEN: usize = usize::MAX / 4;
+pub(crate) use super::source::MAX_SERVERS;
 /// How long accepting pauses after an error such as `EMFILE`, unless an fd
 /// is freed sooner.
 const ACCEPT_RETRY: Duration = Duration::from_millis(100);
@@ -104,19 +102,6 @@ impl Server {
     }
 }
 
-/// The token of server `k`'s listener.
-pub(crate) fn token(k: usize) -> Token {
-    Token(FIRST_SERVER_TOKEN + k)
-}
-
-/// The server whose listener `token` is, if it is one.
-pub(crate) fn owner(token: Token) -> Option<usize> {
-    token
-        .0
-        .checked_sub(FIRST_SERVER_TOKEN)
-        .filter(|k| *k < MAX_SERVERS)
-}
-
 impl EventLoop {
     /// Adds a server, placed by the policy in force; in rr its listener is
     /// registered for accepting.
@@ -133,7 +118,7 @@ impl EventLoop {
                 l.set_nonblocking(true)?;
                 self.poll.registry().register(
                     &mut SourceFd(&l.as_raw_fd()),
-                    token(k),
+                    Source::Listener(k).token(),
                     Interest::READABLE,
                 )?;
             }

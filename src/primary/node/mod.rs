@@ -299,6 +299,39 @@ impl EventLoop {
         problem
     }
 
+    /// Node worker `i` answered `accepted: false` for connection `id`: it
+    /// goes to another worker, or is closed once every worker serving its
+    /// server has refused it.
+    fn refused(&mut self, i: usize, id: u64) -> Result<(), String> {
+        let Ok(mut conn) = self.ledger.take_back(i, id) else {
+            return Err(format!("refused connection {id}, which it does not hold"));
+        };
+        let w = self.workers[i].as_ref().expect("reading a live worker");
+        // A worker on its way out, or one that closed this server, refuses
+        // for that reason: it does not count.
+        let k = conn.server;
+        if !w.is_stopping() && w.servers & (1 << k) != 0 {
+            conn.refusals += 1;
+        }
+        let holders = self
+            .workers
+            .iter()
+            .flatten()
+            .filter(|w| w.servers & (1 << k) != 0 && !w.is_stopping())
+            .count();
+        if conn.refusals > 0 && conn.refusals as usize >= holders {
+            info!(
+                "closing a connection from {}: every worker serving {} refused it",
+                conn.peer, self.servers[k].addr
+            );
+        } else {
+            debug!("connection {} refused by a worker: to another", conn.id);
+            self.ledger.hand_back(conn);
+        }
+        self.accept_paused_until = None;
+        Ok(())
+    }
+
     fn on_node_message(&mut self, i: usize, msg: FromWorker<'_>, line: &[u8]) -> Option<String> {
         let now = self.now;
         let w = self.workers[i].as_mut().expect("reading a live worker");
@@ -307,48 +340,16 @@ impl EventLoop {
             return None;
         };
         match msg {
-            FromWorker::Accepted { ack, accepted } => {
-                let not_held = || {
-                    Some(format!(
-                        "answered for connection {ack}, which it does not hold"
-                    ))
-                };
-                if accepted {
-                    let limited = w.max_requests.is_some();
-                    if self.ledger.ack(i, ack).is_err() {
-                        return not_held();
-                    }
-                    if limited {
-                        self.check_max_requests(i);
-                    }
-                } else {
-                    let Ok(mut conn) = self.ledger.take_back(i, ack) else {
-                        return not_held();
-                    };
-                    // A worker on its way out, or one that closed this
-                    // server, refuses for that reason: it does not count.
-                    let k = conn.server;
-                    if !w.is_stopping() && w.servers & (1 << k) != 0 {
-                        conn.refusals += 1;
-                    }
-                    let holders = self
-                        .workers
-                        .iter()
-                        .flatten()
-                        .filter(|w| w.servers & (1 << k) != 0 && !w.is_stopping())
-                        .count();
-                    if conn.refusals > 0 && conn.refusals as usize >= holders {
-                        info!(
-                            "closing a connection from {}: every worker serving {} refused it",
-                            conn.peer, self.servers[k].addr
-                        );
-                    } else {
-                        debug!("connection {} refused by a worker: to another", conn.id);
-                        self.ledger.hand_back(conn);
-                    }
-                }
-                self.accept_paused_until = None;
+            FromWorker::Accepted {
+                ack,
+                accepted: true,
+            } => {
+                return self.acknowledged(i, [ack]).err();
             }
+            FromWorker::Accepted {
+                ack,
+                accepted: false,
+            } => return self.refused(i, ack).err(),
             FromWorker::HandleAck => {
                 link.handles.pop_front();
             }

@@ -51,6 +51,7 @@ use super::backoff::Backoff;
 use super::custody::{Ledger, NotHeld};
 use super::metrics::MetricsServer;
 use super::node::link::Read as NodeRead;
+use super::policy::Dispatcher;
 use super::process::{Conn, Link, Phase, Protocol, Role, WorkerCommand, WorkerProc};
 use super::servers::Server;
 use super::source::Source;
@@ -214,10 +215,8 @@ pub(crate) struct EventLoop {
     /// Connection ids and the `seq` of messages to Node workers.
     next_seq: u64,
     pub(super) next_ping: u64,
-    /// The mode each server's policy is (primary-side modes; switchable).
-    pub(super) live_sched: Sched,
-    /// The policy's view of the workers, reused for each connection.
-    pub(super) candidates: Vec<super::policy::Candidate>,
+    /// How connections are placed (primary-side modes; switchable).
+    pub(super) dispatcher: Dispatcher,
     /// Custody of every accepted connection, and the workers' figures.
     pub(super) ledger: Ledger<Conn>,
     /// Workers whose staged batch is being sent (reused).
@@ -296,13 +295,13 @@ impl EventLoop {
             .register(&mut signals, Source::Signals.token(), Interest::READABLE)?;
         let (control_tx, control_rx) = crossbeam_channel::unbounded();
         let settings_prefix = settings.prefix_output;
+        let dispatcher = Dispatcher::new(settings.sched);
         let notify = super::notify::NotifySocket::bind()?;
         poll.registry().register(
             &mut SourceFd(&notify.raw_fd()),
             Source::Notify.token(),
             Interest::READABLE,
         )?;
-        let live_sched = settings.sched;
         let native = settings.protocol == Protocol::Native;
         let (listener, spare) = if native {
             (listener, None)
@@ -334,8 +333,7 @@ impl EventLoop {
             next_worker_id: 1,
             next_seq: 1,
             next_ping: 1,
-            live_sched,
-            candidates: Vec::new(),
+            dispatcher,
             ledger: Ledger::default(),
             batched: Vec::new(),
             accept_paused_until: None,
@@ -375,6 +373,16 @@ impl EventLoop {
         let n = self.next_seq;
         self.next_seq += 1;
         n
+    }
+
+    /// The mode in force: the settings' kernel mode, or the policy placing
+    /// connections now.
+    pub(super) fn live_sched(&self) -> Sched {
+        if self.settings.sched.is_kernel() {
+            self.settings.sched
+        } else {
+            self.dispatcher.sched()
+        }
     }
 
     pub(crate) fn local_addr(&self) -> SocketAddr {
@@ -550,7 +558,7 @@ impl EventLoop {
     /// workers (quiet channels), and where placement reads load (fresh
     /// counts); see the module's doc.
     pub(super) fn channels_nested(&self) -> bool {
-        self.settings.protocol == Protocol::Node || self.live_sched.reads_load()
+        self.settings.protocol == Protocol::Node || self.dispatcher.sched().reads_load()
     }
 
     /// Watches worker `i`'s channel `fd` in `registry`.
@@ -954,7 +962,7 @@ impl EventLoop {
                 SIGTTIN => self.add_worker(None),
                 SIGTTOU => self.remove_worker(None),
                 SIGUSR2 => {
-                    let next = match self.live_sched {
+                    let next = match self.live_sched() {
                         Sched::RoundRobin => Sched::LeastConn,
                         Sched::LeastConn => Sched::PowerOfTwo,
                         _ => Sched::RoundRobin,
@@ -992,25 +1000,20 @@ impl EventLoop {
 
     /// Switches the policy (primary-side modes only).
     pub(super) fn set_sched(&mut self, sched: Sched) {
-        if sched == self.live_sched {
+        let from = self.live_sched();
+        if sched == from {
             return;
         }
-        match super::policy::for_sched(sched) {
-            Some(_) if !self.settings.sched.is_kernel() => {
-                info!("scheduling policy: {} -> {sched}", self.live_sched);
-                let nested = self.channels_nested();
-                for server in &mut self.servers {
-                    server.policy = super::policy::for_sched(sched).expect("checked above");
-                }
-                self.live_sched = sched;
-                if self.channels_nested() != nested {
-                    self.move_channels();
-                }
-            }
-            _ => warn!(
-                "cannot switch from {} to {sched}: only rr, least-conn and p2c switch while running",
-                self.live_sched
-            ),
+        let nested = self.channels_nested();
+        if self.settings.sched.is_kernel() || !self.dispatcher.switch(sched) {
+            warn!(
+                "cannot switch from {from} to {sched}: only rr, least-conn and p2c switch while running"
+            );
+            return;
+        }
+        info!("scheduling policy: {from} -> {sched}");
+        if self.channels_nested() != nested {
+            self.move_channels();
         }
     }
 
@@ -1078,7 +1081,7 @@ impl EventLoop {
         workers.sort_by_key(|w| (w.slot, w.id));
         let slots = self.slots.iter().enumerate();
         Stats {
-            sched: self.live_sched,
+            sched: self.live_sched(),
             local_addr: self.local_addr,
             uptime: self.now.saturating_duration_since(self.started),
             workers,

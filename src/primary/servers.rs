@@ -39,7 +39,7 @@ use tracing::{debug, info, warn};
 use super::Sched;
 use super::event_loop::EventLoop;
 use super::node::wire;
-use super::policy::{self, Candidate, Policy, RoundRobin};
+use super::policy::Candidate;
 use super::process::{Conn, Link, Protocol};
 use super::source::Source;
 use super::timers::Timer;
@@ -80,10 +80,6 @@ pub(crate) struct Server {
     /// rather than in a batch after it. The worker then starts on it while
     /// the primary makes that call.
     pub lone: bool,
-    /// How its connections are placed: each server keeps its own rotation
-    /// (two servers whose connections alternate must not split the
-    /// workers between them).
-    pub policy: Box<dyn Policy>,
 }
 
 impl Server {
@@ -97,19 +93,21 @@ impl Server {
             data: "null".into(),
             backlog_waiting: true,
             lone: true,
-            policy: Box::new(RoundRobin::default()),
         }
     }
+}
+
+/// Slot `slot`'s weight in `weights` (1 beyond the list, and at least 1).
+fn weight(weights: &[u32], slot: usize) -> u32 {
+    weights.get(slot).copied().unwrap_or(1).max(1)
 }
 
 impl EventLoop {
     /// Adds a server, placed by the policy in force; in rr its listener is
     /// registered for accepting.
-    pub(super) fn add_server(&mut self, mut server: Server) -> io::Result<usize> {
+    pub(super) fn add_server(&mut self, server: Server) -> io::Result<usize> {
         let k = self.servers.len();
-        if let Some(p) = policy::for_sched(self.live_sched) {
-            server.policy = p;
-        }
+        self.dispatcher.add_server(k);
         if let Some(l) = &server.listener {
             self.defer_accept(l)?;
         }
@@ -181,7 +179,7 @@ impl EventLoop {
                     let peer = addr
                         .as_socket()
                         .unwrap_or(SocketAddr::from((Ipv4Addr::UNSPECIFIED, 0)));
-                    if self.live_sched.reads_load() {
+                    if self.dispatcher.sched().reads_load() {
                         // What workers reported before this connection
                         // came (a client's previous one finished) counts.
                         self.read_channels();
@@ -254,29 +252,22 @@ impl EventLoop {
     /// The worker the policy gives server `k`'s next connection to.
     fn pick(&mut self, k: usize) -> Option<usize> {
         let max = self.settings.max_unacked;
-        let mut candidates = std::mem::take(&mut self.candidates);
-        candidates.clear();
-        for (index, w) in self.workers.iter().enumerate() {
-            let Some(w) = w.as_ref() else { continue };
-            if w.can_take(k, self.ledger.outstanding(index), max) {
-                candidates.push(Candidate {
+        let (workers, ledger, weights) = (&self.workers, &self.ledger, &self.settings.weights);
+        let candidates = workers.iter().enumerate().filter_map(|(index, w)| {
+            let w = w.as_ref()?;
+            w.can_take(k, ledger.outstanding(index), max)
+                .then(|| Candidate {
                     index,
-                    in_flight: self.ledger.in_flight(index),
-                    weight: self.weight(w.slot),
-                });
-            }
-        }
-        let chosen = match candidates.len() {
-            0 => None,
-            _ => Some(candidates[self.servers[k].policy.pick(&candidates)].index),
-        };
-        self.candidates = candidates;
-        chosen
+                    in_flight: ledger.in_flight(index),
+                    weight: weight(weights, w.slot),
+                })
+        });
+        self.dispatcher.pick(k, candidates)
     }
 
     /// Slot `slot`'s weight (`--weights`; 1 beyond the list).
     pub(super) fn weight(&self, slot: usize) -> u32 {
-        self.settings.weights.get(slot).copied().unwrap_or(1).max(1)
+        weight(&self.settings.weights, slot)
     }
 
     /// Gives `conn` to the worker the policy picks: a native worker's goes

@@ -58,6 +58,75 @@ pub fn for_sched(sched: Sched) -> Option<Box<dyn Policy>> {
     }
 }
 
+/// The placement of connections: the policy in force, one rotation per
+/// server (two servers whose connections alternate must not split the
+/// workers between them), and the candidates' buffer. The event loop
+/// offers it the workers that can take a connection now and gets one back;
+/// it never reaches into a policy's state.
+#[derive(Debug)]
+pub(crate) struct Dispatcher {
+    sched: Sched,
+    /// One per server, of `sched`'s kind.
+    policies: Vec<Box<dyn Policy>>,
+    /// The workers that can take the connection being placed (reused: no
+    /// allocation per connection).
+    candidates: Vec<Candidate>,
+}
+
+impl Dispatcher {
+    /// Places by `sched`; round-robin for the kernel modes, where the
+    /// primary places nothing (it still has a rotation per server, unused).
+    pub fn new(sched: Sched) -> Dispatcher {
+        Dispatcher {
+            sched: if for_sched(sched).is_some() {
+                sched
+            } else {
+                Sched::RoundRobin
+            },
+            policies: Vec::new(),
+            candidates: Vec::new(),
+        }
+    }
+
+    /// The policy in force.
+    pub fn sched(&self) -> Sched {
+        self.sched
+    }
+
+    /// A rotation for server `k` (the next one).
+    pub fn add_server(&mut self, k: usize) {
+        while self.policies.len() <= k {
+            self.policies
+                .push(for_sched(self.sched).expect("a primary-side mode"));
+        }
+    }
+
+    /// Switches every server to `sched`'s policy; false (and nothing
+    /// changes) for a kernel mode.
+    pub fn switch(&mut self, sched: Sched) -> bool {
+        if for_sched(sched).is_none() {
+            return false;
+        }
+        self.sched = sched;
+        for p in &mut self.policies {
+            *p = for_sched(sched).expect("checked above");
+        }
+        true
+    }
+
+    /// The worker index the policy gives server `k`'s next connection to,
+    /// among `candidates` (by ascending index); `None` when there are none.
+    pub fn pick(&mut self, k: usize, candidates: impl Iterator<Item = Candidate>) -> Option<usize> {
+        self.add_server(k);
+        self.candidates.clear();
+        self.candidates.extend(candidates);
+        if self.candidates.is_empty() {
+            return None;
+        }
+        Some(self.candidates[self.policies[k].pick(&self.candidates)].index)
+    }
+}
+
 /// Round-robin: the first of `n` workers, starting at `cursor` and
 /// wrapping, for which `can_take` holds. The caller moves its cursor past
 /// the one chosen.

@@ -73,7 +73,7 @@ fn primary() -> Result<(), Box<dyn std::error::Error>> {
                     println!("worker {id} (pid {pid}) died ({status})");
                 }
                 Event::WorkerExited { id, pid, .. } => println!("worker {id} (pid {pid}) exited"),
-                Event::WorkerStarted { .. } => {}
+                _ => {} // a worker started, or an event of a later version
             }
         }
     });
@@ -126,6 +126,7 @@ fn worker() -> Result<(), Box<dyn std::error::Error>> {
                 shared.in_flight.wait(Duration::from_secs(10));
                 return Ok(());
             }
+            Ok(_) => {} // an event of a later version
             Err(e) if e.kind() == io::ErrorKind::UnexpectedEof => return Ok(()),
             Err(e) => return Err(e.into()),
         }

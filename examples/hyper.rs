@@ -86,8 +86,8 @@ async fn worker() -> Result<(), Box<dyn std::error::Error>> {
                     }
                 });
             }
-            Ok(TokioWorkerEvent::Message(_)) => {}
             Ok(TokioWorkerEvent::Stop) => break,
+            Ok(_) => {} // a message, or an event of a later version
             Err(e) if e.kind() == io::ErrorKind::UnexpectedEof => break, // the primary is gone
             Err(e) => return Err(e.into()),
         }

@@ -54,12 +54,15 @@
 //! Linux only: it relies on `SOCK_SEQPACKET`, `MSG_CMSG_CLOEXEC` and
 //! `PR_SET_PDEATHSIG`.
 
+#![warn(missing_docs, missing_debug_implementations, unsafe_op_in_unsafe_fn)]
+
 #[cfg(not(target_os = "linux"))]
 compile_error!("distributor supports Linux only");
 
 pub mod activation;
 mod channel;
 pub mod demo;
+#[cfg(feature = "lab")]
 pub mod lab;
 mod logging;
 pub mod primary;
@@ -71,10 +74,11 @@ pub mod worker;
 
 #[cfg(feature = "tokio")]
 pub use self::tokio::{TokioWorkerEvent, TokioWorkerListener};
+#[cfg(feature = "logging")]
 pub use logging::{LogFormat, init_logging};
 pub use primary::{
-    Backoff, Builder, Event, Handle, Primary, PrimaryError, Protocol, Ready, Replacement, Sched,
-    SlotStats, Stats, WorkerCommand, WorkerState, WorkerStats,
+    Backoff, Builder, Event, Events, EventsError, Handle, Primary, PrimaryError, Protocol, Ready,
+    Replacement, Sched, SlotStats, Stats, WorkerCommand, WorkerState, WorkerStats,
 };
 pub use worker::{
     Drain, InFlight, Incoming, WorkerError, WorkerEvent, WorkerListener, is_primary, is_worker,

@@ -4,10 +4,13 @@
 //! stderr, `RUST_LOG` for the level (info by default), the message alone
 //! in text (the values it names are in it), every field in JSON.
 
+#[cfg(feature = "logging")]
 use std::io::IsTerminal;
 
 /// How log lines look.
+#[cfg(feature = "logging")]
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+#[non_exhaustive]
 pub enum LogFormat {
     /// `2026-12-07T08:39:06.007456Z  INFO worker 1 started (pid 15754)`.
     #[default]
@@ -24,6 +27,7 @@ pub enum LogFormat {
 /// ```no_run
 /// distributor::init_logging("info", distributor::LogFormat::Text);
 /// ```
+#[cfg(feature = "logging")]
 pub fn init_logging(default_level: &str, format: LogFormat) {
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default_level));

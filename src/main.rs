@@ -601,6 +601,7 @@ fn compare(args: CompareArgs) -> anyhow::Result<()> {
                 "\r\x1b[K{}: {:.0} req/s, {} errors",
                 report.mode, report.requests_per_sec, report.errors
             ),
+            _ => {}
         }
     };
     let reports = lab::compare(&opts, &mut progress)?;

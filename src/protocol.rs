@@ -67,17 +67,28 @@ const ENTRY_V6: usize = 8 + 1 + 2 + 16;
 
 /// Why a datagram is not a valid message.
 #[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
 pub enum DecodeError {
     /// The datagram is empty.
     Empty,
     /// The type byte is not one this side accepts.
     UnknownType(u8),
     /// The body is shorter or longer than its type requires.
-    BadLength { kind: &'static str, len: usize },
+    BadLength {
+        /// The message type.
+        kind: &'static str,
+        /// The body's length.
+        len: usize,
+    },
     /// An address family other than 4 or 6.
     BadFamily(u8),
     /// The number of entries differs from the number of fds that came with them.
-    FdCount { entries: usize, fds: usize },
+    FdCount {
+        /// Entries in the message.
+        entries: usize,
+        /// Fds that came with it.
+        fds: usize,
+    },
     /// The datagram or its fds did not fit the receive buffers.
     Truncated,
 }
@@ -102,9 +113,13 @@ impl std::error::Error for DecodeError {}
 /// A message from a worker to the primary, decoded. Borrowed from the
 /// receive buffer; [`ToPrimary::Ack`] iterates its ids without copying.
 #[derive(Debug, PartialEq, Eq)]
+#[non_exhaustive]
 pub enum ToPrimary<'a> {
     /// The worker is ready, speaking this protocol version.
-    Hello { version: u16 },
+    Hello {
+        /// The protocol version the worker speaks.
+        version: u16,
+    },
     /// The worker owns these connections now.
     Ack(AckIds<'a>),
     /// An opaque message for the primary's application.
@@ -187,6 +202,7 @@ impl<'a> ToPrimary<'a> {
 
 /// A message from the primary to a worker, decoded.
 #[derive(Debug, PartialEq, Eq)]
+#[non_exhaustive]
 pub enum ToWorker<'a> {
     /// Connections, one entry per attached fd, in order.
     Connection(Entries<'a>),
@@ -311,6 +327,7 @@ fn u64_body(kind: &'static str, buf: &[u8]) -> Result<u64, DecodeError> {
 }
 
 /// A fixed-size buffer a message is written into without allocating.
+#[derive(Debug)]
 pub struct Encoder {
     buf: [u8; 1 + MAX_FDS * ENTRY_V6],
     len: usize,

@@ -21,6 +21,7 @@
 //!         TokioWorkerEvent::Message(m) => println!("the primary says {m:?}"),
 //!         // Graceful stop: no more connections will come; finish and exit.
 //!         TokioWorkerEvent::Stop => break,
+//!         _ => {} // an event of a later version
 //!     }
 //! }
 //! # Ok(())
@@ -81,6 +82,7 @@ use crate::worker::{ACCEPT_RETRY, WorkerError, WorkerEvent, WorkerListener};
 /// Something the primary sent, as returned by
 /// [`TokioWorkerListener::next_event`]: [`WorkerEvent`] with a tokio stream.
 #[derive(Debug)]
+#[non_exhaustive]
 pub enum TokioWorkerEvent {
     /// A connection, already acknowledged, with its peer's address.
     Connection(TcpStream, SocketAddr),

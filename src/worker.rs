@@ -83,13 +83,19 @@ pub fn is_primary() -> bool {
 
 /// Why [`WorkerListener::from_env`] failed.
 #[derive(Debug)]
+#[non_exhaustive]
 pub enum WorkerError {
     /// The environment names no channel: this process is not a worker.
     NotAWorker,
     /// The channel was already taken by an earlier `from_env`.
     AlreadyTaken,
     /// An environment variable has a value that makes no sense.
-    BadEnvironment { var: &'static str, value: String },
+    BadEnvironment {
+        /// The variable.
+        var: &'static str,
+        /// Its value.
+        value: String,
+    },
     /// The protocol version offered is not one this crate speaks.
     Version(String),
     /// The fd named is not usable as a channel.
@@ -127,6 +133,7 @@ impl std::error::Error for WorkerError {
 
 /// Something the primary sent, as returned by [`WorkerListener::next_event`].
 #[derive(Debug)]
+#[non_exhaustive]
 pub enum WorkerEvent {
     /// A connection, already acknowledged, with its peer's address.
     Connection(TcpStream, SocketAddr),
@@ -670,6 +677,7 @@ pub struct Drain(std::sync::Arc<(std::sync::Mutex<usize>, std::sync::Condvar)>);
 pub struct InFlight(Drain);
 
 impl Drain {
+    /// Nothing in flight yet.
     pub fn new() -> Drain {
         Drain::default()
     }

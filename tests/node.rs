@@ -18,7 +18,6 @@ use std::process::Command;
 use std::thread;
 use std::time::{Duration, Instant};
 
-use crossbeam_channel::Receiver;
 use distributor::{Event, Protocol, WorkerCommand};
 use nix::sys::signal::Signal;
 use serde_json::{Value, json};
@@ -675,7 +674,7 @@ impl Drop for ShutdownOnDrop {
 
 /// The next message from a worker as (id, JSON value), within [`DEADLINE`];
 /// other events are skipped, but a worker exit fails.
-fn next_message(events: &Receiver<Event>) -> (u64, Value) {
+fn next_message(events: &distributor::Events) -> (u64, Value) {
     let deadline = Instant::now() + DEADLINE;
     loop {
         match events.recv_deadline(deadline) {

@@ -37,12 +37,17 @@ use report::ModeReport;
 /// What to compare, and how hard to drive it.
 #[derive(Debug, Clone)]
 pub struct CompareOptions {
+    /// Worker processes per mode.
     pub workers: usize,
+    /// The modes to run, in order.
     pub scheds: Vec<Sched>,
     /// Measured time per mode.
     pub duration: Duration,
+    /// Concurrent client connections.
     pub connections: usize,
+    /// Many requests per connection (else one each).
     pub keepalive: bool,
+    /// The path to GET.
     pub path: String,
     /// Load generator threads.
     pub threads: usize,
@@ -54,29 +59,44 @@ pub struct CompareOptions {
 
 /// Where a mode's run stands, for a progress display.
 #[derive(Debug, Clone, Copy)]
+#[non_exhaustive]
 pub enum Progress<'a> {
     /// Starting the workers of this mode.
-    Starting { mode: Sched },
+    Starting {
+        /// The mode.
+        mode: Sched,
+    },
     /// Measuring: time elapsed and requests completed so far.
     Running {
+        /// The mode.
         mode: Sched,
+        /// Measured so far.
         elapsed: Duration,
+        /// To measure in all.
         total: Duration,
+        /// Requests completed so far.
         requests: u64,
     },
     /// The mode is done.
-    Done { report: &'a ModeReport },
+    Done {
+        /// Its figures.
+        report: &'a ModeReport,
+    },
 }
 
 /// Why a comparison could not run.
 #[derive(Debug)]
+#[non_exhaustive]
 pub enum LabError {
     /// The primary could not start (bad command, no port, ...).
     Primary(PrimaryError),
     /// The workers did not become ready in time.
     NotReady {
+        /// The mode.
         mode: Sched,
+        /// Workers that became ready.
         ready: usize,
+        /// Workers started.
         wanted: usize,
     },
     /// The load generator failed to run at all.

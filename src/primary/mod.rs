@@ -42,7 +42,7 @@ use std::net::{SocketAddr, TcpListener};
 use std::path::{Path, PathBuf};
 use std::process::ExitStatus;
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use crossbeam_channel::{Receiver, Sender};
 
@@ -53,15 +53,29 @@ pub use stats::{Replacement, SlotStats, Stats, WorkerState, WorkerStats};
 /// Events the primary reports to the embedding program (Node's
 /// `cluster.on('online' | 'exit' | 'message')`).
 #[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
 pub enum Event {
     /// A worker process was started.
-    WorkerStarted { id: u64, pid: u32 },
+    WorkerStarted {
+        /// The worker's id (1, 2, ...: new at every start).
+        id: u64,
+        /// Its process id.
+        pid: u32,
+    },
     /// A worker said hello and now gets connections.
-    WorkerReady { id: u64, pid: u32 },
+    WorkerReady {
+        /// The worker's id.
+        id: u64,
+        /// Its process id.
+        pid: u32,
+    },
     /// A worker process exited.
     WorkerExited {
+        /// The worker's id.
         id: u64,
+        /// Its process id.
         pid: u32,
+        /// How it exited.
         status: ExitStatus,
     },
     /// A worker sent a message (`WorkerListener::send`, or Node's
@@ -69,11 +83,17 @@ pub enum Event {
     /// channel is read once per turn of the primary's loop rather than on
     /// each line, so its message may come up to a millisecond later than on
     /// an idle primary.
-    Message { id: u64, data: Vec<u8> },
+    Message {
+        /// The worker's id.
+        id: u64,
+        /// The message, as the worker sent it.
+        data: Vec<u8>,
+    },
 }
 
 /// Who accepts connections, and so who balances them.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default)]
+#[non_exhaustive]
 pub enum Sched {
     /// The primary accepts and hands each connection to the next worker
     /// (Node's `SCHED_RR`).
@@ -156,6 +176,7 @@ impl std::str::FromStr for Sched {
 /// What makes the primary count a worker ready: give it connections, let
 /// a rolling reload move on.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default)]
+#[non_exhaustive]
 pub enum Ready {
     /// Its protocol HELLO (the default). In the kernel modes a program that
     /// never says hello is taken as ready after the hello timeout.
@@ -337,16 +358,32 @@ impl Handle {
 
 /// Why the primary could not start or run.
 #[derive(Debug)]
+#[non_exhaustive]
 pub enum PrimaryError {
     /// A setting is out of range.
     Config(String),
     /// The listening socket could not be bound.
-    Listen { addr: SocketAddr, source: io::Error },
+    Listen {
+        /// The address.
+        addr: SocketAddr,
+        /// Why.
+        source: io::Error,
+    },
     /// The metrics endpoint's socket ([`Builder::metrics`]) could not be
     /// bound.
-    Metrics { addr: SocketAddr, source: io::Error },
+    Metrics {
+        /// The address.
+        addr: SocketAddr,
+        /// Why.
+        source: io::Error,
+    },
     /// The worker command cannot be run.
-    Command { program: String, reason: String },
+    Command {
+        /// The program, as given.
+        program: String,
+        /// Why it cannot run (not found, not executable, ...).
+        reason: String,
+    },
     /// An unexpected system error.
     Io(io::Error),
 }
@@ -873,6 +910,87 @@ fn check_program(cmd: &WorkerCommand) -> Result<(), PrimaryError> {
     }))
 }
 
+/// The [`Event`]s of one primary, from [`Primary::events`]: an iterator
+/// (it ends once the primary has stopped), with bounded waits too.
+#[derive(Debug)]
+pub struct Events(Receiver<Event>);
+
+/// Why no event came.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum EventsError {
+    /// None came in the time given.
+    Timeout,
+    /// The primary has stopped, and every event was taken.
+    Stopped,
+}
+
+impl fmt::Display for EventsError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            EventsError::Timeout => "no event in the time given",
+            EventsError::Stopped => "the primary has stopped",
+        })
+    }
+}
+
+impl std::error::Error for EventsError {}
+
+impl Events {
+    /// The next event, waiting for it.
+    ///
+    /// # Errors
+    /// [`EventsError::Stopped`] once the primary has stopped.
+    pub fn recv(&self) -> Result<Event, EventsError> {
+        self.0.recv().map_err(|_| EventsError::Stopped)
+    }
+
+    /// The next event, if one is waiting.
+    ///
+    /// # Errors
+    /// [`EventsError::Timeout`] when none is, [`EventsError::Stopped`]
+    /// once the primary has stopped.
+    pub fn try_recv(&self) -> Result<Event, EventsError> {
+        self.0.try_recv().map_err(|e| match e {
+            crossbeam_channel::TryRecvError::Empty => EventsError::Timeout,
+            crossbeam_channel::TryRecvError::Disconnected => EventsError::Stopped,
+        })
+    }
+
+    /// The next event, waiting at most `timeout`.
+    ///
+    /// # Errors
+    /// As [`Events::try_recv`].
+    pub fn recv_timeout(&self, timeout: Duration) -> Result<Event, EventsError> {
+        self.recv_deadline(Instant::now() + timeout)
+    }
+
+    /// The next event, waiting until `deadline` at most.
+    ///
+    /// # Errors
+    /// As [`Events::try_recv`].
+    pub fn recv_deadline(&self, deadline: Instant) -> Result<Event, EventsError> {
+        self.0.recv_deadline(deadline).map_err(|e| match e {
+            crossbeam_channel::RecvTimeoutError::Timeout => EventsError::Timeout,
+            crossbeam_channel::RecvTimeoutError::Disconnected => EventsError::Stopped,
+        })
+    }
+}
+
+impl Iterator for Events {
+    type Item = Event;
+    fn next(&mut self) -> Option<Event> {
+        self.recv().ok()
+    }
+}
+
+impl Iterator for &Events {
+    type Item = Event;
+    fn next(&mut self) -> Option<Event> {
+        self.recv().ok()
+    }
+}
+
 /// A primary ready to run; see the module docs.
 pub struct Primary {
     inner: event_loop::EventLoop,
@@ -912,8 +1030,8 @@ impl Primary {
 
     /// A receiver of [`Event`]s. Events are dropped, never queued without
     /// bound, if the receiver falls more than 1024 behind.
-    pub fn events(&mut self) -> Receiver<Event> {
-        self.inner.events()
+    pub fn events(&mut self) -> Events {
+        Events(self.inner.events())
     }
 
     /// Starts the workers and serves until a graceful shutdown completes.

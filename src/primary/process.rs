@@ -93,6 +93,7 @@ impl super::custody::Custody for Conn {
 
 /// Which protocol the workers speak.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default)]
+#[non_exhaustive]
 pub enum Protocol {
     /// This project's own (docs/PROTOCOL.md): the library's
     /// `WorkerListener`, examples/python/hello.py, or nothing at all in

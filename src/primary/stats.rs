@@ -11,6 +11,7 @@ use super::Sched;
 /// Where a worker process is in its life, as [`WorkerStats::state`] and the
 /// metrics endpoint's `state` label say.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+#[non_exhaustive]
 pub enum WorkerState {
     /// Started, has not said hello yet: gets no connections.
     Starting,
@@ -51,6 +52,7 @@ impl fmt::Display for WorkerState {
 /// [`SlotStats::restarts`] counts): the metrics endpoint's `reason` label
 /// of `distributor_worker_replacements_total`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+#[non_exhaustive]
 pub enum Replacement {
     /// A rolling reload (SIGHUP, [`crate::Handle::reload`]).
     Reload,
@@ -109,7 +111,9 @@ impl fmt::Display for Replacement {
 #[derive(Debug, Clone, PartialEq, Eq)]
 #[non_exhaustive]
 pub struct WorkerStats {
+    /// The worker's id (1, 2, ...: new at every start).
     pub id: u64,
+    /// Its process id.
     pub pid: u32,
     /// The worker's slot, from 1.
     pub slot: usize,
@@ -136,6 +140,7 @@ pub struct WorkerStats {
     pub finished: Option<u64>,
     /// Its slot's weight (`--weights`).
     pub weight: u32,
+    /// How long it has been running.
     pub uptime: Duration,
 }
 
@@ -160,7 +165,9 @@ pub struct SlotStats {
 #[derive(Debug, Clone, PartialEq, Eq)]
 #[non_exhaustive]
 pub struct Stats {
+    /// The mode in force (after any switch).
     pub sched: Sched,
+    /// The address the primary was given (see `listeners` for Node apps).
     pub local_addr: SocketAddr,
     /// How long the primary has been running.
     pub uptime: Duration,
@@ -213,6 +220,7 @@ impl Stats {
     }
 
     /// Empty figures (no worker, no slot), for a primary that has stopped.
+    #[cfg(any(test, feature = "lab"))]
     pub(crate) fn empty(sched: Sched, local_addr: SocketAddr) -> Stats {
         Stats {
             sched,

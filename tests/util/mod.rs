@@ -511,7 +511,7 @@ pub struct Library {
     pub addr: SocketAddr,
     /// Its metrics endpoint, if it has one.
     pub metrics: Option<SocketAddr>,
-    pub events: crossbeam_channel::Receiver<Event>,
+    pub events: distributor::Events,
     pub handle: distributor::Handle,
     pub runner: std::thread::JoinHandle<Result<(), distributor::PrimaryError>>,
 }
@@ -552,7 +552,7 @@ pub fn shut_down(
 /// skipped, except that with `exit_fails` a `WorkerExited` panics (a worker
 /// exited before it was ready); panics too when the deadline passes first.
 pub fn wait_ready_events(
-    events: &crossbeam_channel::Receiver<Event>,
+    events: &distributor::Events,
     n: usize,
     exit_fails: bool,
 ) -> BTreeMap<u64, u32> {

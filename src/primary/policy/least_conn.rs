@@ -5,6 +5,7 @@
 
 use super::{Candidate, Policy, RoundRobin};
 
+/// The least-conn policy (see the module).
 #[derive(Debug, Default)]
 pub struct LeastConn {
     /// Breaks ties.

@@ -4,6 +4,7 @@
 
 use super::{Candidate, Policy};
 
+/// The p2c policy (see the module).
 #[derive(Debug)]
 pub struct PowerOfTwo {
     rng: fastrand::Rng,

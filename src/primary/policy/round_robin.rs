@@ -4,6 +4,7 @@
 
 use super::{Candidate, Policy, from_cursor};
 
+/// The round-robin policy (see the module).
 #[derive(Debug, Default)]
 pub struct RoundRobin {
     /// The worker index to try first.

@@ -323,3 +323,28 @@ pub fn thousands(n: f64) -> String {
     }
     out
 }
+
+/// Raises this process's soft `RLIMIT_NOFILE` to at least `want` (as far
+/// as the hard limit allows); returns the soft limit now in force.
+pub fn raise_nofile(want: u64) -> Result<u64, String> {
+    let mut limit = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: getrlimit writes into the struct it is given.
+    if unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit) } != 0 {
+        return Err(std::io::Error::last_os_error().to_string());
+    }
+    if limit.rlim_cur >= want {
+        return Ok(limit.rlim_cur);
+    }
+    let raised = libc::rlimit {
+        rlim_cur: want.min(limit.rlim_max),
+        rlim_max: limit.rlim_max,
+    };
+    // SAFETY: setrlimit reads the struct it is given.
+    if unsafe { libc::setrlimit(libc::RLIMIT_NOFILE, &raised) } != 0 {
+        return Err(std::io::Error::last_os_error().to_string());
+    }
+    Ok(raised.rlim_cur)
+}

@@ -187,7 +187,14 @@ fn main() {
     let mut all_met = true;
     for mode in &modes {
         print!("| {mode} |");
-        let med = |n: usize| median(per_conn.get(&(mode.clone(), n)).cloned().unwrap_or_default());
+        let med = |n: usize| {
+            median(
+                per_conn
+                    .get(&(mode.clone(), n))
+                    .cloned()
+                    .unwrap_or_default(),
+            )
+        };
         for &n in &workers {
             let rounds = per_conn
                 .get(&(mode.clone(), n))
@@ -203,7 +210,10 @@ fn main() {
         let ratio = med(most) / med(workers[0]);
         let met = ratio <= GOAL;
         all_met &= met;
-        println!(" {ratio:.2}× | {} |", if met { "met" } else { "**not met**" });
+        println!(
+            " {ratio:.2}× | {} |",
+            if met { "met" } else { "**not met**" }
+        );
     }
     println!(
         "\n{} connections served in all; the whole bench took {:.0} s.",

@@ -629,7 +629,7 @@ fn compare(args: CompareArgs) -> anyhow::Result<()> {
         print!("{}", report::table(&meta, &reports));
     }
     if let Some(path) = args.svg {
-        std::fs::write(&path, report::svg(&meta, &reports))
+        std::fs::write(&path, lab::svg(&meta, &reports))
             .with_context(|| format!("cannot write {}", path.display()))?;
     }
     Ok(())

@@ -19,10 +19,10 @@ use hdrhistogram::Histogram;
 use mio::net::TcpStream;
 use mio::{Events, Interest, Poll, Token};
 
-use super::load::{
+use super::response::{Answer, Feed, ResponseReader};
+use super::spec::{
     DRAIN_GRACE, ERROR_BACKOFF, LoadSpec, MAX_ERROR_BACKOFF, REQUEST_TIMEOUT, new_histogram,
 };
-use super::response::{Answer, Feed, ResponseReader};
 
 /// How often connections are checked for [`REQUEST_TIMEOUT`].
 const TIMEOUT_SCAN: Duration = Duration::from_millis(50);

@@ -23,7 +23,10 @@ mod driver;
 pub mod load;
 pub mod report;
 mod response;
+mod spec;
 mod svg;
+
+pub use svg::svg;
 
 use std::fmt;
 use std::net::SocketAddr;

@@ -1,6 +1,6 @@
 //! The lab's figures and their three outputs: a plain-text table for the
 //! terminal, a JSON document for scripts, and an SVG chart for people (drawn
-//! in its own module, re-exported here as [`svg()`]).
+//! in its own module, `lab::svg`).
 //!
 //! Fairness is shown two ways, because kernel balancing is uneven in ways a
 //! mean hides: each worker's share of the requests (the table gives the
@@ -14,8 +14,6 @@ use std::fmt::Write as _;
 use serde::Serialize;
 
 use super::load::LoadResult;
-
-pub use super::svg::svg;
 
 /// The figures of one run (one scheduling mode).
 #[derive(Debug, Clone, Serialize)]

@@ -47,17 +47,19 @@ use signal_hook::consts::{SIGCHLD, SIGHUP, SIGINT, SIGTERM, SIGTTIN, SIGTTOU, SI
 use signal_hook_mio::v1_0::Signals;
 use tracing::{debug, error, info, warn};
 
+use super::api::{Control, Event, Handle};
 use super::backoff::Backoff;
 use super::custody::{Ledger, NotHeld};
 use super::metrics::MetricsServer;
 use super::node::link::Read as NodeRead;
 use super::policy::Dispatcher;
 use super::process::{Conn, Link, Phase, Protocol, Role, WorkerCommand, WorkerProc};
-use super::servers::Server;
+use super::sched::Sched;
+use super::server::Server;
 use super::source::Source;
 use super::stats::{Replacement, SlotStats};
+use super::stats::{Stats, WorkerStats};
 use super::timers::Timer;
-use super::{Control, Event, Handle, Sched, Stats, WorkerStats};
 use crate::channel::Recv;
 use crate::protocol::{self, Encoder, ToPrimary};
 
@@ -87,7 +89,7 @@ pub(crate) struct Settings {
     pub sched: Sched,
     pub backlog: i32,
     pub prefix_output: bool,
-    pub ready: super::Ready,
+    pub ready: super::api::Ready,
     pub protocol: Protocol,
     /// Each slot's weight for the policies (1 beyond the list).
     pub weights: Vec<u32>,
@@ -394,10 +396,7 @@ impl EventLoop {
     }
 
     pub(crate) fn handle(&self) -> Handle {
-        Handle {
-            tx: self.control_tx.clone(),
-            waker: Arc::clone(&self.waker),
-        }
+        Handle::new(self.control_tx.clone(), Arc::clone(&self.waker))
     }
 
     pub(crate) fn events(&mut self) -> Receiver<Event> {
@@ -1035,7 +1034,7 @@ impl EventLoop {
             );
             return;
         };
-        let json = super::node::app_line(data);
+        let json = super::node::wire::app_line(data);
         for w in self.workers.iter_mut().filter_map(Option::as_mut) {
             let wanted = match target {
                 Some(id) => w.id == id,

@@ -84,7 +84,7 @@ struct Client {
 impl MetricsServer {
     /// Binds `addr` (`SO_REUSEADDR`, close-on-exec, non-blocking).
     pub(crate) fn bind(addr: SocketAddr) -> io::Result<MetricsServer> {
-        let listener = super::bind(addr, BACKLOG, false)?;
+        let listener = super::server::bind(addr, BACKLOG, false)?;
         listener.set_nonblocking(true)?;
         let local_addr = listener.local_addr()?;
         Ok(MetricsServer {

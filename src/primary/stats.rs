@@ -6,7 +6,7 @@ use std::fmt;
 use std::net::SocketAddr;
 use std::time::Duration;
 
-use super::Sched;
+use super::sched::Sched;
 
 /// Where a worker process is in its life, as [`WorkerStats::state`] and the
 /// metrics endpoint's `state` label say.

@@ -31,12 +31,12 @@ use nix::sys::signal::Signal;
 use std::os::fd::{AsFd, AsRawFd};
 use tracing::{debug, error, info, warn};
 
+use super::api::{Event, LAST_WORKER, Ready, Reply};
 use super::event_loop::{EventLoop, Queued, Slot, Step};
-use super::node;
+use super::node::{self, wire};
 use super::process::{Link, Phase, Protocol, Role, WorkerProc, describe_exit};
 use super::stats::Replacement;
-use super::timers::Timer;
-use super::{Event, LAST_WORKER, Ready, Reply};
+use super::timers::{Timer, ping_interval};
 
 /// Why a command waited for has no outcome: the primary is stopping.
 const STOPPING: &str = "the primary is stopping";
@@ -758,7 +758,7 @@ impl EventLoop {
                 // Node closes its servers, lets their connections
                 // finish, closes the channel and exits.
                 self.line.clear();
-                node::wire::disconnect(&mut self.line, seq);
+                wire::disconnect(&mut self.line, seq);
                 l.send(&self.line, None).is_ok()
             }
             _ => false,
@@ -1226,12 +1226,6 @@ impl EventLoop {
 /// Bytes as MiB, for the log.
 fn mebibytes(bytes: u64) -> String {
     format!("{:.1} MiB", bytes as f64 / (1024.0 * 1024.0))
-}
-
-/// How often a ready worker is pinged: a quarter of the timeout, within
-/// 10 ms and 5 s.
-pub(super) fn ping_interval(timeout: Duration) -> Duration {
-    (timeout / 4).clamp(Duration::from_millis(10), Duration::from_secs(5))
 }
 
 /// Tells the service manager, if the primary runs under one (`NOTIFY_SOCKET`).

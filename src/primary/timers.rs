@@ -1,7 +1,7 @@
 //! A worker's deadlines: one table indexed by [`Timer`], with one next
 //! deadline, in place of an `Option<Instant>` field each.
 
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 /// What a worker's deadline is for. The supervisor acts on those that are
 /// due in this order, each at most once per turn.
@@ -89,6 +89,12 @@ impl Timers {
     pub fn next(&self) -> Option<Instant> {
         self.0.iter().flatten().min().copied()
     }
+}
+
+/// How often a ready worker is pinged: a quarter of the timeout, within
+/// 10 ms and 5 s.
+pub(crate) fn ping_interval(timeout: Duration) -> Duration {
+    (timeout / 4).clamp(Duration::from_millis(10), Duration::from_secs(5))
 }
 
 #[cfg(test)]

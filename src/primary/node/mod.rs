@@ -31,30 +31,13 @@ use std::os::fd::AsFd;
 
 use tracing::{debug, info, warn};
 
+use super::api::Ready;
 use super::event_loop::EventLoop;
 use super::process::{Link, Phase, Protocol, WorkerCommand};
-use super::servers::{MAX_SERVERS, Server};
-use super::{Ready, Sched};
+use super::sched::Sched;
+use super::server::{MAX_SERVERS, Server};
 use crate::primary::timers::Timer;
-use wire::{AddressType, FromWorker, Query};
-
-/// The embedding program's message as a line for Node workers: one JSON
-/// value, written compactly (a line may hold no newline), that Node will
-/// not take for one of its own (`cmd` starting with `NODE_`).
-pub(crate) fn app_line(data: &[u8]) -> Result<Vec<u8>, String> {
-    let value: serde_json::Value = serde_json::from_slice(data)
-        .map_err(|e| format!("a message to Node workers must be JSON ({e})"))?;
-    if value
-        .get("cmd")
-        .and_then(|c| c.as_str())
-        .is_some_and(|c| c.starts_with("NODE_"))
-    {
-        return Err("a `cmd` starting with NODE_ is Node's own".into());
-    }
-    let mut line = serde_json::to_vec(&value).map_err(|e| e.to_string())?;
-    line.push(b'\n');
-    Ok(line)
-}
+use wire::{AddressType, FromWorker, Query, app_line};
 
 /// Node's cluster gives each worker an inspector of its own: when the
 /// primary runs with `--inspect` (or `--inspect-brk`, `--inspect-wait`,
@@ -372,7 +355,7 @@ impl EventLoop {
                         Timer::Ping,
                         self.settings
                             .worker_timeout
-                            .map(|t| now + super::supervisor::ping_interval(t)),
+                            .map(|t| now + super::timers::ping_interval(t)),
                     );
                 }
                 if w.phase == Phase::Starting && self.settings.ready == Ready::Hello {
@@ -619,7 +602,7 @@ fn bind_for_node(
 ) -> io::Result<TcpListener> {
     use socket2::{Domain, Socket, Type};
     if let Some(ip) = ip {
-        return super::bind(SocketAddr::new(ip, port), backlog, reuseport);
+        return super::server::bind(SocketAddr::new(ip, port), backlog, reuseport);
     }
     let dual = (|| {
         let socket = Socket::new(Domain::IPV6, Type::STREAM, None)?;
@@ -639,7 +622,7 @@ fn bind_for_node(
                 Some(libc::EAFNOSUPPORT | libc::EADDRNOTAVAIL)
             ) =>
         {
-            super::bind(
+            super::server::bind(
                 SocketAddr::new(Ipv4Addr::UNSPECIFIED.into(), port),
                 backlog,
                 reuseport,

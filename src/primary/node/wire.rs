@@ -355,6 +355,24 @@ pub(crate) fn reply(out: &mut Vec<u8>, seq: u64, ack: u64) {
     let _ = writeln!(out, r#"{{"cmd":"NODE_CLUSTER","ack":{ack},"seq":{seq}}}"#);
 }
 
+/// The embedding program's message as a line for Node workers: one JSON
+/// value, written compactly (a line may hold no newline), that Node will
+/// not take for one of its own (`cmd` starting with `NODE_`).
+pub(crate) fn app_line(data: &[u8]) -> Result<Vec<u8>, String> {
+    let value: serde_json::Value = serde_json::from_slice(data)
+        .map_err(|e| format!("a message to Node workers must be JSON ({e})"))?;
+    if value
+        .get("cmd")
+        .and_then(|c| c.as_str())
+        .is_some_and(|c| c.starts_with("NODE_"))
+    {
+        return Err("a `cmd` starting with NODE_ is Node's own".into());
+    }
+    let mut line = serde_json::to_vec(&value).map_err(|e| e.to_string())?;
+    line.push(b'\n');
+    Ok(line)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -1,30 +1,21 @@
-//! The acceptor, dispatcher and ledger of the event loop (more methods of
-//! [`EventLoop`]), over its servers.
+//! The acceptor and the hand-over: more methods of [`EventLoop`], over its
+//! servers ([`Server`]), the [`Dispatcher`](super::policy::Dispatcher) and
+//! the custody [`Ledger`](super::custody::Ledger).
 //!
-//! A *server* is one listening address: with the native protocol the one
-//! the primary was given; with Node's, each one the app's `listen()` calls
-//! asked for (docs/NODE.md). A worker gets connections only of the servers
-//! it holds (a bit each in `WorkerProc::servers`, so at most
-//! [`MAX_SERVERS`]).
-//!
-//! - **Acceptor.** Each listener is registered edge-triggered; on an event
-//!   the loop accepts until `WouldBlock`, but only while some worker can
-//!   take a connection of that server. Otherwise it leaves connections in
-//!   the kernel's backlog (and notes that it did) and resumes when a
-//!   worker has room. Accept errors such as `EMFILE` pause accepting until
-//!   an fd is freed (an acknowledgement closes the primary's copy) or a
-//!   short timer fires.
-//! - **Dispatcher.** The scheduling policy (`policy/`: round-robin, least
-//!   connections, power of two choices) over the workers holding the
-//!   server, skipping those that are not ready, stopping, at their
-//!   unacknowledged limit, or whose channel buffer is full. A connection no worker can
-//!   take now is held in its server's `pending` (at most a few: accepting
-//!   stops first).
-//! - **Ledger.** The primary keeps its copy of every connection until the
-//!   worker acknowledges it; when a worker's channel closes (it died, broke
-//!   the protocol, or hung), its unacknowledged connections return to
-//!   `pending` and go to another worker. A connection is acknowledged by
-//!   one worker only, so none is served twice.
+//! - **Accepting.** Each listener is registered edge-triggered; on an
+//!   event the loop accepts until `WouldBlock`, but only while some worker
+//!   can take a connection of that server; otherwise connections wait in
+//!   the kernel's backlog until a worker has room. Accept errors such as
+//!   `EMFILE` pause accepting until an fd is freed (an acknowledgement
+//!   closes the primary's copy) or a short timer fires.
+//! - **Placing.** The dispatcher picks among the workers that hold the
+//!   server and can take one now (ready, not stopping, under their
+//!   unacknowledged limit, channel not full). A connection no worker can
+//!   take is held in the ledger (a few at most: accepting stops first).
+//! - **Sending.** A native worker's connections of one burst go in one
+//!   CONNECTION message (up to 64 fds), a Node worker's one `newconn` each;
+//!   the ledger records them sent, or takes them back if the send failed.
+//!   Closing a worker's channel gives what it held back to the ledger.
 
 use std::io;
 use std::net::{Ipv4Addr, SocketAddr, TcpListener};
@@ -36,66 +27,21 @@ use mio::unix::SourceFd;
 use nix::sys::signal::Signal;
 use tracing::{debug, info, warn};
 
-use super::Sched;
 use super::event_loop::EventLoop;
 use super::node::wire;
 use super::policy::Candidate;
 use super::process::{Conn, Link, Protocol};
+use super::sched::Sched;
+use super::server::{self, Server};
 use super::source::Source;
 use super::timers::Timer;
 use crate::protocol::MAX_FDS;
 
-pub(crate) use super::source::MAX_SERVERS;
 /// How long accepting pauses after an error such as `EMFILE`, unless an fd
 /// is freed sooner.
 const ACCEPT_RETRY: Duration = Duration::from_millis(100);
 /// How often at most an accept error is logged as a warning.
 const ACCEPT_WARN_EVERY: Duration = Duration::from_secs(10);
-
-/// One listening address and the connections accepted on it.
-#[derive(Debug)]
-pub(crate) struct Server {
-    /// Node's key for it (empty with the native protocol).
-    pub key: String,
-    /// `key` as a JSON string, quotes included.
-    pub key_json: String,
-    pub addr: SocketAddr,
-    /// `None` once closed (shutdown, or every Node worker closed it).
-    pub listener: Option<TcpListener>,
-    /// Reuseport: the socket of each slot after the first.
-    pub slot_listeners: Vec<Option<TcpListener>>,
-    /// Node: the `data` of the first worker that asked (a TLS server's
-    /// ticket keys), raw JSON, echoed to every worker.
-    pub data: String,
-    /// Connections may wait in the backlog: set by the listener's
-    /// (edge-triggered) readiness, cleared only by an accept that found
-    /// none (`WouldBlock`). It stays set when accepting stopped for want of
-    /// a worker with room, so room freed later (an acknowledgement, a
-    /// worker ready) resumes accepting without a wasted `accept`.
-    pub backlog_waiting: bool,
-    /// The last accept loop that emptied the backlog took one connection
-    /// at most (and none since found more waiting than there was room
-    /// for): connections arrive one at a time, so the first of the next
-    /// loop goes out at once, before the `accept` that ends the loop,
-    /// rather than in a batch after it. The worker then starts on it while
-    /// the primary makes that call.
-    pub lone: bool,
-}
-
-impl Server {
-    pub(crate) fn new(key: String, listener: TcpListener, addr: SocketAddr) -> Server {
-        Server {
-            key_json: wire::json_string(&key),
-            key,
-            addr,
-            listener: Some(listener),
-            slot_listeners: Vec::new(),
-            data: "null".into(),
-            backlog_waiting: true,
-            lone: true,
-        }
-    }
-}
 
 /// Slot `slot`'s weight in `weights` (1 beyond the list, and at least 1).
 fn weight(weights: &[u32], slot: usize) -> u32 {
@@ -441,7 +387,7 @@ impl EventLoop {
             s.slot_listeners.resize_with(slot, || None);
         }
         if s.slot_listeners[slot - 1].is_none() {
-            let l = super::bind(s.addr, backlog, true)?;
+            let l = server::bind(s.addr, backlog, true)?;
             self.defer_accept(&l)?;
             let s = &mut self.servers[k];
             // Native workers get it by socket activation, blocking, as

@@ -131,7 +131,7 @@ impl EventLoop {
                         self.read_channels();
                     }
                     let conn = Conn {
-                        id: self.next_seq(),
+                        id: self.next_conn_id(),
                         fd: OwnedFd::from(socket),
                         peer,
                         server: k,

@@ -214,7 +214,10 @@ pub(crate) struct EventLoop {
     pub(super) workers: Vec<Option<WorkerProc>>,
     pub(super) free: Vec<usize>,
     pub(super) next_worker_id: u64,
-    /// Connection ids and the `seq` of messages to Node workers.
+    /// The next connection id (increasing in accept order; also the `seq`
+    /// of a Node worker's `newconn`, which it answers by that number).
+    next_conn_id: u64,
+    /// The `seq` of the primary's other messages to Node workers.
     next_seq: u64,
     pub(super) next_ping: u64,
     /// How connections are placed (primary-side modes; switchable).
@@ -333,6 +336,7 @@ impl EventLoop {
             workers: Vec::new(),
             free: Vec::new(),
             next_worker_id: 1,
+            next_conn_id: 1,
             next_seq: 1,
             next_ping: 1,
             dispatcher,
@@ -370,7 +374,15 @@ impl EventLoop {
         Ok(this)
     }
 
-    /// The next connection id or message `seq`.
+    /// The next connection id.
+    pub(super) fn next_conn_id(&mut self) -> u64 {
+        let n = self.next_conn_id;
+        self.next_conn_id += 1;
+        n
+    }
+
+    /// The `seq` of the next message to a Node worker that is not a
+    /// connection.
     pub(super) fn next_seq(&mut self) -> u64 {
         let n = self.next_seq;
         self.next_seq += 1;
@@ -479,7 +491,7 @@ impl EventLoop {
                 return Err(e);
             }
             self.now = Instant::now();
-            let seq = self.next_seq;
+            let first_conn = self.next_conn_id;
             // Workers' messages first, so that what follows (stats,
             // placement, timers) sees them.
             if !self.prompt || events.iter().any(|e| e.token() == Source::Channels.token()) {
@@ -505,7 +517,7 @@ impl EventLoop {
             }
             self.on_timers();
             self.pump();
-            self.watch_channels(seq);
+            self.watch_channels(first_conn);
         }
         let held = self.ledger.held_total();
         if held > 0 {
@@ -643,13 +655,13 @@ impl EventLoop {
     }
 
     /// Watches the channels' poll, or stops watching it, as wanted after a
-    /// turn that started with connection id (or message seq) `seq`.
-    fn watch_channels(&mut self, seq: u64) {
+    /// turn whose first connection (if any) got id `first_conn`.
+    fn watch_channels(&mut self, first_conn: u64) {
         if self.settings.protocol != Protocol::Node {
             return;
         }
         let fd = self.channels.as_raw_fd();
-        if self.next_seq >= seq + 2 {
+        if self.next_conn_id >= first_conn + 2 {
             self.last_burst = Some(self.now);
         }
         let want = self.prompt_wanted();

@@ -60,7 +60,7 @@ impl EventLoop {
         if !self.settings.sched.is_kernel() {
             if let Some(l) = &server.listener {
                 l.set_nonblocking(true)?;
-                self.poll.registry().register(
+                self.io.poll.registry().register(
                     &mut SourceFd(&l.as_raw_fd()),
                     Source::Listener(k).token(),
                     Interest::READABLE,
@@ -88,7 +88,7 @@ impl EventLoop {
                 }
                 if self.ledger.held(k) == 0
                     && self.servers[k].backlog_waiting
-                    && self.accept_paused_until.is_none()
+                    && self.accept.accept_paused_until.is_none()
                     && !self.settings.sched.is_kernel()
                 {
                     self.accept_loop(k);
@@ -155,28 +155,29 @@ impl EventLoop {
                     self.servers[k].backlog_waiting = false;
                     return accepted;
                 }
-                Err(e) => match e.raw_os_error() {
-                    Some(libc::EINTR | libc::ECONNABORTED | libc::EPROTO | libc::EPERM) => {
-                        debug!("accept: {e}")
-                    }
-                    _ => {
-                        // Said once per episode, not on every retry.
-                        let now = self.now;
-                        if self
-                            .accept_warned_at
-                            .is_none_or(|t| now.saturating_duration_since(t) >= ACCEPT_WARN_EVERY)
-                        {
-                            warn!(
-                                "accept failed: {e}; pausing accepts until an fd is freed or {ACCEPT_RETRY:?} pass"
-                            );
-                            self.accept_warned_at = Some(now);
-                        } else {
-                            debug!("accept failed again: {e}");
+                Err(e) => {
+                    match e.raw_os_error() {
+                        Some(libc::EINTR | libc::ECONNABORTED | libc::EPROTO | libc::EPERM) => {
+                            debug!("accept: {e}")
                         }
-                        self.accept_paused_until = Some(now + ACCEPT_RETRY);
-                        return accepted;
+                        _ => {
+                            // Said once per episode, not on every retry.
+                            let now = self.now;
+                            if self.accept.accept_warned_at.is_none_or(|t| {
+                                now.saturating_duration_since(t) >= ACCEPT_WARN_EVERY
+                            }) {
+                                warn!(
+                                    "accept failed: {e}; pausing accepts until an fd is freed or {ACCEPT_RETRY:?} pass"
+                                );
+                                self.accept.accept_warned_at = Some(now);
+                            } else {
+                                debug!("accept failed again: {e}");
+                            }
+                            self.accept.accept_paused_until = Some(now + ACCEPT_RETRY);
+                            return accepted;
+                        }
                     }
-                },
+                }
             }
         }
         accepted
@@ -234,9 +235,9 @@ impl EventLoop {
                     return Ok(());
                 }
                 Link::Node(link) => {
-                    self.line.clear();
-                    wire::newconn(&mut self.line, conn.id, &self.servers[k].key_json);
-                    let sent = link.send_now(&self.line, Some(conn.fd.as_fd()));
+                    self.writer.line.clear();
+                    wire::newconn(&mut self.writer.line, conn.id, &self.servers[k].key_json);
+                    let sent = link.send_now(&self.writer.line, Some(conn.fd.as_fd()));
                     if sent.is_ok() {
                         link.handles.push_back(conn.id);
                     }
@@ -260,12 +261,12 @@ impl EventLoop {
 
     /// Sends every batch staged this turn.
     fn send_batches(&mut self) {
-        let mut batched = std::mem::take(&mut self.batched);
+        let mut batched = std::mem::take(&mut self.accept.batched);
         self.ledger.take_staged_workers(&mut batched);
         for i in batched.drain(..) {
             self.send_batch(i);
         }
-        self.batched = batched;
+        self.accept.batched = batched;
     }
 
     /// Sends worker `i`'s batch as one CONNECTION message, its fds in one
@@ -282,13 +283,13 @@ impl EventLoop {
         }
         let sent = match w.channel.as_ref() {
             Some(Link::Native(channel)) => {
-                let enc = self.enc.connection();
+                let enc = self.writer.enc.connection();
                 let mut fds = [channel.as_fd(); MAX_FDS];
                 for (fd, c) in fds.iter_mut().zip(batch) {
                     enc.entry(c.id, c.peer);
                     *fd = c.fd.as_fd();
                 }
-                channel.send(self.enc.as_bytes(), &fds[..batch.len()], true)
+                channel.send(self.writer.enc.as_bytes(), &fds[..batch.len()], true)
             }
             _ => Err(io::Error::from(io::ErrorKind::NotConnected)),
         };
@@ -357,7 +358,7 @@ impl EventLoop {
         for k in 0..self.servers.len() {
             self.close_server(k);
         }
-        self.spare = None;
+        self.accept.spare = None;
         self.pump();
     }
 
@@ -366,6 +367,7 @@ impl EventLoop {
         if let Some(listener) = self.servers[k].listener.take() {
             if !self.settings.sched.is_kernel() {
                 let _ = self
+                    .io
                     .poll
                     .registry()
                     .deregister(&mut SourceFd(&listener.as_raw_fd()));

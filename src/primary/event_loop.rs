@@ -176,73 +176,103 @@ pub(super) struct Step {
 }
 
 pub(crate) struct EventLoop {
+    /// The listening addresses: with the native protocol the one bound
+    /// at start; with Node's, those the workers asked for.
+    pub(super) servers: Vec<Server>,
+    /// The metrics endpoint, if asked for.
+    pub(super) metrics: Option<MetricsServer>,
+    pub(super) local_addr: SocketAddr,
+    pub(super) started: Instant,
+    pub(super) settings: Settings,
+    /// Every worker process alive, by index; the index is its token.
+    pub(super) workers: Vec<Option<WorkerProc>>,
+    /// How connections are placed (primary-side modes; switchable).
+    pub(super) dispatcher: Dispatcher,
+    /// Custody of every accepted connection, and the workers' figures.
+    pub(super) ledger: Ledger<Conn>,
+    /// The time after the last poll; timers and liveness use it.
+    pub(super) now: Instant,
+    /// The thin mio driver's state: the polls, signals, the waker, and the buffers a read uses.
+    pub(super) io: Io,
+    /// Commands in from handles, events out to the embedding program.
+    pub(super) outbox: Outbox,
+    /// What messages to workers are written with.
+    pub(super) writer: Writer,
+    /// The acceptor's state (acceptor.rs).
+    pub(super) accept: Accept,
+    /// The supervisor's state (supervisor.rs): slots, reloads, shutdown, replacements, and what it tells.
+    pub(super) sup: Supervision,
+}
+
+/// The thin mio driver's state: the polls, signals, the waker, and the buffers a read uses.
+pub(crate) struct Io {
     pub(super) poll: Poll,
     /// The workers' channels' own poll (tokens `FIRST_WORKER + index`)
     /// while [`EventLoop::channels_nested`], watched by `poll` while
     /// `prompt` (always, for native workers), else read at the start of
     /// each turn. Otherwise the channels are in `poll`.
-    channels: Poll,
+    pub(super) channels: Poll,
     /// What `channels` has ready (reused).
-    channel_events: Events,
+    pub(super) channel_events: Events,
     /// Whether a worker's message wakes the primary; see the module's
     /// "quiet channels".
-    prompt: bool,
+    pub(super) prompt: bool,
     /// When a turn last accepted two or more connections.
-    last_burst: Option<Instant>,
-    /// The listening addresses: with the native protocol the one bound
-    /// at start; with Node's, those the workers asked for.
-    pub(super) servers: Vec<Server>,
+    pub(super) last_burst: Option<Instant>,
+    pub(super) signals: Signals,
+    pub(super) waker: Arc<Waker>,
+    /// Channels with more to read than one turn allows.
+    pub(super) readable_again: Vec<usize>,
+    pub(super) buf: Box<[u8]>,
+    pub(super) fds: Vec<OwnedFd>,
+    /// The workers' `NOTIFY_SOCKET`.
+    pub(super) notify: super::notify::NotifySocket,
+}
+
+/// Commands in from handles, events out to the embedding program.
+pub(crate) struct Outbox {
+    pub(super) control_tx: Sender<Control>,
+    pub(super) control_rx: Receiver<Control>,
+    pub(super) events_tx: Option<Sender<Event>>,
+    pub(super) events_dropped: u64,
+    /// A worker's message was logged at info once (no event receiver).
+    pub(super) told_of_messages: bool,
+}
+
+/// What messages to workers are written with.
+pub(crate) struct Writer {
+    pub(super) enc: Encoder,
+    /// A line to a Node worker being written.
+    pub(super) line: Vec<u8>,
+    /// The `seq` of the primary's other messages to Node workers.
+    pub(super) next_seq: u64,
+}
+
+/// The acceptor's state (acceptor.rs).
+pub(crate) struct Accept {
     /// Node: the socket bound at start for `--listen`, not listening yet:
     /// it serves the app's first server (whatever port that asks for) and
     /// listens only then, so that it never accepts what no worker serves.
     pub(super) spare: Option<TcpListener>,
-    /// Connections taken by workers that have exited.
-    pub(super) exited_connections: u64,
-    /// The metrics endpoint, if asked for.
-    pub(super) metrics: Option<MetricsServer>,
-    local_addr: SocketAddr,
-    started: Instant,
-    signals: Signals,
-    waker: Arc<Waker>,
-    control_tx: Sender<Control>,
-    control_rx: Receiver<Control>,
-    events_tx: Option<Sender<Event>>,
-    events_dropped: u64,
-    pub(super) settings: Settings,
-    pub(super) slots: Vec<Slot>,
-    /// Every worker process alive, by index; the index is its token.
-    pub(super) workers: Vec<Option<WorkerProc>>,
-    pub(super) free: Vec<usize>,
-    pub(super) next_worker_id: u64,
-    /// The next connection id (increasing in accept order; also the `seq`
-    /// of a Node worker's `newconn`, which it answers by that number).
-    next_conn_id: u64,
-    /// The `seq` of the primary's other messages to Node workers.
-    next_seq: u64,
-    pub(super) next_ping: u64,
-    /// How connections are placed (primary-side modes; switchable).
-    pub(super) dispatcher: Dispatcher,
-    /// Custody of every accepted connection, and the workers' figures.
-    pub(super) ledger: Ledger<Conn>,
     /// Workers whose staged batch is being sent (reused).
     pub(super) batched: Vec<usize>,
     /// Accepting paused after an accept error, until then.
     pub(super) accept_paused_until: Option<Instant>,
     /// When an accept error was last logged as a warning.
     pub(super) accept_warned_at: Option<Instant>,
+    /// The next connection id (increasing in accept order; also the `seq`
+    /// of a Node worker's `newconn`, which it answers by that number).
+    pub(super) next_conn_id: u64,
+}
+
+/// The supervisor's state (supervisor.rs): slots, reloads, shutdown, replacements, and what it tells.
+pub(crate) struct Supervision {
+    pub(super) slots: Vec<Slot>,
+    pub(super) free: Vec<usize>,
+    pub(super) next_worker_id: u64,
+    pub(super) next_ping: u64,
     pub(super) reload: Reload,
     pub(super) shutdown_at: Option<Instant>,
-    /// The time after the last poll; timers and liveness use it.
-    pub(super) now: Instant,
-    /// Channels with more to read than one turn allows.
-    readable_again: Vec<usize>,
-    buf: Box<[u8]>,
-    fds: Vec<OwnedFd>,
-    pub(super) enc: Encoder,
-    /// A line to a Node worker being written.
-    pub(super) line: Vec<u8>,
-    /// The workers' `NOTIFY_SOCKET`.
-    pub(super) notify: super::notify::NotifySocket,
     /// `READY=1` was sent to the primary's own service manager.
     pub(super) told_systemd_ready: bool,
     /// Relays worker output with a prefix, unless output passes through.
@@ -257,14 +287,14 @@ pub(crate) struct EventLoop {
     /// Node workers started with an inspector so far (`node --inspect`):
     /// the next gets the base port plus this plus one, as Node's cluster.
     pub(super) inspect_offset: u32,
-    /// A worker's message was logged at info once (no event receiver).
-    pub(super) told_of_messages: bool,
     /// Why the primary stopped by itself, a setting that cannot work:
     /// `run` fails with it once the workers are gone.
-    fatal: Option<String>,
+    pub(super) fatal: Option<String>,
     /// Why no worker gets ready, if known (for `/healthz`); cleared when one
     /// does.
     pub(super) problem: Option<String>,
+    /// Connections taken by workers that have exited.
+    pub(super) exited_connections: u64,
 }
 
 impl EventLoop {
@@ -314,58 +344,68 @@ impl EventLoop {
             (None, listener)
         };
         let mut this = EventLoop {
-            poll,
-            channels,
-            channel_events: Events::with_capacity(256),
-            prompt: true,
-            last_burst: None,
             servers: Vec::new(),
-            spare,
-            exited_connections: 0,
             metrics,
             local_addr,
             started: Instant::now(),
-            signals,
-            waker,
-            control_tx,
-            control_rx,
-            events_tx: None,
-            events_dropped: 0,
             settings,
-            slots: Vec::new(),
             workers: Vec::new(),
-            free: Vec::new(),
-            next_worker_id: 1,
-            next_conn_id: 1,
-            next_seq: 1,
-            next_ping: 1,
             dispatcher,
             ledger: Ledger::default(),
-            batched: Vec::new(),
-            accept_paused_until: None,
-            accept_warned_at: None,
-            reload: Reload::default(),
-            shutdown_at: None,
             now: Instant::now(),
-            readable_again: Vec::new(),
-            buf: vec![0; protocol::MAX_MESSAGE].into_boxed_slice(),
-            fds: Vec::with_capacity(protocol::MAX_FDS),
-            enc: Encoder::default(),
-            line: Vec::with_capacity(256),
-            notify,
-            told_systemd_ready: false,
-            output: if settings_prefix {
-                Some(super::output::Relay::start()?)
-            } else {
-                None
+            io: Io {
+                poll,
+                channels,
+                channel_events: Events::with_capacity(256),
+                prompt: true,
+                last_burst: None,
+                signals,
+                waker,
+                readable_again: Vec::new(),
+                buf: vec![0; protocol::MAX_MESSAGE].into_boxed_slice(),
+                fds: Vec::with_capacity(protocol::MAX_FDS),
+                notify,
             },
-            guardian: None,
-            replaced: [0; Replacement::ALL.len()],
-            memory_check_at: None,
-            inspect_offset: 0,
-            told_of_messages: false,
-            fatal: None,
-            problem: None,
+            outbox: Outbox {
+                control_tx,
+                control_rx,
+                events_tx: None,
+                events_dropped: 0,
+                told_of_messages: false,
+            },
+            writer: Writer {
+                enc: Encoder::default(),
+                line: Vec::with_capacity(256),
+                next_seq: 1,
+            },
+            accept: Accept {
+                spare,
+                batched: Vec::new(),
+                accept_paused_until: None,
+                accept_warned_at: None,
+                next_conn_id: 1,
+            },
+            sup: Supervision {
+                slots: Vec::new(),
+                free: Vec::new(),
+                next_worker_id: 1,
+                next_ping: 1,
+                reload: Reload::default(),
+                shutdown_at: None,
+                told_systemd_ready: false,
+                output: if settings_prefix {
+                    Some(super::output::Relay::start()?)
+                } else {
+                    None
+                },
+                guardian: None,
+                replaced: [0; Replacement::ALL.len()],
+                memory_check_at: None,
+                inspect_offset: 0,
+                fatal: None,
+                problem: None,
+                exited_connections: 0,
+            },
         };
         if native {
             let listener = listener.expect("the native protocol binds at start");
@@ -376,16 +416,16 @@ impl EventLoop {
 
     /// The next connection id.
     pub(super) fn next_conn_id(&mut self) -> u64 {
-        let n = self.next_conn_id;
-        self.next_conn_id += 1;
+        let n = self.accept.next_conn_id;
+        self.accept.next_conn_id += 1;
         n
     }
 
     /// The `seq` of the next message to a Node worker that is not a
     /// connection.
     pub(super) fn next_seq(&mut self) -> u64 {
-        let n = self.next_seq;
-        self.next_seq += 1;
+        let n = self.writer.next_seq;
+        self.writer.next_seq += 1;
         n
     }
 
@@ -408,12 +448,12 @@ impl EventLoop {
     }
 
     pub(crate) fn handle(&self) -> Handle {
-        Handle::new(self.control_tx.clone(), Arc::clone(&self.waker))
+        Handle::new(self.outbox.control_tx.clone(), Arc::clone(&self.io.waker))
     }
 
     pub(crate) fn events(&mut self) -> Receiver<Event> {
         let (tx, rx) = crossbeam_channel::bounded(1024);
-        self.events_tx = Some(tx);
+        self.outbox.events_tx = Some(tx);
         rx
     }
 
@@ -425,7 +465,7 @@ impl EventLoop {
         );
         if self.settings.protocol == Protocol::Native {
             info!("listening on {} ({})", self.local_addr, self.mode_text());
-        } else if self.spare.is_some() {
+        } else if self.accept.spare.is_some() {
             info!(
                 "Node workers: the app's first server will be served on {} (--listen), whatever port it asks for; connections are refused until it listens",
                 self.local_addr
@@ -447,18 +487,18 @@ impl EventLoop {
                 warn!("cannot make the primary non-dumpable: {e}");
             }
         }
-        let (socket, dir) = self.notify.paths();
+        let (socket, dir) = self.io.notify.paths();
         match super::guardian::Guardian::start(&socket, &dir) {
-            Ok(g) => self.guardian = Some(g),
+            Ok(g) => self.sup.guardian = Some(g),
             Err(e) => warn!(
                 "cannot start the guardian process: what workers start may outlive a primary killed with SIGKILL: {e}"
             ),
         }
         if self.settings.limits.max_memory.is_some() {
-            self.memory_check_at = Some(self.now);
+            self.sup.memory_check_at = Some(self.now);
         }
         for s in 0..self.settings.workers {
-            self.slots.push(Slot {
+            self.sup.slots.push(Slot {
                 active: true,
                 ..Slot::default()
             });
@@ -468,13 +508,14 @@ impl EventLoop {
         }
         let mut events = Events::with_capacity(256);
         loop {
-            if self.shutdown_at.is_some() && self.workers.iter().all(Option::is_none) {
+            if self.sup.shutdown_at.is_some() && self.workers.iter().all(Option::is_none) {
                 break;
             }
-            let timeout = if self.readable_again.is_empty() {
+            let timeout = if self.io.readable_again.is_empty() {
                 let tick = self
+                    .io
                     .last_burst
-                    .filter(|_| !self.prompt)
+                    .filter(|_| !self.io.prompt)
                     .map(|t| t + QUIET_TICK);
                 self.next_deadline()
                     .into_iter()
@@ -484,17 +525,17 @@ impl EventLoop {
             } else {
                 Some(Duration::ZERO)
             };
-            if let Err(e) = self.poll.poll(&mut events, timeout) {
+            if let Err(e) = self.io.poll.poll(&mut events, timeout) {
                 if e.kind() == io::ErrorKind::Interrupted {
                     continue;
                 }
                 return Err(e);
             }
             self.now = Instant::now();
-            let first_conn = self.next_conn_id;
+            let first_conn = self.accept.next_conn_id;
             // Workers' messages first, so that what follows (stats,
             // placement, timers) sees them.
-            if !self.prompt || events.iter().any(|e| e.token() == Source::Channels.token()) {
+            if !self.io.prompt || events.iter().any(|e| e.token() == Source::Channels.token()) {
                 self.read_channels();
             }
             for event in events.iter() {
@@ -512,7 +553,7 @@ impl EventLoop {
                     Source::Channels | Source::Unknown => {}
                 }
             }
-            for i in std::mem::take(&mut self.readable_again) {
+            for i in std::mem::take(&mut self.io.readable_again) {
                 self.read_channel(i);
             }
             self.on_timers();
@@ -523,14 +564,14 @@ impl EventLoop {
         if held > 0 {
             warn!("closing {held} accepted connections that no worker could take before shutdown");
         }
-        if self.events_dropped > 0 {
+        if self.outbox.events_dropped > 0 {
             warn!(
                 "{} events were dropped: the event receiver fell behind",
-                self.events_dropped
+                self.outbox.events_dropped
             );
         }
         info!("shutdown complete");
-        match self.fatal.take() {
+        match self.sup.fatal.take() {
             Some(problem) => Err(io::Error::new(io::ErrorKind::InvalidInput, problem)),
             None => Ok(()),
         }
@@ -539,9 +580,9 @@ impl EventLoop {
     /// Stops gracefully because `problem` makes the settings unworkable (it
     /// would not fix itself): logged once, and `run` fails with it.
     pub(super) fn stop_for(&mut self, problem: String) {
-        if self.fatal.is_none() {
+        if self.sup.fatal.is_none() {
             error!("stopping: {problem}");
-            self.fatal = Some(problem);
+            self.sup.fatal = Some(problem);
         }
         self.begin_shutdown();
     }
@@ -559,9 +600,9 @@ impl EventLoop {
     /// The registry worker channels go in.
     pub(super) fn channel_registry(&self) -> &mio::Registry {
         if self.channels_nested() {
-            self.channels.registry()
+            self.io.channels.registry()
         } else {
-            self.poll.registry()
+            self.io.poll.registry()
         }
     }
 
@@ -589,9 +630,9 @@ impl EventLoop {
     /// ([`EventLoop::channels_nested`]), after a switch of policy.
     fn move_channels(&mut self) {
         let (from, to) = if self.channels_nested() {
-            (&self.poll, &self.channels)
+            (&self.io.poll, &self.io.channels)
         } else {
-            (&self.channels, &self.poll)
+            (&self.io.channels, &self.io.poll)
         };
         let mut broken = Vec::new();
         for (i, w) in self.workers.iter().enumerate() {
@@ -616,9 +657,9 @@ impl EventLoop {
     /// Acts on what the workers' channels have ready.
     pub(super) fn read_channels(&mut self) {
         // (Taken out for the loop: the handlers borrow `self`.)
-        let mut events = std::mem::replace(&mut self.channel_events, Events::with_capacity(0));
+        let mut events = std::mem::replace(&mut self.io.channel_events, Events::with_capacity(0));
         loop {
-            if let Err(e) = self.channels.poll(&mut events, Some(Duration::ZERO)) {
+            if let Err(e) = self.io.channels.poll(&mut events, Some(Duration::ZERO)) {
                 if e.kind() == io::ErrorKind::Interrupted {
                     continue;
                 }
@@ -634,18 +675,21 @@ impl EventLoop {
                 break;
             }
         }
-        self.channel_events = events;
+        self.io.channel_events = events;
     }
 
     /// Whether workers' messages must wake the primary now: unless
     /// connections arrive together and nothing waits on a worker's answer.
     fn prompt_wanted(&self) -> bool {
-        let busy = self.last_burst.is_some_and(|t| self.now < t + QUIET_TICK);
+        let busy = self
+            .io
+            .last_burst
+            .is_some_and(|t| self.now < t + QUIET_TICK);
         !busy
-            || self.shutdown_at.is_some()
-            || self.reload.step.is_some()
-            || !self.reload.queue.is_empty()
-            || self.accept_paused_until.is_some()
+            || self.sup.shutdown_at.is_some()
+            || self.sup.reload.step.is_some()
+            || !self.sup.reload.queue.is_empty()
+            || self.accept.accept_paused_until.is_some()
             || self.ledger.held_total() > 0
             || self.workers.iter().flatten().any(|w| {
                 w.channel
@@ -660,31 +704,31 @@ impl EventLoop {
         if self.settings.protocol != Protocol::Node {
             return;
         }
-        let fd = self.channels.as_raw_fd();
-        if self.next_conn_id >= first_conn + 2 {
-            self.last_burst = Some(self.now);
+        let fd = self.io.channels.as_raw_fd();
+        if self.accept.next_conn_id >= first_conn + 2 {
+            self.io.last_burst = Some(self.now);
         }
         let want = self.prompt_wanted();
-        if want == self.prompt {
+        if want == self.io.prompt {
             return;
         }
         let done = if want {
-            self.poll.registry().register(
+            self.io.poll.registry().register(
                 &mut SourceFd(&fd),
                 Source::Channels.token(),
                 Interest::READABLE,
             )
         } else {
-            self.poll.registry().deregister(&mut SourceFd(&fd))
+            self.io.poll.registry().deregister(&mut SourceFd(&fd))
         };
         match done {
             Ok(()) if want => {
                 debug!("workers' channels: each message wakes the primary");
-                self.prompt = true;
+                self.io.prompt = true;
             }
             Ok(()) => {
                 debug!("workers' channels: read once per turn while connections arrive together");
-                self.prompt = false;
+                self.io.prompt = false;
             }
             Err(e) => warn!("cannot change how the workers' channels are watched: {e}"),
         }
@@ -694,7 +738,7 @@ impl EventLoop {
     fn read_notices(&mut self) {
         let mut buf = [0u8; 4096];
         loop {
-            let (pid, text) = match self.notify.recv(&mut buf) {
+            let (pid, text) = match self.io.notify.recv(&mut buf) {
                 Ok(Some((pid, text))) => (pid, text.to_string()),
                 Ok(None) => return,
                 Err(e) => {
@@ -722,8 +766,8 @@ impl EventLoop {
         };
         let shown = String::from_utf8_lossy(&data[..data.len().min(200)]).into_owned();
         let cut = if data.len() > 200 { "..." } else { "" };
-        if self.events_tx.is_none() && !self.told_of_messages {
-            self.told_of_messages = true;
+        if self.outbox.events_tx.is_none() && !self.outbox.told_of_messages {
+            self.outbox.told_of_messages = true;
             info!(
                 worker = id,
                 "worker {id} sent the primary a message: {shown}{cut} (this primary passes workers' messages to no one and sends none; the rest are logged at debug level)"
@@ -738,11 +782,11 @@ impl EventLoop {
     }
 
     pub(super) fn emit(&mut self, event: Event) {
-        if let Some(tx) = &self.events_tx {
+        if let Some(tx) = &self.outbox.events_tx {
             match tx.try_send(event) {
                 Ok(()) => {}
-                Err(TrySendError::Full(_)) => self.events_dropped += 1,
-                Err(TrySendError::Disconnected(_)) => self.events_tx = None,
+                Err(TrySendError::Full(_)) => self.outbox.events_dropped += 1,
+                Err(TrySendError::Disconnected(_)) => self.outbox.events_tx = None,
             }
         }
     }
@@ -779,7 +823,7 @@ impl EventLoop {
     /// Reads the messages waiting on worker `i`'s channel, up to a turn's worth.
     /// Returns true when it stopped at the turn's limit: more may wait.
     pub(super) fn read_channel(&mut self, i: usize) -> bool {
-        let mut buf = std::mem::take(&mut self.buf);
+        let mut buf = std::mem::take(&mut self.io.buf);
         for _ in 0..MAX_READS_PER_WAKE {
             let Some(w) = self.workers.get_mut(i).and_then(Option::as_mut) else {
                 break;
@@ -787,19 +831,21 @@ impl EventLoop {
             let Some(channel) = w.channel.as_mut() else {
                 break;
             };
-            self.fds.clear();
+            self.io.fds.clear();
             // Some(len) of a native message, Some(0) for lines read from a
             // Node worker, None when the channel closed.
             let got = match channel {
-                Link::Native(c) => c.recv(&mut buf, &mut self.fds, true).and_then(|r| match r {
-                    Recv::Message(len) => Ok(Some(len)),
-                    Recv::FdsCut(_) => Err(io::Error::new(
-                        io::ErrorKind::InvalidData,
-                        "fds attached to its message, more than the receive buffer holds",
-                    )),
-                    Recv::Closed => Ok(None),
-                }),
-                Link::Node(l) => l.read(&mut buf, &mut self.fds).map(|r| match r {
+                Link::Native(c) => c
+                    .recv(&mut buf, &mut self.io.fds, true)
+                    .and_then(|r| match r {
+                        Recv::Message(len) => Ok(Some(len)),
+                        Recv::FdsCut(_) => Err(io::Error::new(
+                            io::ErrorKind::InvalidData,
+                            "fds attached to its message, more than the receive buffer holds",
+                        )),
+                        Recv::Closed => Ok(None),
+                    }),
+                Link::Node(l) => l.read(&mut buf, &mut self.io.fds).map(|r| match r {
                     NodeRead::Data => Some(0),
                     NodeRead::Closed => None,
                 }),
@@ -807,10 +853,10 @@ impl EventLoop {
             let problem = match got {
                 Ok(Some(_)) if w.node => {
                     // A Node worker sends no fds: any that came are closed.
-                    self.fds.clear();
+                    self.io.fds.clear();
                     self.on_node_lines(i)
                 }
-                Ok(Some(len)) => match ToPrimary::decode(&buf[..len], self.fds.len()) {
+                Ok(Some(len)) => match ToPrimary::decode(&buf[..len], self.io.fds.len()) {
                     Ok(msg) => self.on_message(i, msg),
                     Err(e) => Some(e.to_string()),
                 },
@@ -819,8 +865,8 @@ impl EventLoop {
                     break;
                 }
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
-                    self.fds.clear();
-                    self.buf = buf;
+                    self.io.fds.clear();
+                    self.io.buf = buf;
                     return false;
                 }
                 Err(e) => Some(e.to_string()),
@@ -837,10 +883,10 @@ impl EventLoop {
         }
         let more = self.worker_mut(i).is_some_and(|w| w.channel.is_some());
         if more {
-            self.readable_again.push(i);
+            self.io.readable_again.push(i);
         }
-        self.fds.clear();
-        self.buf = buf;
+        self.io.fds.clear();
+        self.io.buf = buf;
         more
     }
 
@@ -954,13 +1000,13 @@ impl EventLoop {
         }
         // The primary's copies are closed now: room for more, and fds for
         // an accept that ran out of them.
-        self.accept_paused_until = None;
+        self.accept.accept_paused_until = None;
         self.check_max_requests(i);
         Ok(())
     }
 
     fn on_signals(&mut self) {
-        let signals: Vec<i32> = self.signals.pending().collect();
+        let signals: Vec<i32> = self.io.signals.pending().collect();
         for sig in signals {
             match sig {
                 SIGCHLD => self.reap(),
@@ -986,15 +1032,15 @@ impl EventLoop {
     }
 
     fn on_control(&mut self) {
-        while let Ok(c) = self.control_rx.try_recv() {
+        while let Ok(c) = self.outbox.control_rx.try_recv() {
             match c {
                 Control::Shutdown => self.begin_shutdown(),
-                Control::Reload(reply) => match (reply, self.shutdown_at) {
+                Control::Reload(reply) => match (reply, self.sup.shutdown_at) {
                     (Some(tx), Some(_)) => {
                         let _ = tx.try_send(Err("the primary is stopping".into()));
                     }
                     (reply, _) => {
-                        self.reload.waiters.extend(reply);
+                        self.sup.reload.waiters.extend(reply);
                         self.begin_reload();
                     }
                 },
@@ -1030,7 +1076,7 @@ impl EventLoop {
 
     fn on_metrics(&mut self, event: &mio::event::Event) {
         if let Some(mut m) = self.metrics.take() {
-            m.on_event(self.poll.registry(), event, self.now, || self.stats());
+            m.on_event(self.io.poll.registry(), event, self.now, || self.stats());
             self.metrics = Some(m);
         }
     }
@@ -1090,7 +1136,7 @@ impl EventLoop {
             })
             .collect();
         workers.sort_by_key(|w| (w.slot, w.id));
-        let slots = self.slots.iter().enumerate();
+        let slots = self.sup.slots.iter().enumerate();
         Stats {
             sched: self.live_sched(),
             local_addr: self.local_addr,
@@ -1103,7 +1149,7 @@ impl EventLoop {
                     restarts: slot.restarts,
                 })
                 .collect(),
-            exited_connections: self.exited_connections,
+            exited_connections: self.sup.exited_connections,
             connections_held: self.ledger.held_total(),
             listeners: self
                 .servers
@@ -1111,8 +1157,8 @@ impl EventLoop {
                 .filter(|s| s.listener.is_some())
                 .map(|s| s.addr)
                 .collect(),
-            replaced: self.replaced,
-            problem: self.problem.clone(),
+            replaced: self.sup.replaced,
+            problem: self.sup.problem.clone(),
         }
     }
 }

@@ -89,15 +89,15 @@ impl EventLoop {
     /// Spawns a worker for `slot` in `role`, registers its channel, and
     /// makes it the slot's current worker or successor.
     pub(super) fn start_worker(&mut self, slot: usize, role: Role) -> std::io::Result<usize> {
-        let id = self.next_worker_id;
-        self.next_worker_id += 1;
+        let id = self.sup.next_worker_id;
+        self.sup.next_worker_id += 1;
         let now = self.now;
         let ms = |d: Duration| d.as_millis().to_string();
         let mut command = self
             .settings
             .command
             .clone()
-            .env("NOTIFY_SOCKET", self.notify.env_value())
+            .env("NOTIFY_SOCKET", self.io.notify.env_value())
             .env(
                 crate::protocol::ENV_WORKER_TIMEOUT,
                 ms(self.settings.worker_timeout.unwrap_or_default()),
@@ -107,8 +107,8 @@ impl EventLoop {
                 ms(self.settings.shutdown_timeout),
             );
         let speaks = self.settings.protocol;
-        if let Some(with_port) = node::inspect_port(&command, self.inspect_offset + 1) {
-            self.inspect_offset += 1;
+        if let Some(with_port) = node::inspect_port(&command, self.sup.inspect_offset + 1) {
+            self.sup.inspect_offset += 1;
             command = with_port;
         }
         // Native workers inherit the one server's socket in the kernel
@@ -127,16 +127,16 @@ impl EventLoop {
             slot,
             role,
             listen,
-            self.output.as_ref(),
+            self.sup.output.as_ref(),
             now,
         )?;
-        if let Some(g) = self.guardian.as_mut() {
+        if let Some(g) = self.sup.guardian.as_mut() {
             g.watch(w.pid);
         }
         if speaks == Protocol::Native {
             w.servers = 1;
         }
-        let i = self.free.pop().unwrap_or_else(|| {
+        let i = self.sup.free.pop().unwrap_or_else(|| {
             self.workers.push(None);
             self.workers.len() - 1
         });
@@ -144,7 +144,7 @@ impl EventLoop {
         if let Err(e) =
             Self::register_channel(self.channel_registry(), channel.as_fd().as_raw_fd(), i)
         {
-            self.free.push(i);
+            self.sup.free.push(i);
             w.signal(Signal::SIGKILL);
             return Err(e);
         }
@@ -180,8 +180,8 @@ impl EventLoop {
         self.workers[i] = Some(w);
         self.ledger.open(i);
         match role {
-            Role::Current => self.slots[slot].current = Some(i),
-            Role::Successor => self.slots[slot].successor = Some(i),
+            Role::Current => self.sup.slots[slot].current = Some(i),
+            Role::Successor => self.sup.slots[slot].successor = Some(i),
             Role::Retiring => {}
         }
         Ok(i)
@@ -205,7 +205,7 @@ impl EventLoop {
             return;
         };
         let served = gone && w.served && self.ledger.taken(i) > 0;
-        let replace = !w.is_stopping() && w.role == Role::Current && self.shutdown_at.is_none();
+        let replace = !w.is_stopping() && w.role == Role::Current && self.sup.shutdown_at.is_none();
         let (slot, uptime) = (w.slot, self.now.saturating_duration_since(w.started));
         if replace {
             w.role = Role::Retiring;
@@ -229,7 +229,7 @@ impl EventLoop {
                 w.signal(Signal::SIGKILL);
             }
         }
-        if replace && self.slots[slot].current == Some(i) {
+        if replace && self.sup.slots[slot].current == Some(i) {
             // Cut off (hung, broke the protocol): backoff, whatever it did.
             self.slot_lost_worker(slot, Lost::Failed { uptime, served });
         }
@@ -285,9 +285,9 @@ impl EventLoop {
     /// successor starting beside it, if any, takes its place now; else a
     /// new worker is started, at once or, after a failure, with backoff.
     fn slot_lost_worker(&mut self, slot: usize, how: Lost) {
-        let s = &mut self.slots[slot];
+        let s = &mut self.sup.slots[slot];
         s.current = None;
-        if !s.active || self.shutdown_at.is_some() {
+        if !s.active || self.sup.shutdown_at.is_some() {
             return;
         }
         if matches!(how, Lost::Failed { .. }) {
@@ -305,18 +305,18 @@ impl EventLoop {
         match how {
             Lost::Failed { served: true, .. } => {
                 // It became ready and served: not a crash loop.
-                self.slots[slot].quick_exits = 0;
+                self.sup.slots[slot].quick_exits = 0;
                 self.restart_slot(slot);
             }
             Lost::Failed { uptime, .. } => self.schedule_restart(slot, uptime),
             Lost::Left => {
-                if self.slots[slot].restart_at.is_none() {
+                if self.sup.slots[slot].restart_at.is_none() {
                     self.restart_slot(slot);
                 }
             }
             Lost::Exited => {
-                self.slots[slot].quick_exits = 0;
-                self.slots[slot].replacing = Some(Replacement::Exited);
+                self.sup.slots[slot].quick_exits = 0;
+                self.sup.slots[slot].replacing = Some(Replacement::Exited);
                 self.count_replacement(slot);
                 self.restart_slot(slot);
             }
@@ -325,19 +325,19 @@ impl EventLoop {
 
     /// The slot's worker was replaced: counted by why.
     fn count_replacement(&mut self, slot: usize) {
-        if let Some(why) = self.slots[slot].replacing.take() {
-            self.replaced[why.index()] += 1;
+        if let Some(why) = self.sup.slots[slot].replacing.take() {
+            self.sup.replaced[why.index()] += 1;
         }
     }
 
     /// Starts `slot`'s worker again (its current worker if it has none,
     /// else a successor that failed before), or schedules another try.
     fn restart_slot(&mut self, slot: usize) {
-        self.slots[slot].restart_at = None;
-        if !self.slots[slot].active || self.shutdown_at.is_some() {
+        self.sup.slots[slot].restart_at = None;
+        if !self.sup.slots[slot].active || self.sup.shutdown_at.is_some() {
             return;
         }
-        let role = match (self.slots[slot].current, self.slots[slot].successor) {
+        let role = match (self.sup.slots[slot].current, self.sup.slots[slot].successor) {
             (None, _) => Role::Current,
             (Some(_), None) => Role::Successor,
             (Some(_), Some(_)) => return,
@@ -350,7 +350,7 @@ impl EventLoop {
 
     pub(super) fn schedule_restart(&mut self, slot: usize, uptime: Duration) {
         let backoff = self.settings.backoff;
-        let s = &mut self.slots[slot];
+        let s = &mut self.sup.slots[slot];
         let (delay, quick) = backoff.next(uptime, s.quick_exits);
         s.quick_exits = quick;
         if let Some(max) = self.settings.max_restarts.filter(|&max| quick >= max) {
@@ -374,7 +374,7 @@ impl EventLoop {
         if delay.is_zero() {
             self.restart_slot(slot);
         } else {
-            self.slots[slot].restart_at = Some(self.now + delay);
+            self.sup.slots[slot].restart_at = Some(self.now + delay);
         }
     }
 
@@ -401,14 +401,14 @@ impl EventLoop {
         }
         while self.read_channel(i) {}
         let w = self.workers[i].as_mut().expect("exited worker exists");
-        let expected = w.asked_to_stop || self.shutdown_at.is_some();
+        let expected = w.asked_to_stop || self.sup.shutdown_at.is_some();
         let recycled = !expected && status.success() && w.served;
         // It is gone: no signal for it, only its connections to hand over.
         w.stop();
         self.disconnect(i, Duration::ZERO);
         let w = self.workers[i].take().expect("exited worker exists");
         let (taken, _) = self.ledger.close(i);
-        self.free.push(i);
+        self.sup.free.push(i);
         // Nothing it started outlives it.
         if w.kill_leftovers() {
             debug!(
@@ -416,10 +416,10 @@ impl EventLoop {
                 "killed what worker {} left in its process group", w.id
             );
         }
-        if let Some(g) = self.guardian.as_mut() {
+        if let Some(g) = self.sup.guardian.as_mut() {
             g.forget(w.pid);
         }
-        self.exited_connections += taken;
+        self.sup.exited_connections += taken;
         self.tell_if_gone(w.slot);
         let uptime = self.now.saturating_duration_since(w.started);
         let how = describe_exit(&status);
@@ -451,14 +451,14 @@ impl EventLoop {
             pid: w.pid,
             status,
         });
-        if self.shutdown_at.is_some() {
+        if self.sup.shutdown_at.is_some() {
             return;
         }
         if !expected && !w.node && !w.spoke && !self.settings.sched.is_kernel() {
             self.no_hello(w.id, w.pid, &format!("exited ({how}) before it said hello"));
         }
         match w.role {
-            Role::Current if self.slots[w.slot].current == Some(i) => {
+            Role::Current if self.sup.slots[w.slot].current == Some(i) => {
                 let how = if w.asked_to_stop {
                     Lost::Left
                 } else if recycled {
@@ -471,15 +471,15 @@ impl EventLoop {
             }
             Role::Successor => {
                 let slot = w.slot;
-                self.slots[slot].successor = None;
-                let s = &mut self.slots[slot];
+                self.sup.slots[slot].successor = None;
+                let s = &mut self.sup.slots[slot];
                 let (delay, quick) = self.settings.backoff.next(uptime, s.quick_exits);
                 s.quick_exits = quick;
                 warn!(
                     "the new worker for slot {} exited before it was ready; the old one keeps serving; retrying in {delay:.1?}",
                     slot + 1
                 );
-                self.slots[slot].restart_at = Some(self.now + delay);
+                self.sup.slots[slot].restart_at = Some(self.now + delay);
             }
             Role::Current | Role::Retiring => {}
         }
@@ -575,7 +575,7 @@ impl EventLoop {
             w.timers.set(Timer::Term, now + timeout / 2);
             w.timers.set(Timer::Kill, now + timeout);
         }
-        if w.recycling || w.role != Role::Current || self.shutdown_at.is_some() {
+        if w.recycling || w.role != Role::Current || self.sup.shutdown_at.is_some() {
             return;
         }
         w.recycling = true;
@@ -592,11 +592,11 @@ impl EventLoop {
     /// leaving); a queued replacement of that slot is dropped, since this
     /// one starts the program anew too.
     fn replace_now(&mut self, slot: usize, why: Replacement) {
-        self.reload.queue.retain(|q| q.slot != slot);
-        if self.slots[slot].successor.is_some() || self.slots[slot].restart_at.is_some() {
+        self.sup.reload.queue.retain(|q| q.slot != slot);
+        if self.sup.slots[slot].successor.is_some() || self.sup.slots[slot].restart_at.is_some() {
             return;
         }
-        self.slots[slot].replacing = Some(why);
+        self.sup.slots[slot].replacing = Some(why);
         if let Err(e) = self.start_worker(slot, Role::Successor) {
             error!("cannot start a worker: {e}");
             self.schedule_restart(slot, Duration::ZERO);
@@ -609,7 +609,11 @@ impl EventLoop {
         let Some(w) = self.workers[i].as_mut() else {
             return;
         };
-        if w.recycling || w.is_stopping() || w.role != Role::Current || self.shutdown_at.is_some() {
+        if w.recycling
+            || w.is_stopping()
+            || w.role != Role::Current
+            || self.sup.shutdown_at.is_some()
+        {
             return;
         }
         w.recycling = true;
@@ -622,7 +626,7 @@ impl EventLoop {
             w.pid
         );
         let (slot, id) = (w.slot, w.id);
-        self.reload.queue.push_back(Queued {
+        self.sup.reload.queue.push_back(Queued {
             slot,
             why,
             worker: Some(id),
@@ -670,7 +674,7 @@ impl EventLoop {
     /// READY=1, or was started, per the readiness setting). A successor
     /// takes over its slot, and the slot's old worker retires.
     fn become_ready(&mut self, i: usize) {
-        self.problem = None;
+        self.sup.problem = None;
         let w = self.workers[i].as_mut().expect("a live worker");
         w.phase = Phase::Ready;
         w.served = true;
@@ -680,7 +684,7 @@ impl EventLoop {
         let (id, pid, slot, role) = (w.id, w.pid, w.slot, w.role);
         if role == Role::Successor {
             w.role = Role::Current;
-            let s = &mut self.slots[slot];
+            let s = &mut self.sup.slots[slot];
             s.successor = None;
             s.restart_at = None;
             let old = s.current.replace(i);
@@ -705,26 +709,26 @@ impl EventLoop {
             .flatten()
             .filter(|w| w.is_ready() && w.role == Role::Current)
             .count();
-        let total = self.slots.iter().filter(|s| s.active).count();
+        let total = self.sup.slots.iter().filter(|s| s.active).count();
         info!(
             worker = id,
             pid, "worker {id} (pid {pid}) ready: {ready} of {total} slots ready"
         );
-        if ready == total && !self.told_systemd_ready {
-            self.told_systemd_ready = true;
+        if ready == total && !self.sup.told_systemd_ready {
+            self.sup.told_systemd_ready = true;
             tell_systemd(&format!("READY=1\nSTATUS={total} workers ready"));
         }
         self.emit(Event::WorkerReady { id, pid });
-        if self.slots[slot].current == Some(i) {
-            for tx in self.slots[slot].ready_waiters.drain(..) {
+        if self.sup.slots[slot].current == Some(i) {
+            for tx in self.sup.slots[slot].ready_waiters.drain(..) {
                 let _ = tx.try_send(Ok(id));
             }
         }
-        let step_done = self.reload.step.is_some_and(|step| {
-            step.slot == slot && id >= step.first_id && self.slots[slot].current == Some(i)
+        let step_done = self.sup.reload.step.is_some_and(|step| {
+            step.slot == slot && id >= step.first_id && self.sup.slots[slot].current == Some(i)
         });
         if step_done {
-            self.reload.step = None;
+            self.sup.reload.step = None;
             self.advance_reload();
         }
     }
@@ -753,13 +757,15 @@ impl EventLoop {
         let w = self.workers[i].as_mut().expect("checked above");
         let (spoke, was_ready) = (w.spoke, w.was_ready());
         let asked = match w.channel.as_mut() {
-            Some(Link::Native(c)) if spoke => c.send(self.enc.stop().as_bytes(), &[], true).is_ok(),
+            Some(Link::Native(c)) if spoke => {
+                c.send(self.writer.enc.stop().as_bytes(), &[], true).is_ok()
+            }
             Some(Link::Node(l)) if was_ready => {
                 // Node closes its servers, lets their connections
                 // finish, closes the channel and exits.
-                self.line.clear();
-                wire::disconnect(&mut self.line, seq);
-                l.send(&self.line, None).is_ok()
+                self.writer.line.clear();
+                wire::disconnect(&mut self.writer.line, seq);
+                l.send(&self.writer.line, None).is_ok()
             }
             _ => false,
         };
@@ -772,10 +778,10 @@ impl EventLoop {
     }
 
     pub(super) fn begin_shutdown(&mut self) {
-        if self.shutdown_at.is_none() {
+        if self.sup.shutdown_at.is_none() {
             tell_systemd("STOPPING=1\nSTATUS=stopping");
         }
-        if self.shutdown_at.is_some() {
+        if self.sup.shutdown_at.is_some() {
             warn!("second stop request: killing the workers now");
             for w in self.workers.iter().flatten() {
                 w.signal(Signal::SIGKILL);
@@ -791,18 +797,18 @@ impl EventLoop {
         // Connections already accepted go to workers before they are asked
         // to stop; the backlog is refused with the listener's close.
         self.close_listeners();
-        self.shutdown_at = Some(self.now + timeout);
+        self.sup.shutdown_at = Some(self.now + timeout);
         // Who waits for a reload or a new worker waits in vain now.
-        for tx in std::mem::take(&mut self.reload).waiters {
+        for tx in std::mem::take(&mut self.sup.reload).waiters {
             let _ = tx.try_send(Err(STOPPING.into()));
         }
-        for s in &mut self.slots {
+        for s in &mut self.sup.slots {
             for tx in s.ready_waiters.drain(..) {
                 let _ = tx.try_send(Err(STOPPING.into()));
             }
         }
-        self.memory_check_at = None;
-        for slot in &mut self.slots {
+        self.sup.memory_check_at = None;
+        for slot in &mut self.sup.slots {
             slot.restart_at = None;
         }
         for i in 0..self.workers.len() {
@@ -814,13 +820,13 @@ impl EventLoop {
     /// time, each by a new worker that is ready before the old one is
     /// asked to stop. One asked for during a reload starts over.
     pub(super) fn begin_reload(&mut self) {
-        if self.shutdown_at.is_some() {
+        if self.sup.shutdown_at.is_some() {
             return;
         }
-        let slots: Vec<usize> = (0..self.slots.len())
-            .filter(|&s| self.slots[s].active)
+        let slots: Vec<usize> = (0..self.sup.slots.len())
+            .filter(|&s| self.sup.slots[s].active)
             .collect();
-        if self.reload.reloading {
+        if self.sup.reload.reloading {
             info!("reloading: a reload was under way; starting over");
         }
         info!(
@@ -835,17 +841,17 @@ impl EventLoop {
         // ready yet (of an earlier reload, a recycle, or a worker that is
         // leaving) is stopped; it may be stuck on what was just fixed.
         for &s in &slots {
-            if self.slots[s].current.is_none() {
+            if self.sup.slots[s].current.is_none() {
                 continue;
             }
-            if let Some(c) = self.slots[s].successor.take() {
+            if let Some(c) = self.sup.slots[s].successor.take() {
                 self.retire(c);
             }
-            self.slots[s].restart_at = None;
+            self.sup.slots[s].restart_at = None;
         }
-        self.reload.step = None;
-        self.reload.reloading = true;
-        self.reload.queue = slots
+        self.sup.reload.step = None;
+        self.sup.reload.reloading = true;
+        self.sup.reload.queue = slots
             .into_iter()
             .map(|slot| Queued {
                 slot,
@@ -858,11 +864,11 @@ impl EventLoop {
 
     /// Starts the next queued replacement, unless one is under way.
     fn advance_reload(&mut self) {
-        if self.shutdown_at.is_some() || self.reload.step.is_some() {
+        if self.sup.shutdown_at.is_some() || self.sup.reload.step.is_some() {
             return;
         }
-        while let Some(q) = self.reload.queue.pop_front() {
-            let s = &self.slots[q.slot];
+        while let Some(q) = self.sup.reload.queue.pop_front() {
+            let s = &self.sup.slots[q.slot];
             let Some(current) = s.current.filter(|_| s.active && s.successor.is_none()) else {
                 // Gone, or its next worker is new anyway.
                 continue;
@@ -871,20 +877,20 @@ impl EventLoop {
             if q.worker.is_some_and(|id| Some(id) != current_id) {
                 continue;
             }
-            self.reload.step = Some(Step {
+            self.sup.reload.step = Some(Step {
                 slot: q.slot,
-                first_id: self.next_worker_id,
+                first_id: self.sup.next_worker_id,
             });
-            self.slots[q.slot].replacing = Some(q.why);
+            self.sup.slots[q.slot].replacing = Some(q.why);
             if let Err(e) = self.start_worker(q.slot, Role::Successor) {
                 error!("cannot start a worker: {e}; retrying");
-                self.slots[q.slot].restart_at = Some(self.now + self.settings.backoff.max);
+                self.sup.slots[q.slot].restart_at = Some(self.now + self.settings.backoff.max);
             }
             return;
         }
-        if self.reload.reloading {
-            self.reload.reloading = false;
-            for tx in self.reload.waiters.drain(..) {
+        if self.sup.reload.reloading {
+            self.sup.reload.reloading = false;
+            for tx in self.sup.reload.waiters.drain(..) {
                 let _ = tx.try_send(Ok(()));
             }
             info!("reload complete");
@@ -896,30 +902,31 @@ impl EventLoop {
     /// Adds a slot and starts its worker (SIGTTIN); `reply` is told the
     /// worker's id once it is ready.
     pub(super) fn add_worker(&mut self, reply: Reply<u64>) {
-        if self.shutdown_at.is_some() {
+        if self.sup.shutdown_at.is_some() {
             if let Some(tx) = reply {
                 let _ = tx.try_send(Err(STOPPING.into()));
             }
             return;
         }
         let slot = match self
+            .sup
             .slots
             .iter()
             .position(|s| !s.active && s.current.is_none() && s.successor.is_none())
         {
             Some(s) => s,
             None => {
-                self.slots.push(Slot::default());
-                self.slots.len() - 1
+                self.sup.slots.push(Slot::default());
+                self.sup.slots.len() - 1
             }
         };
-        self.slots[slot] = Slot {
+        self.sup.slots[slot] = Slot {
             active: true,
-            restarts: self.slots[slot].restarts,
+            restarts: self.sup.slots[slot].restarts,
             ready_waiters: reply.into_iter().collect(),
             ..Slot::default()
         };
-        let total = self.slots.iter().filter(|s| s.active).count();
+        let total = self.sup.slots.iter().filter(|s| s.active).count();
         info!(
             "adding a worker: {}",
             crate::logging::count(total, "worker")
@@ -935,11 +942,11 @@ impl EventLoop {
                 let _ = tx.try_send(Err(why.into()));
             }
         };
-        if self.shutdown_at.is_some() {
+        if self.sup.shutdown_at.is_some() {
             return refuse(STOPPING, reply);
         }
-        let active: Vec<usize> = (0..self.slots.len())
-            .filter(|&s| self.slots[s].active)
+        let active: Vec<usize> = (0..self.sup.slots.len())
+            .filter(|&s| self.sup.slots[s].active)
             .collect();
         let Some(&slot) = active.last().filter(|_| active.len() > 1) else {
             warn!("{LAST_WORKER}");
@@ -950,7 +957,7 @@ impl EventLoop {
             crate::logging::count(active.len() - 1, "worker")
         );
         self.drop_slot_listener(slot);
-        let s = &mut self.slots[slot];
+        let s = &mut self.sup.slots[slot];
         s.active = false;
         s.restart_at = None;
         s.replacing = None;
@@ -959,8 +966,8 @@ impl EventLoop {
         for i in workers.into_iter().flatten() {
             self.retire(i);
         }
-        if self.reload.step.is_some_and(|step| step.slot == slot) {
-            self.reload.step = None;
+        if self.sup.reload.step.is_some_and(|step| step.slot == slot) {
+            self.sup.reload.step = None;
             self.advance_reload();
         }
         self.tell_if_gone(slot);
@@ -968,39 +975,40 @@ impl EventLoop {
 
     /// Tells who waits for removed slot `slot` to be empty, once it is.
     fn tell_if_gone(&mut self, slot: usize) {
-        let s = &self.slots[slot];
+        let s = &self.sup.slots[slot];
         if s.active || s.gone_waiters.is_empty() {
             return;
         }
         if self.workers.iter().flatten().any(|w| w.slot == slot) {
             return;
         }
-        for tx in self.slots[slot].gone_waiters.drain(..) {
+        for tx in self.sup.slots[slot].gone_waiters.drain(..) {
             let _ = tx.try_send(Ok(()));
         }
     }
 
     pub(super) fn on_timers(&mut self) {
         let now = self.now;
-        if self.accept_paused_until.is_some_and(|t| t <= now) {
-            self.accept_paused_until = None;
+        if self.accept.accept_paused_until.is_some_and(|t| t <= now) {
+            self.accept.accept_paused_until = None;
         }
-        for s in 0..self.slots.len() {
-            if self.slots[s].restart_at.is_some_and(|t| t <= now) {
+        for s in 0..self.sup.slots.len() {
+            if self.sup.slots[s].restart_at.is_some_and(|t| t <= now) {
                 self.restart_slot(s);
             }
         }
         for i in 0..self.workers.len() {
             self.worker_timers(i, now);
         }
-        if let (Some(at), Some(limit)) = (self.memory_check_at, self.settings.limits.max_memory) {
+        if let (Some(at), Some(limit)) = (self.sup.memory_check_at, self.settings.limits.max_memory)
+        {
             if at <= now {
-                self.memory_check_at = Some(now + MEMORY_CHECK_EVERY);
+                self.sup.memory_check_at = Some(now + MEMORY_CHECK_EVERY);
                 self.check_memory(limit);
             }
         }
         if let Some(m) = self.metrics.as_mut() {
-            m.on_timers(self.poll.registry(), now);
+            m.on_timers(self.io.poll.registry(), now);
         }
     }
 
@@ -1159,12 +1167,15 @@ impl EventLoop {
             self.cut_off(i);
             return Turn::Done;
         }
-        let n = self.next_ping;
-        self.next_ping += 1;
+        let n = self.sup.next_ping;
+        self.sup.next_ping += 1;
         let w = self.workers[i].as_mut().expect("checked above");
         if let Some(Link::Native(channel)) = w.channel.as_ref().filter(|_| w.spoke) {
             // A full channel is no reason to wait: the next turn pings again.
-            if channel.send(self.enc.ping(n).as_bytes(), &[], true).is_ok() {
+            if channel
+                .send(self.writer.enc.ping(n).as_bytes(), &[], true)
+                .is_ok()
+            {
                 w.last_ping = n;
             }
         }
@@ -1182,7 +1193,7 @@ impl EventLoop {
             worker = id,
             "worker {id} (pid {pid}) {what}: does it speak the distributor protocol? Under --sched rr the primary hands connections over the protocol (docs/PROTOCOL.md); a server that listens by itself runs under --sched reuseport or shared, taking its listening socket as fd 3 (socket activation: uvicorn --fd 3, gunicorn, any LISTEN_FDS program; add --ready start if it never speaks the protocol), and a Node app as `-- node app.js`"
         );
-        self.problem = Some(format!(
+        self.sup.problem = Some(format!(
             "worker {id} {what}: does it speak the distributor protocol? (--sched reuseport --ready start for a server that listens by itself on fd 3; see the log)"
         ));
     }
@@ -1196,7 +1207,7 @@ impl EventLoop {
         w.timers.clear(Timer::GiveUp);
         let (id, pid, slot) = (w.id, w.pid, w.slot);
         let uptime = self.now.saturating_duration_since(w.started);
-        let s = &mut self.slots[slot];
+        let s = &mut self.sup.slots[slot];
         let (delay, quick) = self.settings.backoff.next(Duration::ZERO, s.quick_exits);
         s.quick_exits = quick;
         warn!(
@@ -1205,18 +1216,18 @@ impl EventLoop {
             slot + 1
         );
         self.retire(i);
-        if self.slots[slot].successor == Some(i) {
-            self.slots[slot].successor = None;
-            self.slots[slot].restart_at = Some(self.now + delay);
+        if self.sup.slots[slot].successor == Some(i) {
+            self.sup.slots[slot].successor = None;
+            self.sup.slots[slot].restart_at = Some(self.now + delay);
         }
     }
 
     pub(super) fn next_deadline(&self) -> Option<Instant> {
-        let slots = self.slots.iter().map(|s| s.restart_at);
+        let slots = self.sup.slots.iter().map(|s| s.restart_at);
         let workers = self.workers.iter().flatten().map(|w| w.timers.next());
         slots
             .chain(workers)
-            .chain([self.accept_paused_until, self.memory_check_at])
+            .chain([self.accept.accept_paused_until, self.sup.memory_check_at])
             .chain([self.metrics.as_ref().and_then(|m| m.next_deadline())])
             .flatten()
             .min()

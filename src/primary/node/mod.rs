@@ -311,7 +311,7 @@ impl EventLoop {
             debug!("connection {} refused by a worker: to another", conn.id);
             self.ledger.hand_back(conn);
         }
-        self.accept_paused_until = None;
+        self.accept.accept_paused_until = None;
         Ok(())
     }
 
@@ -388,10 +388,10 @@ impl EventLoop {
     /// timeout to finish, and its slot gets a new worker now.
     fn on_worker_disconnect(&mut self, i: usize, seq: u64, ack: u64) {
         let w = self.workers[i].as_mut().expect("a live worker");
-        self.line.clear();
-        wire::reply(&mut self.line, seq, ack);
+        self.writer.line.clear();
+        wire::reply(&mut self.writer.line, seq, ack);
         if let Some(Link::Node(link)) = w.channel.as_mut() {
-            let _ = link.send(&self.line, None);
+            let _ = link.send(&self.writer.line, None);
         }
         self.on_leaving(
             i,
@@ -421,8 +421,14 @@ impl EventLoop {
         let k = match k {
             Ok(k) => k,
             Err(errno) => {
-                self.line.clear();
-                wire::reply_error(&mut self.line, seq, q.seq, &wire::json_string(&key), errno);
+                self.writer.line.clear();
+                wire::reply_error(
+                    &mut self.writer.line,
+                    seq,
+                    q.seq,
+                    &wire::json_string(&key),
+                    errno,
+                );
                 self.send_line(i, None);
                 return;
             }
@@ -431,10 +437,10 @@ impl EventLoop {
         if server.data == "null" {
             server.data = q.data.get().to_string();
         }
-        self.line.clear();
+        self.writer.line.clear();
         let fd = if !self.settings.sched.is_kernel() {
             wire::reply_rr(
-                &mut self.line,
+                &mut self.writer.line,
                 seq,
                 q.seq,
                 &server.key_json,
@@ -443,7 +449,13 @@ impl EventLoop {
             );
             None
         } else {
-            wire::reply_handle(&mut self.line, seq, q.seq, &server.key_json, &server.data);
+            wire::reply_handle(
+                &mut self.writer.line,
+                seq,
+                q.seq,
+                &server.key_json,
+                &server.data,
+            );
             let listener = self.ensure_slot_listener(k, slot).and_then(|()| {
                 self.slot_listener(k, slot)
                     .ok_or_else(|| io::Error::other("closed"))?
@@ -453,10 +465,10 @@ impl EventLoop {
                 Ok(l) => Some(l),
                 Err(e) => {
                     warn!(worker = id, "no listening socket for worker {id}: {e}");
-                    self.line.clear();
+                    self.writer.line.clear();
                     let errno = -e.raw_os_error().unwrap_or(libc::EINVAL);
                     let key_json = self.servers[k].key_json.clone();
-                    wire::reply_error(&mut self.line, seq, q.seq, &key_json, errno);
+                    wire::reply_error(&mut self.writer.line, seq, q.seq, &key_json, errno);
                     self.send_line(i, None);
                     return;
                 }
@@ -471,7 +483,7 @@ impl EventLoop {
         }
     }
 
-    /// Sends `self.line` (and `fd`) to Node worker `i`; a broken channel
+    /// Sends `self.writer.line` (and `fd`) to Node worker `i`; a broken channel
     /// cuts the worker off.
     fn send_line(&mut self, i: usize, fd: Option<&TcpListener>) -> bool {
         let Some(w) = self.workers[i].as_mut() else {
@@ -480,7 +492,7 @@ impl EventLoop {
         let Some(Link::Node(link)) = w.channel.as_mut() else {
             return false;
         };
-        match link.send(&self.line, fd.map(|l| l.as_fd())) {
+        match link.send(&self.writer.line, fd.map(|l| l.as_fd())) {
             Ok(()) => true,
             Err(e) => {
                 warn!(worker = w.id, "cannot send to worker {}: {e}", w.id);
@@ -533,7 +545,7 @@ impl EventLoop {
         let reuseport = self.settings.sched == Sched::ReusePort;
         let asked = SocketAddr::new(ip.unwrap_or(Ipv6Addr::UNSPECIFIED.into()), port);
         let listen = self.local_addr();
-        let bound = match self.spare.take() {
+        let bound = match self.accept.spare.take() {
             // --listen serves the app's first server, on its address, when
             // the port agrees: Node's worker checks that its server got the
             // port it asked for.

@@ -27,15 +27,19 @@
 //!
 //! # Layout
 //!
-//! - [`primary`]: the primary's builder, handle, events and scheduling
-//!   modes ([`Sched`]); its event loop (acceptor, dispatcher, ledger) lives
-//!   in `primary::event_loop`, the supervisor (exits, reloads, scaling,
-//!   hang detection, recycling) in `primary::supervisor`, the guardian
-//!   that kills the workers' process groups if the primary dies in
-//!   `primary::guardian`, the figures ([`Stats`]) in
-//!   `primary::stats`, and the metrics endpoint (`--metrics`: HTTP in
-//!   `primary::metrics`, the Prometheus text format in
-//!   `primary::exposition`).
+//! - [`primary`]: the primary. Its public face is the builder and
+//!   [`Primary`] (`primary/mod.rs`), the handle, events and settings
+//!   (`api.rs`, `sched.rs`), the figures ([`Stats`], `stats.rs`) and the
+//!   policies ([`primary::policy`], with the `Dispatcher` that places
+//!   connections). Inside: the event loop's driver (`event_loop.rs`), the
+//!   acceptor (`acceptor.rs`, over `server.rs`'s listening sockets), the
+//!   custody ledger of every connection, with no I/O (`custody.rs`), the
+//!   supervisor of the workers' lives (`supervisor.rs`), a worker process
+//!   with its phase (`process.rs`) and deadlines (`timers.rs`), the mio
+//!   tokens (`source.rs`), restarts' backoff (`backoff.rs`), Node's
+//!   cluster protocol (`node/`), the metrics endpoint (`metrics.rs`,
+//!   `exposition.rs`), the workers' notify socket, output relay, the
+//!   guardian and privileges.
 //! - [`worker`]: the worker side, [`WorkerListener`].
 //! - `tokio` (the `tokio` feature): the worker side on a tokio runtime,
 //!   `TokioWorkerListener`, for axum, hyper and other tokio servers.
@@ -45,7 +49,6 @@
 //!   programs that embed the primary (it logs through `tracing`).
 //! - [`lab`]: `distributor compare`: each scheduling mode under a built-in
 //!   load generator, with throughput, latency and fairness figures.
-//! - [`primary::policy`]: how the next worker is chosen (round-robin).
 //! - `channel`: one end of a primary–worker `SOCK_SEQPACKET` channel.
 //! - `sys`: every raw system call, and so every `unsafe` block.
 //!

@@ -209,7 +209,7 @@ impl Handle {
 
     /// The primary's current figures: per worker its state, connections
     /// taken, in flight and uptime; per slot its restarts; totals. The
-    /// metrics endpoint ([`Builder::metrics`]) serves the same figures.
+    /// metrics endpoint ([`Builder::metrics`](crate::Builder::metrics)) serves the same figures.
     /// Waits at most a second for the event loop to answer.
     pub fn stats(&self) -> io::Result<Stats> {
         let (tx, rx) = crossbeam_channel::bounded(1);
@@ -242,7 +242,7 @@ impl Handle {
     }
 }
 
-/// The [`Event`]s of one primary, from [`Primary::events`]: an iterator
+/// The [`Event`]s of one primary, from [`Primary::events`](crate::Primary::events): an iterator
 /// (it ends once the primary has stopped), with bounded waits too.
 #[derive(Debug)]
 pub struct Events(pub(crate) Receiver<Event>);

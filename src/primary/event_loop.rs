@@ -1,37 +1,28 @@
-//! The primary's one event loop: acceptor, dispatcher, ledger and control,
-//! on one thread, never blocking and never spinning. The supervisor (worker
-//! lifecycle, timers) is in `supervisor.rs`, as more methods of the same
-//! [`EventLoop`].
+//! The primary's one event loop, on one thread, never blocking and never
+//! spinning: [`EventLoop`] owns the primary's state, each piece with one
+//! owner, and this file is the thin driver that polls and hands each event
+//! to its owner.
 //!
-//! - **Acceptor, dispatcher, ledger**: see `servers.rs`.
-//! - **Fairness between workers.** At most [`MAX_READS_PER_WAKE`] messages
-//!   are read from one channel per turn; a chatty worker is read again on
-//!   the next turn, after the others.
-//! - **The workers' channels.** In rr with native workers they are in the
-//!   main poll. With Node workers, and with least-conn and p2c, they live
-//!   in a poll of their own (`channels`), which the main poll watches
-//!   (`Source::Channels`), so that all of them can be read with one
-//!   zero-timeout poll (which costs one `epoll_wait` more per wake-up, and
-//!   is why rr does without it). A switch of policy moves them.
-//! - **Fresh counts for load-aware placement.** A worker reports a finished
-//!   connection (DONE) before its client can see the close, so a client
-//!   that connects again comes after the report. With least-conn and p2c
-//!   the channels are read after each `accept` and before the placement:
-//!   whatever a worker reported before that connection arrived is counted.
-//!   (A turn's accept loop can run well after its wake-up on a busy
-//!   machine.)
-//! - **Quiet channels under load (Node workers).** While connections
-//!   arrive together (a turn accepted two or more in the last
-//!   [`QUIET_TICK`]) and nothing waits on a worker's answer, the channels'
-//!   poll is not watched but read at the start of every turn: the two
-//!   lines a Node worker writes for each connection (`NODE_HANDLE_ACK`,
-//!   `accepted`) are read when the next connections wake the primary, or at
-//!   the tick, instead of waking it each. Otherwise (one connection at a
-//!   time; idle; starting or stopping workers; held connections; a full
-//!   channel; paused accepts; a reload; a shutdown) every line wakes it at
-//!   once. Native workers' channels are always watched: their
-//!   acknowledgements come one per burst, and reading them late measured
-//!   no cheaper (docs/performance.md).
+//! - Owned here: the driver's I/O ([`Io`]: the polls, signals, the waker,
+//!   the read buffers), the commands in and events out ([`Outbox`]), the
+//!   message writers, and the reading of the workers' channels (at most
+//!   [`MAX_READS_PER_WAKE`] messages from one per turn, so a chatty worker
+//!   waits for the others).
+//! - `acceptor.rs`: accepting and the hand-over ([`Accept`]).
+//! - `supervisor.rs`: the workers' lives, slots, reloads, timers
+//!   ([`Supervision`]).
+//! - `node/`: Node's cluster protocol.
+//! - State owned elsewhere: every connection's custody
+//!   ([`Ledger`](super::custody::Ledger)), placement
+//!   ([`Dispatcher`](super::policy::Dispatcher)), each worker's phase and
+//!   deadlines (`process.rs`, `timers.rs`), the tokens (`source.rs`).
+//!
+//! The workers' channels are in the main poll in rr with native workers;
+//! with Node workers, and with least-conn and p2c, they are in a poll of
+//! their own ([`Source::Channels`]) that can be read at once: after each
+//! `accept` for placement by load, and, for Node workers while connections
+//! arrive together ([`QUIET_TICK`]), once per turn instead of on every line.
+//! Why, and what it measured: docs/performance.md.
 
 use std::collections::VecDeque;
 use std::io;

@@ -1,5 +1,7 @@
-//! One worker process as the primary sees it: the child, its channel, its
-//! state, the connections it has not acknowledged, and its timers.
+//! One worker process as the primary sees it ([`WorkerProc`]): the child,
+//! its channel, its [`Phase`] (starting, ready, stopping) and its deadlines;
+//! how workers are started ([`WorkerCommand`], [`Protocol`]). The
+//! connections it holds are in the custody ledger, not here.
 
 use std::ffi::OsString;
 use std::io;

@@ -25,6 +25,7 @@ mod custody;
 mod event_loop;
 mod exposition;
 mod guardian;
+mod ids;
 mod metrics;
 pub(crate) mod node;
 mod notify;

@@ -28,6 +28,7 @@ use nix::sys::signal::Signal;
 use tracing::{debug, info, warn};
 
 use super::event_loop::EventLoop;
+use super::ids::{ServerIdx, SlotIdx, WorkerIdx};
 use super::node::wire;
 use super::policy::Candidate;
 use super::process::{Conn, Link, Protocol};
@@ -44,15 +45,15 @@ const ACCEPT_RETRY: Duration = Duration::from_millis(100);
 const ACCEPT_WARN_EVERY: Duration = Duration::from_secs(10);
 
 /// Slot `slot`'s weight in `weights` (1 beyond the list, and at least 1).
-fn weight(weights: &[u32], slot: usize) -> u32 {
-    weights.get(slot).copied().unwrap_or(1).max(1)
+fn weight(weights: &[u32], slot: SlotIdx) -> u32 {
+    weights.get(slot.0).copied().unwrap_or(1).max(1)
 }
 
 impl EventLoop {
     /// Adds a server, placed by the policy in force; in rr its listener is
     /// registered for accepting.
-    pub(super) fn add_server(&mut self, server: Server) -> io::Result<usize> {
-        let k = self.servers.len();
+    pub(super) fn add_server(&mut self, server: Server) -> io::Result<ServerIdx> {
+        let k = ServerIdx(self.servers.len());
         self.dispatcher.add_server(k);
         if let Some(l) = &server.listener {
             self.defer_accept(l)?;
@@ -67,7 +68,8 @@ impl EventLoop {
                 )?;
             }
         }
-        self.servers.push(server);
+        let pushed = self.servers.push(server);
+        debug_assert_eq!(pushed, k);
         self.ledger.add_server(k);
         Ok(k)
     }
@@ -75,7 +77,7 @@ impl EventLoop {
     /// Hands held connections to workers, then accepts while workers have
     /// room; what a burst gave each worker goes in one message at the end.
     pub(super) fn pump(&mut self) {
-        for k in 0..self.servers.len() {
+        for k in self.servers.indices() {
             // A batch that found its worker's channel full comes back to
             // `pending` and that worker is marked full, so the next pass
             // gives it to the others: each pass but the last marks one.
@@ -101,7 +103,7 @@ impl EventLoop {
         }
     }
 
-    fn accept_loop(&mut self, k: usize) {
+    fn accept_loop(&mut self, k: ServerIdx) {
         let accepted = self.accept_while_room(k);
         if !self.servers[k].backlog_waiting {
             // The backlog ran dry: how many arrived together.
@@ -114,7 +116,7 @@ impl EventLoop {
 
     /// Accepts and places until `WouldBlock`, no room, or an error;
     /// returns how many it accepted.
-    fn accept_while_room(&mut self, k: usize) -> usize {
+    fn accept_while_room(&mut self, k: ServerIdx) -> usize {
         let mut accepted = 0usize;
         while self.can_place(k) {
             let Some(listener) = self.servers[k].listener.as_ref() else {
@@ -184,36 +186,36 @@ impl EventLoop {
     }
 
     /// Whether some worker can take a connection of server `k` now.
-    fn can_place(&self, k: usize) -> bool {
+    fn can_place(&self, k: ServerIdx) -> bool {
         let max = self.settings.max_unacked;
-        (0..self.workers.len()).any(|i| self.can_take(i, k, max))
+        self.workers.indices().any(|i| self.can_take(i, k, max))
     }
 
     /// Whether worker `i` can take a connection of server `k` now.
-    fn can_take(&self, i: usize, k: usize, max: usize) -> bool {
+    fn can_take(&self, i: WorkerIdx, k: ServerIdx, max: usize) -> bool {
         self.workers[i]
             .as_ref()
             .is_some_and(|w| w.can_take(k, self.ledger.outstanding(i), max))
     }
 
     /// The worker the policy gives server `k`'s next connection to.
-    fn pick(&mut self, k: usize) -> Option<usize> {
+    fn pick(&mut self, k: ServerIdx) -> Option<WorkerIdx> {
         let max = self.settings.max_unacked;
         let (workers, ledger, weights) = (&self.workers, &self.ledger, &self.settings.weights);
-        let candidates = workers.iter().enumerate().filter_map(|(index, w)| {
+        let candidates = workers.iter_enumerated().filter_map(|(index, w)| {
             let w = w.as_ref()?;
             w.can_take(k, ledger.outstanding(index), max)
                 .then(|| Candidate {
-                    index,
+                    index: index.0,
                     in_flight: ledger.in_flight(index),
                     weight: weight(weights, w.slot),
                 })
         });
-        self.dispatcher.pick(k, candidates)
+        self.dispatcher.pick(k, candidates).map(WorkerIdx)
     }
 
     /// Slot `slot`'s weight (`--weights`; 1 beyond the list).
-    pub(super) fn weight(&self, slot: usize) -> u32 {
+    pub(super) fn weight(&self, slot: SlotIdx) -> u32 {
         weight(&self.settings.weights, slot)
     }
 
@@ -273,7 +275,7 @@ impl EventLoop {
     /// `SCM_RIGHTS`. If the channel is full, the batch goes back to the
     /// front of `pending`, in order, and the worker is marked full; if the
     /// channel is broken, the worker is cut off and the batch goes back too.
-    fn send_batch(&mut self, i: usize) {
+    fn send_batch(&mut self, i: WorkerIdx) {
         let Some(w) = self.workers.get_mut(i).and_then(Option::as_mut) else {
             return;
         };
@@ -310,7 +312,7 @@ impl EventLoop {
     /// Closes worker `i`'s channel: its unacknowledged connections go back
     /// to `pending`; the worker, unless already stopping, gets SIGTERM and,
     /// after `grace`, SIGKILL.
-    pub(super) fn disconnect(&mut self, i: usize, grace: Duration) {
+    pub(super) fn disconnect(&mut self, i: WorkerIdx, grace: Duration) {
         let now = self.now;
         self.close_channel(i);
         let Some(w) = self.workers.get_mut(i).and_then(Option::as_mut) else {
@@ -326,7 +328,7 @@ impl EventLoop {
 
     /// Closes worker `i`'s channel, and gives its unacknowledged
     /// connections back to `pending`, for other workers.
-    pub(super) fn close_channel(&mut self, i: usize) {
+    pub(super) fn close_channel(&mut self, i: WorkerIdx) {
         let channel = self
             .workers
             .get_mut(i)
@@ -355,7 +357,7 @@ impl EventLoop {
     /// the backlog is refused once no worker holds a copy either;
     /// connections already accepted still go to workers.
     pub(super) fn close_listeners(&mut self) {
-        for k in 0..self.servers.len() {
+        for k in self.servers.indices() {
             self.close_server(k);
         }
         self.accept.spare = None;
@@ -363,7 +365,7 @@ impl EventLoop {
     }
 
     /// Closes server `k`'s listeners.
-    pub(super) fn close_server(&mut self, k: usize) {
+    pub(super) fn close_server(&mut self, k: ServerIdx) {
         if let Some(listener) = self.servers[k].listener.take() {
             if !self.settings.sched.is_kernel() {
                 let _ = self
@@ -379,7 +381,9 @@ impl EventLoop {
 
     /// Creates, in reuseport, the own `SO_REUSEPORT` socket of `slot`
     /// for server `k` the first time (slot 1 uses the server's listener).
-    pub(super) fn ensure_slot_listener(&mut self, k: usize, slot: usize) -> io::Result<()> {
+    pub(super) fn ensure_slot_listener(&mut self, k: ServerIdx, slot: SlotIdx) -> io::Result<()> {
+        // Slot 1 uses the server's listener; slot n+1 its n-th own socket.
+        let slot = slot.0;
         let backlog = self.settings.backlog;
         let s = &mut self.servers[k];
         if self.settings.sched != Sched::ReusePort || slot == 0 || s.listener.is_none() {
@@ -412,7 +416,9 @@ impl EventLoop {
     /// The listening socket a worker of `slot` gets for server `k`: none in
     /// rr; the shared one; or the slot's own (see
     /// [`EventLoop::ensure_slot_listener`], to call first).
-    pub(super) fn slot_listener(&self, k: usize, slot: usize) -> Option<&TcpListener> {
+    pub(super) fn slot_listener(&self, k: ServerIdx, slot: SlotIdx) -> Option<&TcpListener> {
+        // Slot 1 uses the server's listener; slot n+1 its n-th own socket.
+        let slot = slot.0;
         let s = &self.servers[k];
         match self.settings.sched {
             Sched::RoundRobin | Sched::LeastConn | Sched::PowerOfTwo => None,
@@ -424,7 +430,9 @@ impl EventLoop {
 
     /// Closes a removed slot's own sockets (reuseport); connections queued
     /// on them are lost once its worker exits too, a limit of `SO_REUSEPORT`.
-    pub(super) fn drop_slot_listener(&mut self, slot: usize) {
+    pub(super) fn drop_slot_listener(&mut self, slot: SlotIdx) {
+        // Slot 1 uses the server's listener; slot n+1 its n-th own socket.
+        let slot = slot.0;
         if slot == 0 {
             return;
         }

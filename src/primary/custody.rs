@@ -26,12 +26,14 @@
 
 use std::collections::{HashMap, VecDeque};
 
+use super::ids::{ServerIdx, WorkerIdx};
+
 /// What the ledger needs of a connection.
 pub(crate) trait Custody {
     /// Unique among the connections in custody, increasing in accept order.
     fn id(&self) -> u64;
     /// The server (listening address) it came in on.
-    fn server(&self) -> usize;
+    fn server(&self) -> ServerIdx;
 }
 
 /// One worker's connections and figures.
@@ -73,7 +75,7 @@ pub(crate) struct Ledger<C> {
     /// Per worker index; `None` for an index not in use.
     books: Vec<Option<Book<C>>>,
     /// Workers with staged connections, in the order they got their first.
-    staged_by: Vec<usize>,
+    staged_by: Vec<WorkerIdx>,
 }
 
 impl<C> Default for Ledger<C> {
@@ -88,37 +90,37 @@ impl<C> Default for Ledger<C> {
 
 impl<C: Custody> Ledger<C> {
     /// Makes room for server `k`'s queue.
-    pub fn add_server(&mut self, k: usize) {
-        if self.held.len() <= k {
-            self.held.resize_with(k + 1, VecDeque::new);
+    pub fn add_server(&mut self, k: ServerIdx) {
+        if self.held.len() <= k.0 {
+            self.held.resize_with(k.0 + 1, VecDeque::new);
         }
     }
 
     /// Opens worker `i`'s book, empty (a new worker at a reused index).
-    pub fn open(&mut self, i: usize) {
-        if self.books.len() <= i {
-            self.books.resize_with(i + 1, || None);
+    pub fn open(&mut self, i: WorkerIdx) {
+        if self.books.len() <= i.0 {
+            self.books.resize_with(i.0 + 1, || None);
         }
-        self.books[i] = Some(Book::default());
+        self.books[i.0] = Some(Book::default());
     }
 
     /// Closes worker `i`'s book; what it still held goes back first
     /// ([`Ledger::release`]). Returns its figures, (taken, finished).
-    pub fn close(&mut self, i: usize) -> (u64, Option<u64>) {
+    pub fn close(&mut self, i: WorkerIdx) -> (u64, Option<u64>) {
         self.release(i);
-        match self.books.get_mut(i).and_then(Option::take) {
+        match self.books.get_mut(i.0).and_then(Option::take) {
             Some(b) => (b.taken, b.finished),
             None => (0, None),
         }
     }
 
-    fn book(&self, i: usize) -> Option<&Book<C>> {
-        self.books.get(i).and_then(Option::as_ref)
+    fn book(&self, i: WorkerIdx) -> Option<&Book<C>> {
+        self.books.get(i.0).and_then(Option::as_ref)
     }
 
-    fn book_mut(&mut self, i: usize) -> &mut Book<C> {
+    fn book_mut(&mut self, i: WorkerIdx) -> &mut Book<C> {
         self.books
-            .get_mut(i)
+            .get_mut(i.0)
             .and_then(Option::as_mut)
             .expect("a worker's book is open while it lives")
     }
@@ -127,7 +129,7 @@ impl<C: Custody> Ledger<C> {
     pub fn hold(&mut self, c: C) {
         let k = c.server();
         self.add_server(k);
-        self.held[k].push_back(c);
+        self.held[k.0].push_back(c);
     }
 
     /// A connection that comes back (refused, returned, not sendable):
@@ -135,19 +137,19 @@ impl<C: Custody> Ledger<C> {
     pub fn hand_back(&mut self, c: C) {
         let k = c.server();
         self.add_server(k);
-        self.held[k].push_front(c);
+        self.held[k.0].push_front(c);
     }
 
     /// The next held connection of server `k`, out of custody: give it to
     /// a worker ([`Ledger::stage`], [`Ledger::sent`]) or back
     /// ([`Ledger::hand_back`]).
-    pub fn next_held(&mut self, k: usize) -> Option<C> {
-        self.held.get_mut(k).and_then(VecDeque::pop_front)
+    pub fn next_held(&mut self, k: ServerIdx) -> Option<C> {
+        self.held.get_mut(k.0).and_then(VecDeque::pop_front)
     }
 
     /// Connections held for server `k`.
-    pub fn held(&self, k: usize) -> usize {
-        self.held.get(k).map_or(0, VecDeque::len)
+    pub fn held(&self, k: ServerIdx) -> usize {
+        self.held.get(k.0).map_or(0, VecDeque::len)
     }
 
     /// Connections held for all servers.
@@ -156,7 +158,7 @@ impl<C: Custody> Ledger<C> {
     }
 
     /// Stages `c` for worker `i`; returns how many it has staged now.
-    pub fn stage(&mut self, i: usize, c: C) -> usize {
+    pub fn stage(&mut self, i: WorkerIdx, c: C) -> usize {
         let book = self.book_mut(i);
         book.staged.push(c);
         let n = book.staged.len();
@@ -167,20 +169,20 @@ impl<C: Custody> Ledger<C> {
     }
 
     /// Worker `i`'s staged connections, in order (to encode one message).
-    pub fn staged(&self, i: usize) -> &[C] {
+    pub fn staged(&self, i: WorkerIdx) -> &[C] {
         self.book(i).map_or(&[], |b| &b.staged)
     }
 
     /// The workers with staged connections, taken (send each batch, then
     /// commit or abort it).
-    pub fn take_staged_workers(&mut self, into: &mut Vec<usize>) {
+    pub fn take_staged_workers(&mut self, into: &mut Vec<WorkerIdx>) {
         into.clear();
         into.append(&mut self.staged_by);
     }
 
     /// Worker `i`'s staged connections were sent: they wait for its
     /// acknowledgement.
-    pub fn commit(&mut self, i: usize) {
+    pub fn commit(&mut self, i: WorkerIdx) {
         let book = self.book_mut(i);
         for c in book.staged.drain(..) {
             book.sent.insert(c.id(), c);
@@ -190,8 +192,8 @@ impl<C: Custody> Ledger<C> {
 
     /// Worker `i`'s staged connections could not be sent: they go back to
     /// the front of their queues, in order.
-    pub fn abort(&mut self, i: usize) {
-        let Some(book) = self.books.get_mut(i).and_then(Option::as_mut) else {
+    pub fn abort(&mut self, i: WorkerIdx) {
+        let Some(book) = self.books.get_mut(i.0).and_then(Option::as_mut) else {
             return;
         };
         let staged = std::mem::take(&mut book.staged);
@@ -202,13 +204,13 @@ impl<C: Custody> Ledger<C> {
     }
 
     /// `c` was sent to worker `i` on its own (a Node `newconn`).
-    pub fn sent(&mut self, i: usize, c: C) {
+    pub fn sent(&mut self, i: WorkerIdx, c: C) {
         self.book_mut(i).sent.insert(c.id(), c);
     }
 
     /// Worker `i` acknowledged connection `id`: the primary's copy is
     /// dropped and the worker counts it taken.
-    pub fn ack(&mut self, i: usize, id: u64) -> Result<(), NotHeld> {
+    pub fn ack(&mut self, i: WorkerIdx, id: u64) -> Result<(), NotHeld> {
         let book = self.book_mut(i);
         match book.sent.remove(&id) {
             Some(c) => {
@@ -223,7 +225,7 @@ impl<C: Custody> Ledger<C> {
     /// Worker `i` gives connection `id` back unserved (refused, returned,
     /// its fd never arrived): out of custody, for the caller to hand back
     /// or close.
-    pub fn take_back(&mut self, i: usize, id: u64) -> Result<C, NotHeld> {
+    pub fn take_back(&mut self, i: WorkerIdx, id: u64) -> Result<C, NotHeld> {
         self.book_mut(i).sent.remove(&id).ok_or(NotHeld(id))
     }
 
@@ -231,9 +233,9 @@ impl<C: Custody> Ledger<C> {
     /// closed): what it had staged goes back to the front of its queues,
     /// what it had not acknowledged to the back, in accept order. Returns
     /// how many it had not acknowledged.
-    pub fn release(&mut self, i: usize) -> usize {
+    pub fn release(&mut self, i: WorkerIdx) -> usize {
         self.abort(i);
-        let Some(book) = self.books.get_mut(i).and_then(Option::as_mut) else {
+        let Some(book) = self.books.get_mut(i.0).and_then(Option::as_mut) else {
             return 0;
         };
         let mut sent: Vec<C> = book.sent.drain().map(|(_, c)| c).collect();
@@ -247,7 +249,7 @@ impl<C: Custody> Ledger<C> {
 
     /// A kernel-mode worker's report of connections it accepted itself (a
     /// running total; the highest counts).
-    pub fn report_taken(&mut self, i: usize, total: u64) {
+    pub fn report_taken(&mut self, i: WorkerIdx, total: u64) {
         let book = self.book_mut(i);
         book.taken = book.taken.max(total);
     }
@@ -255,7 +257,12 @@ impl<C: Custody> Ledger<C> {
     /// Worker `i`'s report of connections finished (a running total).
     /// `bounded`: it cannot exceed those taken (rr, where the primary
     /// counts). Returns whether the total grew.
-    pub fn report_finished(&mut self, i: usize, total: u64, bounded: bool) -> Result<bool, String> {
+    pub fn report_finished(
+        &mut self,
+        i: WorkerIdx,
+        total: u64,
+        bounded: bool,
+    ) -> Result<bool, String> {
         let book = self.book_mut(i);
         let before = book.finished.unwrap_or(0);
         if total < before || (bounded && total > book.taken) {
@@ -270,34 +277,34 @@ impl<C: Custody> Ledger<C> {
     }
 
     /// Connections worker `i` acknowledged (or reported accepted).
-    pub fn taken(&self, i: usize) -> u64 {
+    pub fn taken(&self, i: WorkerIdx) -> u64 {
         self.book(i).map_or(0, |b| b.taken)
     }
 
     /// Worker `i`'s running total of finished connections, once reported.
-    pub fn finished(&self, i: usize) -> Option<u64> {
+    pub fn finished(&self, i: WorkerIdx) -> Option<u64> {
         self.book(i).and_then(|b| b.finished)
     }
 
     /// Connections worker `i` has been given and not acknowledged, staged
     /// included: what `--max-unacked` bounds.
-    pub fn outstanding(&self, i: usize) -> usize {
+    pub fn outstanding(&self, i: WorkerIdx) -> usize {
         self.book(i).map_or(0, |b| b.sent.len() + b.staged.len())
     }
 
     /// Connections sent to worker `i` and not acknowledged.
-    pub fn unacknowledged(&self, i: usize) -> usize {
+    pub fn unacknowledged(&self, i: WorkerIdx) -> usize {
         self.book(i).map_or(0, |b| b.sent.len())
     }
 
     /// The connections sent to worker `i` and not acknowledged.
-    pub fn sent_to(&self, i: usize) -> impl Iterator<Item = &C> {
+    pub fn sent_to(&self, i: WorkerIdx) -> impl Iterator<Item = &C> {
         self.book(i).into_iter().flat_map(|b| b.sent.values())
     }
 
     /// Worker `i`'s load: what it holds unacknowledged, plus, once it
     /// reports completions, those acknowledged and not yet finished.
-    pub fn in_flight(&self, i: usize) -> u64 {
+    pub fn in_flight(&self, i: WorkerIdx) -> u64 {
         self.book(i).map_or(0, |b| {
             let open = b.finished.map_or(0, |done| b.taken.saturating_sub(done));
             (b.sent.len() + b.staged.len()) as u64 + open
@@ -308,6 +315,7 @@ impl<C: Custody> Ledger<C> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::primary::ids::{ServerIdx, WorkerIdx};
     use std::collections::{BTreeMap, BTreeSet};
 
     #[derive(Debug, PartialEq, Eq)]
@@ -320,8 +328,8 @@ mod tests {
         fn id(&self) -> u64 {
             self.id
         }
-        fn server(&self) -> usize {
-            self.server
+        fn server(&self) -> ServerIdx {
+            ServerIdx(self.server)
         }
     }
 
@@ -332,36 +340,47 @@ mod tests {
     #[test]
     fn a_connection_moves_held_staged_sent_acknowledged() {
         let mut l = Ledger::default();
-        l.open(0);
+        l.open(WorkerIdx(0));
         l.hold(conn(1));
         l.hold(conn(2));
-        assert_eq!(l.held(0), 2);
-        let c = l.next_held(0).unwrap();
-        assert_eq!(l.stage(0, c), 1);
-        assert_eq!(l.outstanding(0), 1);
+        assert_eq!(l.held(ServerIdx(0)), 2);
+        let c = l.next_held(ServerIdx(0)).unwrap();
+        assert_eq!(l.stage(WorkerIdx(0), c), 1);
+        assert_eq!(l.outstanding(WorkerIdx(0)), 1);
         let mut w = Vec::new();
         l.take_staged_workers(&mut w);
-        assert_eq!(w, [0]);
-        l.commit(0);
-        assert_eq!(l.unacknowledged(0), 1);
-        assert_eq!(l.ack(0, 1), Ok(()));
-        assert_eq!(l.ack(0, 1), Err(NotHeld(1)), "acknowledged once only");
-        assert_eq!((l.taken(0), l.outstanding(0), l.held(0)), (1, 0, 1));
+        assert_eq!(w, [WorkerIdx(0)]);
+        l.commit(WorkerIdx(0));
+        assert_eq!(l.unacknowledged(WorkerIdx(0)), 1);
+        assert_eq!(l.ack(WorkerIdx(0), 1), Ok(()));
+        assert_eq!(
+            l.ack(WorkerIdx(0), 1),
+            Err(NotHeld(1)),
+            "acknowledged once only"
+        );
+        assert_eq!(
+            (
+                l.taken(WorkerIdx(0)),
+                l.outstanding(WorkerIdx(0)),
+                l.held(ServerIdx(0))
+            ),
+            (1, 0, 1)
+        );
     }
 
     #[test]
     fn an_aborted_batch_goes_first_in_order() {
         let mut l = Ledger::default();
-        l.open(3);
+        l.open(WorkerIdx(3));
         for id in 1..=4 {
             l.hold(conn(id));
         }
         for _ in 0..3 {
-            let c = l.next_held(0).unwrap();
-            l.stage(3, c);
+            let c = l.next_held(ServerIdx(0)).unwrap();
+            l.stage(WorkerIdx(3), c);
         }
-        l.abort(3);
-        let order: Vec<u64> = std::iter::from_fn(|| l.next_held(0))
+        l.abort(WorkerIdx(3));
+        let order: Vec<u64> = std::iter::from_fn(|| l.next_held(ServerIdx(0)))
             .map(|c| c.id)
             .collect();
         assert_eq!(order, [1, 2, 3, 4]);
@@ -370,40 +389,54 @@ mod tests {
     #[test]
     fn a_dead_worker_gives_back_staged_first_and_sent_in_accept_order() {
         let mut l = Ledger::default();
-        l.open(1);
+        l.open(WorkerIdx(1));
         for id in [5, 3, 9] {
-            l.sent(1, conn(id));
+            l.sent(WorkerIdx(1), conn(id));
         }
         l.hold(conn(10));
-        l.stage(1, conn(11));
-        assert_eq!(l.release(1), 3);
-        let order: Vec<u64> = std::iter::from_fn(|| l.next_held(0))
+        l.stage(WorkerIdx(1), conn(11));
+        assert_eq!(l.release(WorkerIdx(1)), 3);
+        let order: Vec<u64> = std::iter::from_fn(|| l.next_held(ServerIdx(0)))
             .map(|c| c.id)
             .collect();
         assert_eq!(order, [11, 10, 3, 5, 9]);
-        assert_eq!(l.close(1), (0, None));
+        assert_eq!(l.close(WorkerIdx(1)), (0, None));
     }
 
     #[test]
     fn figures_and_load() {
         let mut l: Ledger<Fake> = Ledger::default();
-        l.open(0);
+        l.open(WorkerIdx(0));
         for id in 1..=3 {
-            l.sent(0, conn(id));
+            l.sent(WorkerIdx(0), conn(id));
         }
         for id in 1..=3 {
-            l.ack(0, id).unwrap();
+            l.ack(WorkerIdx(0), id).unwrap();
         }
-        assert_eq!(l.in_flight(0), 0, "no reports yet: unacknowledged only");
-        assert_eq!(l.report_finished(0, 1, true), Ok(false));
-        assert_eq!(l.in_flight(0), 2);
-        assert_eq!(l.report_finished(0, 2, true), Ok(true));
-        assert!(l.report_finished(0, 1, true).is_err(), "backwards");
-        assert!(l.report_finished(0, 4, true).is_err(), "more than taken");
-        assert_eq!(l.report_finished(0, 9, false), Ok(true), "kernel modes");
-        l.report_taken(0, 7);
-        l.report_taken(0, 5);
-        assert_eq!(l.taken(0), 7);
+        assert_eq!(
+            l.in_flight(WorkerIdx(0)),
+            0,
+            "no reports yet: unacknowledged only"
+        );
+        assert_eq!(l.report_finished(WorkerIdx(0), 1, true), Ok(false));
+        assert_eq!(l.in_flight(WorkerIdx(0)), 2);
+        assert_eq!(l.report_finished(WorkerIdx(0), 2, true), Ok(true));
+        assert!(
+            l.report_finished(WorkerIdx(0), 1, true).is_err(),
+            "backwards"
+        );
+        assert!(
+            l.report_finished(WorkerIdx(0), 4, true).is_err(),
+            "more than taken"
+        );
+        assert_eq!(
+            l.report_finished(WorkerIdx(0), 9, false),
+            Ok(true),
+            "kernel modes"
+        );
+        l.report_taken(WorkerIdx(0), 7);
+        l.report_taken(WorkerIdx(0), 5);
+        assert_eq!(l.taken(WorkerIdx(0)), 7);
     }
 
     /// One step of a random history.
@@ -465,8 +498,8 @@ mod tests {
                         accepted += 1;
                     }
                     Op::Give { server, worker } if alive[worker] => {
-                        if let Some(c) = l.next_held(server) {
-                            l.stage(worker, c);
+                        if let Some(c) = l.next_held(ServerIdx(server)) {
+                            l.stage(WorkerIdx(worker), c);
                         }
                     }
                     Op::Flush(ok) => {
@@ -477,33 +510,35 @@ mod tests {
                         }
                     }
                     Op::SendNow { server, worker } if alive[worker] => {
-                        if let Some(c) = l.next_held(server) {
-                            l.sent(worker, c);
+                        if let Some(c) = l.next_held(ServerIdx(server)) {
+                            l.sent(WorkerIdx(worker), c);
                         }
                     }
                     Op::Ack(worker, nth) if alive[worker] => {
-                        let mut ids: Vec<u64> = l.sent_to(worker).map(|c| c.id).collect();
+                        let mut ids: Vec<u64> =
+                            l.sent_to(WorkerIdx(worker)).map(|c| c.id).collect();
                         ids.sort_unstable();
                         if let Some(&id) = ids.get(nth) {
-                            l.ack(worker, id).unwrap();
+                            l.ack(WorkerIdx(worker), id).unwrap();
                             assert!(acked.insert(id), "{id} acknowledged twice: {history:?}");
-                            assert_eq!(l.ack(worker, id), Err(NotHeld(id)));
+                            assert_eq!(l.ack(WorkerIdx(worker), id), Err(NotHeld(id)));
                         }
                     }
                     Op::TakeBack(worker, nth) if alive[worker] => {
-                        let mut ids: Vec<u64> = l.sent_to(worker).map(|c| c.id).collect();
+                        let mut ids: Vec<u64> =
+                            l.sent_to(WorkerIdx(worker)).map(|c| c.id).collect();
                         ids.sort_unstable();
                         if let Some(&id) = ids.get(nth) {
-                            let c = l.take_back(worker, id).unwrap();
+                            let c = l.take_back(WorkerIdx(worker), id).unwrap();
                             l.hand_back(c);
                         }
                     }
                     Op::Die(worker) if alive[worker] => {
-                        l.close(worker);
+                        l.close(WorkerIdx(worker));
                         alive[worker] = false;
                     }
                     Op::Start(worker) if !alive[worker] => {
-                        l.open(worker);
+                        l.open(WorkerIdx(worker));
                         alive[worker] = true;
                     }
                     _ => {}
@@ -553,20 +588,20 @@ mod tests {
     #[test]
     fn each_dead_workers_connections_come_back_in_accept_order_behind_what_was_held() {
         let mut l = Ledger::default();
-        l.open(0);
-        l.open(1);
+        l.open(WorkerIdx(0));
+        l.open(WorkerIdx(1));
         for id in 1..=6 {
             l.hold(conn(id));
         }
         for (w, n) in [(0, 2), (1, 2)] {
             for _ in 0..n {
-                let c = l.next_held(0).unwrap();
-                l.sent(w, c);
+                let c = l.next_held(ServerIdx(0)).unwrap();
+                l.sent(WorkerIdx(w), c);
             }
         }
-        l.close(1);
-        l.close(0);
-        let order: Vec<u64> = std::iter::from_fn(|| l.next_held(0))
+        l.close(WorkerIdx(1));
+        l.close(WorkerIdx(0));
+        let order: Vec<u64> = std::iter::from_fn(|| l.next_held(ServerIdx(0)))
             .map(|c| c.id)
             .collect();
         assert_eq!(order, [5, 6, 3, 4, 1, 2]);

@@ -41,6 +41,7 @@ use tracing::{debug, error, info, warn};
 use super::api::{Control, Event, Handle};
 use super::backoff::Backoff;
 use super::custody::{Ledger, NotHeld};
+use super::ids::{IndexVec, ServerIdx, SlotIdx, WorkerIdx};
 use super::metrics::MetricsServer;
 use super::node::link::Read as NodeRead;
 use super::policy::Dispatcher;
@@ -113,10 +114,10 @@ pub(crate) struct Limits {
 pub(super) struct Slot {
     pub active: bool,
     /// Index in `workers` of the slot's current worker.
-    pub current: Option<usize>,
+    pub current: Option<WorkerIdx>,
     /// Index in `workers` of the worker starting beside the current one to
     /// take over from it once ready ([`Role::Successor`]).
-    pub successor: Option<usize>,
+    pub successor: Option<WorkerIdx>,
     /// Why the slot's worker is being replaced, while it is; counted when
     /// the new worker takes the slot over.
     pub replacing: Option<Replacement>,
@@ -151,7 +152,7 @@ pub(super) struct Reload {
 /// A replacement waiting its turn.
 #[derive(Debug, Clone, Copy)]
 pub(super) struct Queued {
-    pub slot: usize,
+    pub slot: SlotIdx,
     pub why: Replacement,
     /// For a limit: the worker that reached it (skipped if it is no longer
     /// the slot's current worker by its turn).
@@ -162,21 +163,21 @@ pub(super) struct Queued {
 /// at least `first_id` is the slot's ready current worker.
 #[derive(Debug, Clone, Copy)]
 pub(super) struct Step {
-    pub slot: usize,
+    pub slot: SlotIdx,
     pub first_id: u64,
 }
 
 pub(crate) struct EventLoop {
     /// The listening addresses: with the native protocol the one bound
     /// at start; with Node's, those the workers asked for.
-    pub(super) servers: Vec<Server>,
+    pub(super) servers: IndexVec<ServerIdx, Server>,
     /// The metrics endpoint, if asked for.
     pub(super) metrics: Option<MetricsServer>,
     pub(super) local_addr: SocketAddr,
     pub(super) started: Instant,
     pub(super) settings: Settings,
     /// Every worker process alive, by index; the index is its token.
-    pub(super) workers: Vec<Option<WorkerProc>>,
+    pub(super) workers: IndexVec<WorkerIdx, Option<WorkerProc>>,
     /// How connections are placed (primary-side modes; switchable).
     pub(super) dispatcher: Dispatcher,
     /// Custody of every accepted connection, and the workers' figures.
@@ -213,7 +214,7 @@ pub(crate) struct Io {
     pub(super) signals: Signals,
     pub(super) waker: Arc<Waker>,
     /// Channels with more to read than one turn allows.
-    pub(super) readable_again: Vec<usize>,
+    pub(super) readable_again: Vec<WorkerIdx>,
     pub(super) buf: Box<[u8]>,
     pub(super) fds: Vec<OwnedFd>,
     /// The workers' `NOTIFY_SOCKET`.
@@ -246,7 +247,7 @@ pub(crate) struct Accept {
     /// listens only then, so that it never accepts what no worker serves.
     pub(super) spare: Option<TcpListener>,
     /// Workers whose staged batch is being sent (reused).
-    pub(super) batched: Vec<usize>,
+    pub(super) batched: Vec<WorkerIdx>,
     /// Accepting paused after an accept error, until then.
     pub(super) accept_paused_until: Option<Instant>,
     /// When an accept error was last logged as a warning.
@@ -258,8 +259,8 @@ pub(crate) struct Accept {
 
 /// The supervisor's state (supervisor.rs): slots, reloads, shutdown, replacements, and what it tells.
 pub(crate) struct Supervision {
-    pub(super) slots: Vec<Slot>,
-    pub(super) free: Vec<usize>,
+    pub(super) slots: IndexVec<SlotIdx, Slot>,
+    pub(super) free: Vec<WorkerIdx>,
     pub(super) next_worker_id: u64,
     pub(super) next_ping: u64,
     pub(super) reload: Reload,
@@ -335,12 +336,12 @@ impl EventLoop {
             (None, listener)
         };
         let mut this = EventLoop {
-            servers: Vec::new(),
+            servers: IndexVec::new(),
             metrics,
             local_addr,
             started: Instant::now(),
             settings,
-            workers: Vec::new(),
+            workers: IndexVec::new(),
             dispatcher,
             ledger: Ledger::default(),
             now: Instant::now(),
@@ -377,7 +378,7 @@ impl EventLoop {
                 next_conn_id: 1,
             },
             sup: Supervision {
-                slots: Vec::new(),
+                slots: IndexVec::new(),
                 free: Vec::new(),
                 next_worker_id: 1,
                 next_ping: 1,
@@ -488,8 +489,8 @@ impl EventLoop {
         if self.settings.limits.max_memory.is_some() {
             self.sup.memory_check_at = Some(self.now);
         }
-        for s in 0..self.settings.workers {
-            self.sup.slots.push(Slot {
+        for _ in 0..self.settings.workers {
+            let s = self.sup.slots.push(Slot {
                 active: true,
                 ..Slot::default()
             });
@@ -579,7 +580,7 @@ impl EventLoop {
     }
 
     /// Worker `i`'s channel is ready.
-    fn on_channel_event(&mut self, i: usize, event: &mio::event::Event) {
+    fn on_channel_event(&mut self, i: WorkerIdx, event: &mio::event::Event) {
         if event.is_writable() {
             self.on_writable(i);
         }
@@ -608,7 +609,7 @@ impl EventLoop {
     pub(super) fn register_channel(
         registry: &mio::Registry,
         fd: std::os::fd::RawFd,
-        i: usize,
+        i: WorkerIdx,
     ) -> io::Result<()> {
         registry.register(
             &mut SourceFd(&fd),
@@ -626,7 +627,7 @@ impl EventLoop {
             (&self.io.channels, &self.io.poll)
         };
         let mut broken = Vec::new();
-        for (i, w) in self.workers.iter().enumerate() {
+        for (i, w) in self.workers.iter_enumerated() {
             let Some(fd) = w
                 .as_ref()
                 .and_then(|w| w.channel.as_ref())
@@ -743,7 +744,7 @@ impl EventLoop {
         }
     }
 
-    pub(super) fn worker_mut(&mut self, i: usize) -> Option<&mut WorkerProc> {
+    pub(super) fn worker_mut(&mut self, i: WorkerIdx) -> Option<&mut WorkerProc> {
         self.workers.get_mut(i).and_then(Option::as_mut)
     }
 
@@ -751,7 +752,7 @@ impl EventLoop {
     /// protocol's MESSAGE, Node's `process.send()`): an [`Event::Message`].
     /// Without a receiver of events (the command), the first is logged at
     /// info, with what the primary does with it, and the rest at debug.
-    pub(super) fn on_worker_message(&mut self, i: usize, data: &[u8]) {
+    pub(super) fn on_worker_message(&mut self, i: WorkerIdx, data: &[u8]) {
         let Some(id) = self.workers[i].as_ref().map(|w| w.id) else {
             return;
         };
@@ -783,7 +784,7 @@ impl EventLoop {
     }
 
     /// Worker `i`'s channel has room again: what waited goes first.
-    fn on_writable(&mut self, i: usize) {
+    fn on_writable(&mut self, i: WorkerIdx) {
         let Some(w) = self.worker_mut(i) else {
             return;
         };
@@ -813,7 +814,7 @@ impl EventLoop {
 
     /// Reads the messages waiting on worker `i`'s channel, up to a turn's worth.
     /// Returns true when it stopped at the turn's limit: more may wait.
-    pub(super) fn read_channel(&mut self, i: usize) -> bool {
+    pub(super) fn read_channel(&mut self, i: WorkerIdx) -> bool {
         let mut buf = std::mem::take(&mut self.io.buf);
         for _ in 0..MAX_READS_PER_WAKE {
             let Some(w) = self.workers.get_mut(i).and_then(Option::as_mut) else {
@@ -882,7 +883,7 @@ impl EventLoop {
     }
 
     /// Acts on one well-formed message; returns a protocol problem, if any.
-    fn on_message(&mut self, i: usize, msg: ToPrimary<'_>) -> Option<String> {
+    fn on_message(&mut self, i: WorkerIdx, msg: ToPrimary<'_>) -> Option<String> {
         let now = self.now;
         let w = self.workers[i].as_mut().expect("reading a live worker");
         w.last_seen = now;
@@ -979,7 +980,7 @@ impl EventLoop {
     /// Node worker's `accepted: true`): the one path for both.
     pub(super) fn acknowledged(
         &mut self,
-        i: usize,
+        i: WorkerIdx,
         ids: impl IntoIterator<Item = u64>,
     ) -> Result<(), String> {
         for id in ids {
@@ -1108,13 +1109,12 @@ impl EventLoop {
     fn stats(&self) -> Stats {
         let mut workers: Vec<WorkerStats> = self
             .workers
-            .iter()
-            .enumerate()
+            .iter_enumerated()
             .filter_map(|(i, w)| Some((i, w.as_ref()?)))
             .map(|(i, w)| WorkerStats {
                 id: w.id,
                 pid: w.pid,
-                slot: w.slot + 1,
+                slot: w.slot.number(),
                 ready: w.was_ready(),
                 stopping: w.is_stopping(),
                 state: w.phase.into(),
@@ -1127,7 +1127,7 @@ impl EventLoop {
             })
             .collect();
         workers.sort_by_key(|w| (w.slot, w.id));
-        let slots = self.sup.slots.iter().enumerate();
+        let slots = self.sup.slots.iter_enumerated();
         Stats {
             sched: self.live_sched(),
             local_addr: self.local_addr,
@@ -1135,7 +1135,7 @@ impl EventLoop {
             workers,
             slots: slots
                 .map(|(s, slot)| SlotStats {
-                    slot: s + 1,
+                    slot: s.number(),
                     active: slot.active,
                     restarts: slot.restarts,
                 })

@@ -47,6 +47,18 @@ index_type!(
     ServerIdx
 );
 
+impl fmt::Display for WorkerIdx {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        self.0.fmt(f)
+    }
+}
+
+impl fmt::Display for ServerIdx {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        self.0.fmt(f)
+    }
+}
+
 impl SlotIdx {
     /// The slot's number as logs, metrics and `DISTRIBUTOR_SLOT` say it,
     /// from 1.
@@ -104,11 +116,6 @@ impl<I: Idx, T> IndexVec<I, T> {
     pub fn iter_enumerated(&self) -> impl Iterator<Item = (I, &T)> {
         self.items.iter().enumerate().map(|(i, t)| (I::new(i), t))
     }
-
-    /// The last index, if any.
-    pub fn last_index(&self) -> Option<I> {
-        self.items.len().checked_sub(1).map(I::new)
-    }
 }
 
 impl<I: Idx, T> Default for IndexVec<I, T> {
@@ -163,9 +170,11 @@ mod tests {
         let b = v.push("b");
         assert_eq!((a, b), (SlotIdx(0), SlotIdx(1)));
         v[b] = "B";
-        assert_eq!(v.iter_enumerated().collect::<Vec<_>>(), [(a, &"a"), (b, &"B")]);
+        assert_eq!(
+            v.iter_enumerated().collect::<Vec<_>>(),
+            [(a, &"a"), (b, &"B")]
+        );
         assert_eq!(v.indices().collect::<Vec<_>>(), [a, b]);
-        assert_eq!(v.last_index(), Some(b));
         assert_eq!(b.number(), 2);
         assert!(v.get(SlotIdx(2)).is_none());
     }

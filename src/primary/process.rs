@@ -14,6 +14,7 @@ use std::time::Instant;
 use nix::sys::signal::{Signal, kill};
 use nix::unistd::Pid;
 
+use super::ids::{ServerIdx, SlotIdx};
 use super::node::link::NodeLink;
 use super::output::{Relay, Stream};
 use super::timers::Timers;
@@ -77,7 +78,7 @@ pub(crate) struct Conn {
     pub fd: OwnedFd,
     pub peer: SocketAddr,
     /// The server (listener) it came in on.
-    pub server: usize,
+    pub server: ServerIdx,
     /// When it was last sent to a worker (hang detection).
     pub sent: Instant,
     /// How many Node workers answered `accepted: false`.
@@ -88,7 +89,7 @@ impl super::custody::Custody for Conn {
     fn id(&self) -> u64 {
         self.id
     }
-    fn server(&self) -> usize {
+    fn server(&self) -> ServerIdx {
         self.server
     }
 }
@@ -210,7 +211,7 @@ pub(crate) struct WorkerProc {
     pub id: u64,
     pub pid: u32,
     /// The slot it belongs to.
-    pub slot: usize,
+    pub slot: SlotIdx,
     pub role: Role,
     child: Child,
     /// `None` once the channel closed or was closed by the primary.
@@ -265,7 +266,7 @@ impl WorkerProc {
         cmd: &WorkerCommand,
         speaks: Protocol,
         id: u64,
-        slot: usize,
+        slot: SlotIdx,
         role: Role,
         listen: Option<BorrowedFd<'_>>,
         output: Option<&Relay>,
@@ -311,8 +312,8 @@ impl WorkerProc {
         // The slot, which a worker's replacements keep: from 1 as in the
         // logs and metrics, and from 0 under PM2's name.
         command
-            .env(protocol::ENV_SLOT, (slot + 1).to_string())
-            .env("NODE_APP_INSTANCE", slot.to_string());
+            .env(protocol::ENV_SLOT, slot.number().to_string())
+            .env("NODE_APP_INSTANCE", slot.0.to_string());
         let child_channel = sys::configure_worker_command(
             &mut command,
             theirs.as_raw_fd(),
@@ -451,11 +452,11 @@ impl WorkerProc {
     /// Whether the primary may send it a connection of `server` now, with
     /// `outstanding` connections given and not acknowledged (the ledger's
     /// count) against `max_unacked`.
-    pub fn can_take(&self, server: usize, outstanding: usize, max_unacked: usize) -> bool {
+    pub fn can_take(&self, server: ServerIdx, outstanding: usize, max_unacked: usize) -> bool {
         self.is_ready()
             && !self.channel_full
             && !self.timers.is_set(super::timers::Timer::FullPause)
-            && self.servers & (1 << server) != 0
+            && self.servers & (1 << server.0) != 0
             && self.channel.as_ref().is_some_and(|c| !c.blocked())
             && outstanding < max_unacked
     }

@@ -9,6 +9,8 @@
 
 use mio::Token;
 
+use super::ids::{ServerIdx, WorkerIdx};
+
 /// The most servers (listening addresses) one primary serves.
 pub(crate) const MAX_SERVERS: usize = 64;
 /// The most clients the metrics endpoint serves at once.
@@ -32,9 +34,9 @@ pub(crate) enum Source {
     /// Signals.
     Signals,
     /// The channel of the worker at this index.
-    Worker(usize),
+    Worker(WorkerIdx),
     /// The listener of server `k`.
-    Listener(usize),
+    Listener(ServerIdx),
     /// The metrics endpoint's listener.
     MetricsListener,
     /// The metrics endpoint's client `k`.
@@ -51,8 +53,8 @@ impl Source {
             Source::Channels => CHANNELS,
             Source::Waker => WAKER,
             Source::Signals => SIGNALS,
-            Source::Worker(i) => FIRST_WORKER + i,
-            Source::Listener(k) => FIRST_SERVER + k,
+            Source::Worker(i) => FIRST_WORKER + i.0,
+            Source::Listener(k) => FIRST_SERVER + k.0,
             Source::MetricsListener => METRICS_LISTENER,
             Source::MetricsClient(k) => METRICS_LISTENER + 1 + k,
             Source::Notify => NOTIFY,
@@ -71,9 +73,11 @@ impl Source {
                 Source::MetricsClient(t - METRICS_LISTENER - 1)
             }
             t if (FIRST_SERVER..FIRST_SERVER + MAX_SERVERS).contains(&t) => {
-                Source::Listener(t - FIRST_SERVER)
+                Source::Listener(ServerIdx(t - FIRST_SERVER))
             }
-            t if (FIRST_WORKER..FIRST_SERVER).contains(&t) => Source::Worker(t - FIRST_WORKER),
+            t if (FIRST_WORKER..FIRST_SERVER).contains(&t) => {
+                Source::Worker(WorkerIdx(t - FIRST_WORKER))
+            }
             _ => Source::Unknown,
         }
     }
@@ -89,10 +93,10 @@ mod tests {
             Source::Channels,
             Source::Waker,
             Source::Signals,
-            Source::Worker(0),
-            Source::Worker(100_000),
-            Source::Listener(0),
-            Source::Listener(MAX_SERVERS - 1),
+            Source::Worker(WorkerIdx(0)),
+            Source::Worker(WorkerIdx(100_000)),
+            Source::Listener(ServerIdx(0)),
+            Source::Listener(ServerIdx(MAX_SERVERS - 1)),
             Source::MetricsListener,
             Source::MetricsClient(0),
             Source::MetricsClient(MAX_METRICS_CLIENTS - 1),

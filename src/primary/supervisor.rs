@@ -33,6 +33,7 @@ use tracing::{debug, error, info, warn};
 
 use super::api::{Event, LAST_WORKER, Ready, Reply};
 use super::event_loop::{EventLoop, Queued, Slot, Step};
+use super::ids::{ServerIdx, SlotIdx, WorkerIdx};
 use super::node::{self, wire};
 use super::process::{Link, Phase, Protocol, Role, WorkerProc, describe_exit};
 use super::stats::Replacement;
@@ -88,7 +89,7 @@ enum Turn {
 impl EventLoop {
     /// Spawns a worker for `slot` in `role`, registers its channel, and
     /// makes it the slot's current worker or successor.
-    pub(super) fn start_worker(&mut self, slot: usize, role: Role) -> std::io::Result<usize> {
+    pub(super) fn start_worker(&mut self, slot: SlotIdx, role: Role) -> std::io::Result<WorkerIdx> {
         let id = self.sup.next_worker_id;
         self.sup.next_worker_id += 1;
         let now = self.now;
@@ -114,10 +115,10 @@ impl EventLoop {
         // Native workers inherit the one server's socket in the kernel
         // modes; Node workers ask for theirs.
         if speaks == Protocol::Native {
-            self.ensure_slot_listener(0, slot)?;
+            self.ensure_slot_listener(ServerIdx(0), slot)?;
         }
         let listen = match speaks {
-            Protocol::Native => self.slot_listener(0, slot).map(|l| l.as_fd()),
+            Protocol::Native => self.slot_listener(ServerIdx(0), slot).map(|l| l.as_fd()),
             Protocol::Node => None,
         };
         let mut w = WorkerProc::spawn(
@@ -136,10 +137,11 @@ impl EventLoop {
         if speaks == Protocol::Native {
             w.servers = 1;
         }
-        let i = self.sup.free.pop().unwrap_or_else(|| {
-            self.workers.push(None);
-            self.workers.len() - 1
-        });
+        let i = self
+            .sup
+            .free
+            .pop()
+            .unwrap_or_else(|| self.workers.push(None));
         let channel = w.channel.as_ref().expect("a new worker has a channel");
         if let Err(e) =
             Self::register_channel(self.channel_registry(), channel.as_fd().as_raw_fd(), i)
@@ -192,7 +194,7 @@ impl EventLoop {
     /// connections go to other workers, it gets SIGTERM and then SIGKILL,
     /// and its slot gets a new worker now (with backoff if it died young)
     /// rather than when it finally exits.
-    pub(super) fn cut_off(&mut self, i: usize) {
+    pub(super) fn cut_off(&mut self, i: WorkerIdx) {
         self.cut_off_because(i, false);
     }
 
@@ -200,7 +202,7 @@ impl EventLoop {
     /// which is most often its exit seen before its SIGCHLD (a `kill -9`):
     /// one that was ready and served is then replaced at once, as its exit
     /// would have been, not with backoff.
-    fn cut_off_because(&mut self, i: usize, gone: bool) {
+    fn cut_off_because(&mut self, i: WorkerIdx, gone: bool) {
         let Some(w) = self.workers[i].as_mut() else {
             return;
         };
@@ -244,7 +246,7 @@ impl EventLoop {
     /// that closes the fds it does not know) is left alone. A worker that
     /// held unacknowledged connections is cut off at once: they go to
     /// other workers, and it must not live to serve copies of them.
-    pub(super) fn on_channel_closed(&mut self, i: usize) {
+    pub(super) fn on_channel_closed(&mut self, i: WorkerIdx) {
         let Some(w) = self.workers[i].as_mut() else {
             return;
         };
@@ -284,7 +286,7 @@ impl EventLoop {
     /// Slot `slot`'s current worker is gone (exited, or cut off): the
     /// successor starting beside it, if any, takes its place now; else a
     /// new worker is started, at once or, after a failure, with backoff.
-    fn slot_lost_worker(&mut self, slot: usize, how: Lost) {
+    fn slot_lost_worker(&mut self, slot: SlotIdx, how: Lost) {
         let s = &mut self.sup.slots[slot];
         s.current = None;
         if !s.active || self.sup.shutdown_at.is_some() {
@@ -324,7 +326,7 @@ impl EventLoop {
     }
 
     /// The slot's worker was replaced: counted by why.
-    fn count_replacement(&mut self, slot: usize) {
+    fn count_replacement(&mut self, slot: SlotIdx) {
         if let Some(why) = self.sup.slots[slot].replacing.take() {
             self.sup.replaced[why.index()] += 1;
         }
@@ -332,7 +334,7 @@ impl EventLoop {
 
     /// Starts `slot`'s worker again (its current worker if it has none,
     /// else a successor that failed before), or schedules another try.
-    fn restart_slot(&mut self, slot: usize) {
+    fn restart_slot(&mut self, slot: SlotIdx) {
         self.sup.slots[slot].restart_at = None;
         if !self.sup.slots[slot].active || self.sup.shutdown_at.is_some() {
             return;
@@ -348,7 +350,7 @@ impl EventLoop {
         }
     }
 
-    pub(super) fn schedule_restart(&mut self, slot: usize, uptime: Duration) {
+    pub(super) fn schedule_restart(&mut self, slot: SlotIdx, uptime: Duration) {
         let backoff = self.settings.backoff;
         let s = &mut self.sup.slots[slot];
         let (delay, quick) = backoff.next(uptime, s.quick_exits);
@@ -356,7 +358,7 @@ impl EventLoop {
         if let Some(max) = self.settings.max_restarts.filter(|&max| quick >= max) {
             self.stop_for(format!(
                 "worker slot {} failed {quick} times in a row, each within {:?} of its start (--max-restarts {max})",
-                slot + 1,
+                slot.number(),
                 backoff.reset_after
             ));
             return;
@@ -364,12 +366,12 @@ impl EventLoop {
         if quick >= 3 {
             warn!(
                 "worker slot {} is crash-looping: {quick} exits in a row within {:?} of starting; next start in {delay:.1?} (backoff caps at {:?})",
-                slot + 1,
+                slot.number(),
                 backoff.reset_after,
                 backoff.max
             );
         } else if !delay.is_zero() {
-            info!("restarting worker slot {} in {delay:.1?}", slot + 1);
+            info!("restarting worker slot {} in {delay:.1?}", slot.number());
         }
         if delay.is_zero() {
             self.restart_slot(slot);
@@ -380,7 +382,7 @@ impl EventLoop {
 
     /// Reaps every worker that has exited and decides what its exit means.
     pub(super) fn reap(&mut self) {
-        for i in 0..self.workers.len() {
+        for i in self.workers.indices() {
             let Some(w) = self.worker_mut(i) else {
                 continue;
             };
@@ -392,7 +394,7 @@ impl EventLoop {
         }
     }
 
-    fn on_exit(&mut self, i: usize, status: ExitStatus) {
+    fn on_exit(&mut self, i: WorkerIdx, status: ExitStatus) {
         // Its last messages (acknowledgements, a final STATS) may still wait
         // in the channel: read them all, or an acknowledged connection
         // would be handed to another worker and served twice.
@@ -477,7 +479,7 @@ impl EventLoop {
                 s.quick_exits = quick;
                 warn!(
                     "the new worker for slot {} exited before it was ready; the old one keeps serving; retrying in {delay:.1?}",
-                    slot + 1
+                    slot.number()
                 );
                 self.sup.slots[slot].restart_at = Some(self.now + delay);
             }
@@ -489,7 +491,7 @@ impl EventLoop {
     /// candidate takes over its slot, and the slot's old worker retires.
     /// `spoke`: it said hello; else, in a kernel mode, it is taken as ready
     /// without (and is not pinged, since it may not speak the protocol).
-    pub(super) fn on_hello(&mut self, i: usize, spoke: bool) {
+    pub(super) fn on_hello(&mut self, i: WorkerIdx, spoke: bool) {
         let w = self.workers[i].as_mut().expect("hello from a live worker");
         if spoke {
             // It speaks the protocol: it answers pings from now on, and in a
@@ -516,8 +518,9 @@ impl EventLoop {
     pub(super) fn on_notice(&mut self, pid: u32, notice: Notice) {
         let Some(i) = self
             .workers
-            .iter()
-            .position(|w| w.as_ref().is_some_and(|w| w.pid == pid))
+            .iter_enumerated()
+            .find(|(_, w)| w.as_ref().is_some_and(|w| w.pid == pid))
+            .map(|(i, _)| i)
         else {
             return;
         };
@@ -566,7 +569,7 @@ impl EventLoop {
     /// is ready, and is then asked to stop; one that is not gets none from
     /// now on, SIGTERM if it still runs at half the shutdown timeout, and
     /// SIGKILL at the timeout.
-    pub(super) fn on_leaving(&mut self, i: usize, what: &str, serving: bool) {
+    pub(super) fn on_leaving(&mut self, i: WorkerIdx, what: &str, serving: bool) {
         let (now, timeout) = (self.now, self.settings.shutdown_timeout);
         let Some(w) = self.workers[i].as_mut() else {
             return;
@@ -591,7 +594,7 @@ impl EventLoop {
     /// Starts a successor for `slot` now, out of turn (a worker said it is
     /// leaving); a queued replacement of that slot is dropped, since this
     /// one starts the program anew too.
-    fn replace_now(&mut self, slot: usize, why: Replacement) {
+    fn replace_now(&mut self, slot: SlotIdx, why: Replacement) {
         self.sup.reload.queue.retain(|q| q.slot != slot);
         if self.sup.slots[slot].successor.is_some() || self.sup.slots[slot].restart_at.is_some() {
             return;
@@ -605,7 +608,7 @@ impl EventLoop {
 
     /// Queues worker `i`'s replacement for `why` (`detail` says why in the
     /// log): one slot at a time, its successor first, as a reload does.
-    fn recycle(&mut self, i: usize, why: Replacement, detail: &str) {
+    fn recycle(&mut self, i: WorkerIdx, why: Replacement, detail: &str) {
         let Some(w) = self.workers[i].as_mut() else {
             return;
         };
@@ -635,7 +638,7 @@ impl EventLoop {
     }
 
     /// Recycles worker `i` if it has taken its `--max-requests`.
-    pub(super) fn check_max_requests(&mut self, i: usize) {
+    pub(super) fn check_max_requests(&mut self, i: WorkerIdx) {
         let Some(w) = self.workers[i].as_ref() else {
             return;
         };
@@ -649,7 +652,7 @@ impl EventLoop {
     /// Recycles every worker whose process tree uses more than
     /// `--max-memory`.
     fn check_memory(&mut self, limit: u64) {
-        for i in 0..self.workers.len() {
+        for i in self.workers.indices() {
             let Some(w) = self.workers[i].as_ref() else {
                 continue;
             };
@@ -673,7 +676,7 @@ impl EventLoop {
     /// The worker may get connections from now on (it said hello, sent
     /// READY=1, or was started, per the readiness setting). A successor
     /// takes over its slot, and the slot's old worker retires.
-    fn become_ready(&mut self, i: usize) {
+    fn become_ready(&mut self, i: WorkerIdx) {
         self.sup.problem = None;
         let w = self.workers[i].as_mut().expect("a live worker");
         w.phase = Phase::Ready;
@@ -695,7 +698,7 @@ impl EventLoop {
                     info!(
                         worker = id,
                         "worker {id} (pid {pid}) takes over slot {} from worker {} ({})",
-                        slot + 1,
+                        slot.number(),
                         o.id,
                         why.map_or("replaced", Replacement::name)
                     );
@@ -738,7 +741,7 @@ impl EventLoop {
     /// `disconnect`), and SIGTERM at half the shutdown timeout if it still
     /// runs; any other gets SIGTERM at once (its own graceful stop). All
     /// get SIGKILL at the timeout.
-    fn retire(&mut self, i: usize) {
+    fn retire(&mut self, i: WorkerIdx) {
         let timeout = self.settings.shutdown_timeout;
         let now = self.now;
         let Some(w) = self.workers[i].as_mut() else {
@@ -811,7 +814,7 @@ impl EventLoop {
         for slot in &mut self.sup.slots {
             slot.restart_at = None;
         }
-        for i in 0..self.workers.len() {
+        for i in self.workers.indices() {
             self.retire(i);
         }
     }
@@ -823,7 +826,10 @@ impl EventLoop {
         if self.sup.shutdown_at.is_some() {
             return;
         }
-        let slots: Vec<usize> = (0..self.sup.slots.len())
+        let slots: Vec<SlotIdx> = self
+            .sup
+            .slots
+            .indices()
             .filter(|&s| self.sup.slots[s].active)
             .collect();
         if self.sup.reload.reloading {
@@ -908,17 +914,15 @@ impl EventLoop {
             }
             return;
         }
-        let slot = match self
+        let free = self
             .sup
             .slots
-            .iter()
-            .position(|s| !s.active && s.current.is_none() && s.successor.is_none())
-        {
+            .iter_enumerated()
+            .find(|(_, s)| !s.active && s.current.is_none() && s.successor.is_none())
+            .map(|(s, _)| s);
+        let slot = match free {
             Some(s) => s,
-            None => {
-                self.sup.slots.push(Slot::default());
-                self.sup.slots.len() - 1
-            }
+            None => self.sup.slots.push(Slot::default()),
         };
         self.sup.slots[slot] = Slot {
             active: true,
@@ -945,7 +949,10 @@ impl EventLoop {
         if self.sup.shutdown_at.is_some() {
             return refuse(STOPPING, reply);
         }
-        let active: Vec<usize> = (0..self.sup.slots.len())
+        let active: Vec<SlotIdx> = self
+            .sup
+            .slots
+            .indices()
             .filter(|&s| self.sup.slots[s].active)
             .collect();
         let Some(&slot) = active.last().filter(|_| active.len() > 1) else {
@@ -974,7 +981,7 @@ impl EventLoop {
     }
 
     /// Tells who waits for removed slot `slot` to be empty, once it is.
-    fn tell_if_gone(&mut self, slot: usize) {
+    fn tell_if_gone(&mut self, slot: SlotIdx) {
         let s = &self.sup.slots[slot];
         if s.active || s.gone_waiters.is_empty() {
             return;
@@ -992,12 +999,12 @@ impl EventLoop {
         if self.accept.accept_paused_until.is_some_and(|t| t <= now) {
             self.accept.accept_paused_until = None;
         }
-        for s in 0..self.sup.slots.len() {
+        for s in self.sup.slots.indices() {
             if self.sup.slots[s].restart_at.is_some_and(|t| t <= now) {
                 self.restart_slot(s);
             }
         }
-        for i in 0..self.workers.len() {
+        for i in self.workers.indices() {
             self.worker_timers(i, now);
         }
         if let (Some(at), Some(limit)) = (self.sup.memory_check_at, self.settings.limits.max_memory)
@@ -1026,7 +1033,7 @@ impl EventLoop {
     /// Acts on worker `i`'s timers that are due, in [`Timer::ALL`]'s
     /// order, until one ends its turn (it became ready, was stopped or is
     /// gone).
-    fn worker_timers(&mut self, i: usize, now: Instant) {
+    fn worker_timers(&mut self, i: WorkerIdx, now: Instant) {
         for t in Timer::ALL {
             let Some(w) = self.workers.get_mut(i).and_then(Option::as_mut) else {
                 return;
@@ -1041,7 +1048,7 @@ impl EventLoop {
     }
 
     /// Worker `i`'s timer `t` fired (and is cleared).
-    fn on_timer(&mut self, i: usize, t: Timer, now: Instant) -> Turn {
+    fn on_timer(&mut self, i: WorkerIdx, t: Timer, now: Instant) -> Turn {
         let sched = self.settings.sched;
         let w = self.workers[i].as_mut().expect("a live worker's timer");
         match t {
@@ -1111,7 +1118,7 @@ impl EventLoop {
 
     /// Worker `i` is past the hello timeout: say so, in the words of the
     /// readiness setting.
-    fn hello_overdue(&mut self, i: usize) {
+    fn hello_overdue(&mut self, i: WorkerIdx) {
         let w = self.workers[i].as_ref().expect("a live worker");
         if self.settings.ready == Ready::Notify {
             warn!(
@@ -1137,7 +1144,7 @@ impl EventLoop {
     /// Worker `i`'s heartbeat is due: it is hung if it has been silent, or
     /// sat on a connection, for the worker timeout; else it is pinged (a
     /// native worker that speaks the protocol) and the next one set.
-    fn heartbeat(&mut self, i: usize, now: Instant) -> Turn {
+    fn heartbeat(&mut self, i: WorkerIdx, now: Instant) -> Turn {
         let Some(timeout) = self.settings.worker_timeout else {
             return Turn::Next;
         };
@@ -1200,7 +1207,7 @@ impl EventLoop {
 
     /// A successor was not ready in time: stop it, keep the old worker
     /// serving, and retry that slot with backoff.
-    fn give_up_candidate(&mut self, i: usize) {
+    fn give_up_candidate(&mut self, i: WorkerIdx) {
         let Some(w) = self.workers[i].as_mut() else {
             return;
         };
@@ -1213,7 +1220,7 @@ impl EventLoop {
         warn!(
             worker = id,
             "the new worker {id} (pid {pid}) for slot {} is not ready after {uptime:.1?}; stopping it, the old one keeps serving; retrying in {delay:.1?}",
-            slot + 1
+            slot.number()
         );
         self.retire(i);
         if self.sup.slots[slot].successor == Some(i) {

@@ -33,6 +33,7 @@ use tracing::{debug, info, warn};
 
 use super::api::Ready;
 use super::event_loop::EventLoop;
+use super::ids::{ServerIdx, WorkerIdx};
 use super::process::{Link, Phase, Protocol, WorkerCommand};
 use super::sched::Sched;
 use super::server::{MAX_SERVERS, Server};
@@ -250,7 +251,7 @@ pub fn fuzz_line(line: &[u8]) -> Result<Option<String>, String> {
 impl EventLoop {
     /// Acts on every whole line read from Node worker `i`; returns a
     /// protocol problem, if any.
-    pub(super) fn on_node_lines(&mut self, i: usize) -> Option<String> {
+    pub(super) fn on_node_lines(&mut self, i: WorkerIdx) -> Option<String> {
         let Some(Link::Node(link)) = self.workers[i].as_mut().and_then(|w| w.channel.as_mut())
         else {
             return None;
@@ -285,7 +286,7 @@ impl EventLoop {
     /// Node worker `i` answered `accepted: false` for connection `id`: it
     /// goes to another worker, or is closed once every worker serving its
     /// server has refused it.
-    fn refused(&mut self, i: usize, id: u64) -> Result<(), String> {
+    fn refused(&mut self, i: WorkerIdx, id: u64) -> Result<(), String> {
         let Ok(mut conn) = self.ledger.take_back(i, id) else {
             return Err(format!("refused connection {id}, which it does not hold"));
         };
@@ -293,14 +294,14 @@ impl EventLoop {
         // A worker on its way out, or one that closed this server, refuses
         // for that reason: it does not count.
         let k = conn.server;
-        if !w.is_stopping() && w.servers & (1 << k) != 0 {
+        if !w.is_stopping() && w.servers & (1 << k.0) != 0 {
             conn.refusals += 1;
         }
         let holders = self
             .workers
             .iter()
             .flatten()
-            .filter(|w| w.servers & (1 << k) != 0 && !w.is_stopping())
+            .filter(|w| w.servers & (1 << k.0) != 0 && !w.is_stopping())
             .count();
         if conn.refusals > 0 && conn.refusals as usize >= holders {
             info!(
@@ -315,7 +316,12 @@ impl EventLoop {
         Ok(())
     }
 
-    fn on_node_message(&mut self, i: usize, msg: FromWorker<'_>, line: &[u8]) -> Option<String> {
+    fn on_node_message(
+        &mut self,
+        i: WorkerIdx,
+        msg: FromWorker<'_>,
+        line: &[u8],
+    ) -> Option<String> {
         let now = self.now;
         let w = self.workers[i].as_mut().expect("reading a live worker");
         w.last_seen = now;
@@ -386,7 +392,7 @@ impl EventLoop {
     /// The worker called `cluster.worker.disconnect()`: it is answered (or
     /// it would wait forever), gets no more connections, has the shutdown
     /// timeout to finish, and its slot gets a new worker now.
-    fn on_worker_disconnect(&mut self, i: usize, seq: u64, ack: u64) {
+    fn on_worker_disconnect(&mut self, i: WorkerIdx, seq: u64, ack: u64) {
         let w = self.workers[i].as_mut().expect("a live worker");
         self.writer.line.clear();
         wire::reply(&mut self.writer.line, seq, ack);
@@ -401,7 +407,7 @@ impl EventLoop {
     }
 
     /// Answers a worker's `listen()`.
-    fn on_query(&mut self, i: usize, q: &Query<'_>) {
+    fn on_query(&mut self, i: WorkerIdx, q: &Query<'_>) {
         let Some(w) = self.workers[i].as_ref() else {
             return;
         };
@@ -412,7 +418,11 @@ impl EventLoop {
         let (slot, id) = (w.slot, w.id);
         let seq = self.next_seq();
         let key = wire::server_key(q);
-        let found = self.servers.iter().position(|s| s.key == key);
+        let found = self
+            .servers
+            .iter_enumerated()
+            .find(|(_, s)| s.key == key)
+            .map(|(k, _)| k);
         let k = match found {
             Some(k) if self.servers[k].listener.is_some() => Ok(k),
             Some(_) => Err(-libc::ECANCELED),
@@ -476,7 +486,7 @@ impl EventLoop {
         };
         if self.send_line(i, fd.as_ref()) {
             let w = self.workers[i].as_mut().expect("a live worker");
-            w.servers |= 1 << k;
+            w.servers |= 1 << k.0;
             if let (Some(_), Some(Link::Node(link))) = (&fd, w.channel.as_mut()) {
                 link.handles.push_back(0);
             }
@@ -485,7 +495,7 @@ impl EventLoop {
 
     /// Sends `self.writer.line` (and `fd`) to Node worker `i`; a broken channel
     /// cuts the worker off.
-    fn send_line(&mut self, i: usize, fd: Option<&TcpListener>) -> bool {
+    fn send_line(&mut self, i: WorkerIdx, fd: Option<&TcpListener>) -> bool {
         let Some(w) = self.workers[i].as_mut() else {
             return false;
         };
@@ -504,7 +514,7 @@ impl EventLoop {
 
     /// Binds a new server for worker `id`'s query; a failure is the
     /// negative errno Node's worker turns into its server's `error`.
-    fn open_server(&mut self, id: u64, q: &Query<'_>, key: String) -> Result<usize, i32> {
+    fn open_server(&mut self, id: u64, q: &Query<'_>, key: String) -> Result<ServerIdx, i32> {
         let unsupported = match &q.address_type {
             AddressType::V4 | AddressType::V6 => q.fd.filter(|fd| *fd >= 0).map(|_| "an fd"),
             AddressType::Other(kind) if kind == "-1" => Some("a Unix socket"),

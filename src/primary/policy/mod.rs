@@ -18,6 +18,7 @@ pub use least_conn::LeastConn;
 pub use p2c::PowerOfTwo;
 pub use round_robin::RoundRobin;
 
+use super::ids::ServerIdx;
 use crate::Sched;
 
 /// A worker that can take the next connection, as a policy sees it.
@@ -94,8 +95,8 @@ impl Dispatcher {
     }
 
     /// A rotation for server `k` (the next one).
-    pub fn add_server(&mut self, k: usize) {
-        while self.policies.len() <= k {
+    pub fn add_server(&mut self, k: ServerIdx) {
+        while self.policies.len() <= k.0 {
             self.policies
                 .push(for_sched(self.sched).expect("a primary-side mode"));
         }
@@ -116,14 +117,18 @@ impl Dispatcher {
 
     /// The worker index the policy gives server `k`'s next connection to,
     /// among `candidates` (by ascending index); `None` when there are none.
-    pub fn pick(&mut self, k: usize, candidates: impl Iterator<Item = Candidate>) -> Option<usize> {
+    pub fn pick(
+        &mut self,
+        k: ServerIdx,
+        candidates: impl Iterator<Item = Candidate>,
+    ) -> Option<usize> {
         self.add_server(k);
         self.candidates.clear();
         self.candidates.extend(candidates);
         if self.candidates.is_empty() {
             return None;
         }
-        Some(self.candidates[self.policies[k].pick(&self.candidates)].index)
+        Some(self.candidates[self.policies[k.0].pick(&self.candidates)].index)
     }
 }
 

@@ -22,7 +22,24 @@
 //! - **Hang detection** (`worker_timeout`): a ready worker is pinged; one
 //!   that sends nothing (no acknowledgement, no heartbeat answer) for the
 //!   timeout is stopped, and its unacknowledged connections go elsewhere.
-//! - **Timers** are deadlines; the poll timeout is the nearest one.
+//! - **Timers**: each worker's deadlines are one table (`timers.rs`), acted
+//!   on in one order by [`EventLoop::on_timer`]; the poll timeout is the
+//!   nearest deadline of all.
+//!
+//! Stopping a worker, by who decides:
+//!
+//! | function | when | what the worker gets | its slot |
+//! |---|---|---|---|
+//! | `retire` | the primary asks (reload, recycle, scale-down, shutdown) | STOP (Node: `disconnect`; a program that never said hello: SIGTERM), then SIGTERM and SIGKILL on timers | not replaced by this (a successor took over, or the slot is gone) |
+//! | `on_leaving` | the worker says it leaves (RECYCLE, `STOPPING=1`, Node's disconnect) | nothing more (after RECYCLE it keeps serving until its successor is ready) | its successor starts at once |
+//! | `cut_off` | it broke the protocol, hung, or its channel closed while it held connections | its channel closed, its connections handed on, SIGTERM (SIGKILL at once if copies of handed-on connections wait in its channel) | replaced through `slot_lost_worker` |
+//! | `on_exit` | it was reaped | nothing: its last messages are read, what it held is handed on | replaced through `slot_lost_worker` |
+//!
+//! `disconnect` and `close_channel` (acceptor.rs) are the mechanism under
+//! `cut_off` and `on_exit`, not decisions. `slot_lost_worker` is the one
+//! path by which a slot's current worker is replaced, and the only place a
+//! restart is counted (an unexpected loss); a successor that fails is
+//! retried beside the slot's current worker instead.
 
 use std::process::ExitStatus;
 use std::time::{Duration, Instant};
@@ -39,9 +56,10 @@ use super::process::{Link, Phase, Protocol, Role, WorkerProc, describe_exit};
 use super::stats::Replacement;
 use super::timers::{Timer, ping_interval};
 
+use crate::activation::Notice;
+
 /// Why a command waited for has no outcome: the primary is stopping.
 const STOPPING: &str = "the primary is stopping";
-use crate::activation::Notice;
 
 /// The longest wait before SIGKILL for a worker stopped because it hung or
 /// broke the protocol.

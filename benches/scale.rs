@@ -12,7 +12,9 @@
 //! Settings: `SCALE_WORKERS` (comma-separated, default `2,64,256`),
 //! `SCALE_MODES` (default `rr,least-conn,p2c`), `SCALE_SECONDS` (measured
 //! seconds per run, default 3), `SCALE_ROUNDS` (default 3),
-//! `SCALE_CONNECTIONS` (default 64).
+//! `SCALE_CONNECTIONS` (default 64), `SCALE_BASELINE` (another
+//! `distributor` binary, an older build, run as the same contenders in the
+//! same rounds, labelled `base`).
 
 use std::collections::BTreeMap;
 use std::io::{BufRead, BufReader};
@@ -43,9 +45,9 @@ struct Primary {
 }
 
 impl Primary {
-    fn start(workers: usize, mode: &str) -> Result<Primary, String> {
+    fn start(bin: &str, workers: usize, mode: &str) -> Result<Primary, String> {
         let port = free_port()?;
-        let mut cmd = Command::new(DISTRIBUTOR);
+        let mut cmd = Command::new(bin);
         cmd.args(["--workers", &workers.to_string(), "--sched", mode])
             .args(["--listen", &format!("127.0.0.1:{port}")])
             .env("RUST_LOG", "info")
@@ -119,10 +121,19 @@ fn main() {
         .split(',')
         .filter_map(|w| w.trim().parse().ok())
         .collect();
-    let modes: Vec<String> = setting("SCALE_MODES", "rr,least-conn,p2c")
+    let mut modes: Vec<String> = setting("SCALE_MODES", "rr,least-conn,p2c")
         .split(',')
         .map(|m| m.trim().to_string())
         .collect();
+    // `base MODE`: the same mode, run by the baseline build.
+    let baseline = std::env::var("SCALE_BASELINE").ok();
+    if baseline.is_some() {
+        // Each mode beside its baseline, so that both see the same minutes.
+        modes = modes
+            .into_iter()
+            .flat_map(|m| [format!("base {m}"), m])
+            .collect();
+    }
     let seconds: u64 = setting("SCALE_SECONDS", "3").parse().unwrap_or(3);
     let rounds: usize = setting("SCALE_ROUNDS", "3").parse().unwrap_or(3);
     let connections: usize = setting("SCALE_CONNECTIONS", "64").parse().unwrap_or(64);
@@ -142,7 +153,11 @@ fn main() {
                 order.reverse();
             }
             for &n in &order {
-                let mut primary = match Primary::start(n, mode) {
+                let (bin, sched) = match mode.strip_prefix("base ") {
+                    Some(m) => (baseline.as_deref().expect("set above"), m),
+                    None => (DISTRIBUTOR, mode.as_str()),
+                };
+                let mut primary = match Primary::start(bin, n, sched) {
                     Ok(p) => p,
                     Err(e) => {
                         eprintln!("scale: {mode} with {n} workers: {e}");

@@ -195,21 +195,22 @@ impl EventLoop {
     fn can_take(&self, i: WorkerIdx, k: ServerIdx, max: usize) -> bool {
         self.workers[i]
             .as_ref()
-            .is_some_and(|w| w.can_take(k, self.ledger.outstanding(i), max))
+            .is_some_and(|w| w.can_take(k) && self.ledger.outstanding(i) < max)
     }
 
     /// The worker the policy gives server `k`'s next connection to.
     fn pick(&mut self, k: ServerIdx) -> Option<WorkerIdx> {
         let max = self.settings.max_unacked;
         let (workers, ledger, weights) = (&self.workers, &self.ledger, &self.settings.weights);
+        // Round-robin does not read the load: spare the lookups.
+        let load = self.dispatcher.sched().reads_load();
         let candidates = workers.iter_enumerated().filter_map(|(index, w)| {
             let w = w.as_ref()?;
-            w.can_take(k, ledger.outstanding(index), max)
-                .then(|| Candidate {
-                    index: index.0,
-                    in_flight: ledger.in_flight(index),
-                    weight: weight(weights, w.slot),
-                })
+            (w.can_take(k) && ledger.outstanding(index) < max).then(|| Candidate {
+                index: index.0,
+                in_flight: if load { ledger.in_flight(index) } else { 0 },
+                weight: weight(weights, w.slot),
+            })
         });
         self.dispatcher.pick(k, candidates).map(WorkerIdx)
     }

@@ -449,16 +449,15 @@ impl WorkerProc {
         };
     }
 
-    /// Whether the primary may send it a connection of `server` now, with
-    /// `outstanding` connections given and not acknowledged (the ledger's
-    /// count) against `max_unacked`.
-    pub fn can_take(&self, server: ServerIdx, outstanding: usize, max_unacked: usize) -> bool {
+    /// Whether the primary may send it a connection of `server` now, as
+    /// far as the worker itself says (its room under `--max-unacked` is the
+    /// ledger's to say).
+    pub fn can_take(&self, server: ServerIdx) -> bool {
         self.is_ready()
             && !self.channel_full
             && !self.timers.is_set(super::timers::Timer::FullPause)
             && self.servers & (1 << server.0) != 0
             && self.channel.as_ref().is_some_and(|c| !c.blocked())
-            && outstanding < max_unacked
     }
 }
 

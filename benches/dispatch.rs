@@ -55,7 +55,7 @@ fn policy(c: &mut Criterion) {
         let mut cursor = 0;
         c.bench_function(&format!("policy: round-robin pick of {n} workers"), |b| {
             b.iter(|| {
-                let i = round_robin(cursor, n, |i| !busy[i]).unwrap();
+                let (i, ()) = round_robin(cursor, n, |i| (!busy[i]).then_some(())).unwrap();
                 cursor = (i + 1) % n;
                 black_box(i)
             })

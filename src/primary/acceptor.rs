@@ -204,15 +204,19 @@ impl EventLoop {
         let (workers, ledger, weights) = (&self.workers, &self.ledger, &self.settings.weights);
         // Round-robin does not read the load: spare the lookups.
         let load = self.dispatcher.sched().reads_load();
-        let candidates = workers.iter_enumerated().filter_map(|(index, w)| {
-            let w = w.as_ref()?;
-            (w.can_take(k) && ledger.outstanding(index) < max).then(|| Candidate {
-                index: index.0,
-                in_flight: if load { ledger.in_flight(index) } else { 0 },
+        let equal_weights = weights.iter().all(|&w| w.max(1) == 1);
+        let candidate = |index: usize| {
+            let i = WorkerIdx(index);
+            let w = workers[i].as_ref()?;
+            (w.can_take(k) && ledger.outstanding(i) < max).then(|| Candidate {
+                index,
+                in_flight: if load { ledger.in_flight(i) } else { 0 },
                 weight: weight(weights, w.slot),
             })
-        });
-        self.dispatcher.pick(k, candidates).map(WorkerIdx)
+        };
+        self.dispatcher
+            .pick(k, workers.len(), equal_weights, candidate)
+            .map(WorkerIdx)
     }
 
     /// Slot `slot`'s weight (`--weights`; 1 beyond the list).

@@ -76,6 +76,20 @@ pub(crate) struct Ledger<C> {
     books: Vec<Option<Book<C>>>,
     /// Workers with staged connections, in the order they got their first.
     staged_by: Vec<WorkerIdx>,
+    /// Per worker index, its figures kept current by every move: the
+    /// policy scan reads these for every worker on every connection, and a
+    /// compact table keeps that scan to a few cache lines at hundreds of
+    /// workers.
+    loads: Vec<Load>,
+}
+
+/// A worker's figures as the policy scan reads them.
+#[derive(Debug, Clone, Copy, Default)]
+struct Load {
+    /// Staged and sent, not acknowledged.
+    outstanding: u32,
+    /// `outstanding` plus acknowledged and not reported finished.
+    in_flight: u64,
 }
 
 impl<C> Default for Ledger<C> {
@@ -84,6 +98,7 @@ impl<C> Default for Ledger<C> {
             held: Vec::new(),
             books: Vec::new(),
             staged_by: Vec::new(),
+            loads: Vec::new(),
         }
     }
 }
@@ -102,16 +117,35 @@ impl<C: Custody> Ledger<C> {
             self.books.resize_with(i.0 + 1, || None);
         }
         self.books[i.0] = Some(Book::default());
+        self.recount(i);
     }
 
     /// Closes worker `i`'s book; what it still held goes back first
     /// ([`Ledger::release`]). Returns its figures, (taken, finished).
     pub fn close(&mut self, i: WorkerIdx) -> (u64, Option<u64>) {
         self.release(i);
-        match self.books.get_mut(i.0).and_then(Option::take) {
+        let figures = match self.books.get_mut(i.0).and_then(Option::take) {
             Some(b) => (b.taken, b.finished),
             None => (0, None),
+        };
+        self.recount(i);
+        figures
+    }
+
+    /// Brings worker `i`'s entry of the load table up to date with its
+    /// book; every method that changes a book calls it.
+    fn recount(&mut self, i: WorkerIdx) {
+        if self.loads.len() <= i.0 {
+            self.loads.resize(i.0 + 1, Load::default());
         }
+        self.loads[i.0] = self.book(i).map_or(Load::default(), |b| {
+            let outstanding = b.sent.len() + b.staged.len();
+            let open = b.finished.map_or(0, |done| b.taken.saturating_sub(done));
+            Load {
+                outstanding: u32::try_from(outstanding).unwrap_or(u32::MAX),
+                in_flight: outstanding as u64 + open,
+            }
+        });
     }
 
     fn book(&self, i: WorkerIdx) -> Option<&Book<C>> {
@@ -165,6 +199,7 @@ impl<C: Custody> Ledger<C> {
         if n == 1 {
             self.staged_by.push(i);
         }
+        self.recount(i);
         n
     }
 
@@ -201,32 +236,38 @@ impl<C: Custody> Ledger<C> {
             self.hand_back(c);
         }
         self.staged_by.retain(|&w| w != i);
+        self.recount(i);
     }
 
     /// `c` was sent to worker `i` on its own (a Node `newconn`).
     pub fn sent(&mut self, i: WorkerIdx, c: C) {
         self.book_mut(i).sent.insert(c.id(), c);
+        self.recount(i);
     }
 
     /// Worker `i` acknowledged connection `id`: the primary's copy is
     /// dropped and the worker counts it taken.
     pub fn ack(&mut self, i: WorkerIdx, id: u64) -> Result<(), NotHeld> {
         let book = self.book_mut(i);
-        match book.sent.remove(&id) {
+        let acked = match book.sent.remove(&id) {
             Some(c) => {
                 book.taken += 1;
                 drop(c);
                 Ok(())
             }
             None => Err(NotHeld(id)),
-        }
+        };
+        self.recount(i);
+        acked
     }
 
     /// Worker `i` gives connection `id` back unserved (refused, returned,
     /// its fd never arrived): out of custody, for the caller to hand back
     /// or close.
     pub fn take_back(&mut self, i: WorkerIdx, id: u64) -> Result<C, NotHeld> {
-        self.book_mut(i).sent.remove(&id).ok_or(NotHeld(id))
+        let c = self.book_mut(i).sent.remove(&id).ok_or(NotHeld(id));
+        self.recount(i);
+        c
     }
 
     /// Worker `i` can serve nothing more (its channel closed or was
@@ -244,6 +285,7 @@ impl<C: Custody> Ledger<C> {
         for c in sent {
             self.hold(c);
         }
+        self.recount(i);
         n
     }
 
@@ -252,6 +294,7 @@ impl<C: Custody> Ledger<C> {
     pub fn report_taken(&mut self, i: WorkerIdx, total: u64) {
         let book = self.book_mut(i);
         book.taken = book.taken.max(total);
+        self.recount(i);
     }
 
     /// Worker `i`'s report of connections finished (a running total).
@@ -273,6 +316,7 @@ impl<C: Custody> Ledger<C> {
         }
         let grew = book.finished.is_some_and(|b| total > b);
         book.finished = Some(total);
+        self.recount(i);
         Ok(grew)
     }
 
@@ -289,7 +333,7 @@ impl<C: Custody> Ledger<C> {
     /// Connections worker `i` has been given and not acknowledged, staged
     /// included: what `--max-unacked` bounds.
     pub fn outstanding(&self, i: WorkerIdx) -> usize {
-        self.book(i).map_or(0, |b| b.sent.len() + b.staged.len())
+        self.loads.get(i.0).map_or(0, |l| l.outstanding as usize)
     }
 
     /// Connections sent to worker `i` and not acknowledged.
@@ -305,10 +349,7 @@ impl<C: Custody> Ledger<C> {
     /// Worker `i`'s load: what it holds unacknowledged, plus, once it
     /// reports completions, those acknowledged and not yet finished.
     pub fn in_flight(&self, i: WorkerIdx) -> u64 {
-        self.book(i).map_or(0, |b| {
-            let open = b.finished.map_or(0, |done| b.taken.saturating_sub(done));
-            (b.sent.len() + b.staged.len()) as u64 + open
-        })
+        self.loads.get(i.0).map_or(0, |l| l.in_flight)
     }
 }
 
@@ -443,17 +484,25 @@ mod tests {
     #[derive(Debug, Clone)]
     enum Op {
         Accept(usize),
-        Give { server: usize, worker: usize },
+        Give {
+            server: usize,
+            worker: usize,
+        },
         Flush(bool),
-        SendNow { server: usize, worker: usize },
+        SendNow {
+            server: usize,
+            worker: usize,
+        },
         Ack(usize, usize),
         TakeBack(usize, usize),
         Die(usize),
         Start(usize),
+        /// Worker reports `n` more connections finished.
+        Finished(usize, u64),
     }
 
     fn op(rng: &mut fastrand::Rng) -> Op {
-        match rng.u8(..16) {
+        match rng.u8(..17) {
             0..=3 => Op::Accept(rng.usize(..2)),
             4..=6 => Op::Give {
                 server: rng.usize(..2),
@@ -467,6 +516,7 @@ mod tests {
             9..=11 => Op::Ack(rng.usize(..4), rng.usize(..8)),
             12 => Op::TakeBack(rng.usize(..4), rng.usize(..8)),
             13 => Op::Die(rng.usize(..4)),
+            14 => Op::Finished(rng.usize(..4), rng.u64(..3)),
             _ => Op::Start(rng.usize(..4)),
         }
     }
@@ -537,6 +587,11 @@ mod tests {
                         l.close(WorkerIdx(worker));
                         alive[worker] = false;
                     }
+                    Op::Finished(worker, n) if alive[worker] => {
+                        let w = WorkerIdx(worker);
+                        let total = (l.finished(w).unwrap_or(0) + n).min(l.taken(w));
+                        l.report_finished(w, total, true).unwrap();
+                    }
                     Op::Start(worker) if !alive[worker] => {
                         l.open(WorkerIdx(worker));
                         alive[worker] = true;
@@ -573,6 +628,21 @@ mod tests {
             for (&id, c) in &b.sent {
                 assert_eq!(id, c.id);
                 put(id, format!("sent to {i}"));
+            }
+            // The load table says what the book says.
+            let open = b.finished.map_or(0, |f| b.taken.saturating_sub(f));
+            let outstanding = b.staged.len() + b.sent.len();
+            assert_eq!(l.outstanding(WorkerIdx(i)), outstanding, "{h:?}");
+            assert_eq!(
+                l.in_flight(WorkerIdx(i)),
+                outstanding as u64 + open,
+                "{h:?}"
+            );
+        }
+        for (i, b) in l.books.iter().enumerate() {
+            if b.is_none() {
+                assert_eq!(l.outstanding(WorkerIdx(i)), 0, "{h:?}");
+                assert_eq!(l.in_flight(WorkerIdx(i)), 0, "{h:?}");
             }
         }
         for &id in acked {

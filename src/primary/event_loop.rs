@@ -503,13 +503,17 @@ impl EventLoop {
             if self.sup.shutdown_at.is_some() && self.workers.iter().all(Option::is_none) {
                 break;
             }
+            // One scan of every timer per turn: it sets the poll's timeout
+            // and says whether any is due after it (a timer set during the
+            // turn, already due, fires on the next turn, at once).
+            let deadline = self.next_deadline();
             let timeout = if self.io.readable_again.is_empty() {
                 let tick = self
                     .io
                     .last_burst
                     .filter(|_| !self.io.prompt)
                     .map(|t| t + QUIET_TICK);
-                self.next_deadline()
+                deadline
                     .into_iter()
                     .chain(tick)
                     .min()
@@ -548,7 +552,9 @@ impl EventLoop {
             for i in std::mem::take(&mut self.io.readable_again) {
                 self.read_channel(i);
             }
-            self.on_timers();
+            if deadline.is_some_and(|d| d <= self.now) {
+                self.on_timers();
+            }
             self.pump();
             self.watch_channels(first_conn);
         }

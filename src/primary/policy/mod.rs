@@ -72,6 +72,11 @@ pub(crate) struct Dispatcher {
     /// The workers that can take the connection being placed (reused: no
     /// allocation per connection).
     candidates: Vec<Candidate>,
+    /// Plain round-robin's next index to try, per server: with equal
+    /// weights the dispatcher stops at the first worker from there that
+    /// can take the connection instead of listing them all (the same
+    /// choice as [`RoundRobin`]'s, in O(1) for a healthy pool of any size).
+    cursors: Vec<usize>,
 }
 
 impl Dispatcher {
@@ -86,6 +91,7 @@ impl Dispatcher {
             },
             policies: Vec::new(),
             candidates: Vec::new(),
+            cursors: Vec::new(),
         }
     }
 
@@ -99,6 +105,7 @@ impl Dispatcher {
         while self.policies.len() <= k.0 {
             self.policies
                 .push(for_sched(self.sched).expect("a primary-side mode"));
+            self.cursors.push(0);
         }
     }
 
@@ -116,15 +123,28 @@ impl Dispatcher {
     }
 
     /// The worker index the policy gives server `k`'s next connection to,
-    /// among `candidates` (by ascending index); `None` when there are none.
+    /// among worker indexes `0..n`: `candidate(i)` says whether worker `i`
+    /// can take it now, and its figures; `None` when none can.
+    /// `equal_weights`: every worker weighs the same (plain round-robin
+    /// then asks `candidate` only until one can take it).
     pub fn pick(
         &mut self,
         k: ServerIdx,
-        candidates: impl Iterator<Item = Candidate>,
+        n: usize,
+        equal_weights: bool,
+        candidate: impl FnMut(usize) -> Option<Candidate>,
     ) -> Option<usize> {
         self.add_server(k);
+        if equal_weights && self.sched == Sched::RoundRobin {
+            let cursor = &mut self.cursors[k.0];
+            // Past the last index (the pool shrank): wrap to the first.
+            let start = if *cursor < n { *cursor } else { 0 };
+            let (found, _) = round_robin(start, n, candidate)?;
+            *cursor = found + 1;
+            return Some(found);
+        }
         self.candidates.clear();
-        self.candidates.extend(candidates);
+        self.candidates.extend((0..n).filter_map(candidate));
         if self.candidates.is_empty() {
             return None;
         }
@@ -133,12 +153,16 @@ impl Dispatcher {
 }
 
 /// Round-robin: the first of `n` workers, starting at `cursor` and
-/// wrapping, for which `can_take` holds. The caller moves its cursor past
-/// the one chosen.
-pub fn round_robin(cursor: usize, n: usize, can_take: impl Fn(usize) -> bool) -> Option<usize> {
+/// wrapping, for which `take` gives something, with what it gave. The
+/// caller moves its cursor past the one chosen.
+pub fn round_robin<T>(
+    cursor: usize,
+    n: usize,
+    mut take: impl FnMut(usize) -> Option<T>,
+) -> Option<(usize, T)> {
     (0..n)
         .map(|step| (cursor + step) % n)
-        .find(|&i| can_take(i))
+        .find_map(|i| take(i).map(|t| (i, t)))
 }
 
 /// The position in `candidates` of the first whose index is at least
@@ -167,18 +191,41 @@ pub(crate) fn cands(loads: &[(u64, u32)]) -> Vec<Candidate> {
 mod tests {
     use super::*;
 
+    /// Plain round-robin's short path (stop at the first that can take)
+    /// places exactly as the policy over the full list does.
+    #[test]
+    fn the_dispatchers_round_robin_short_path_matches_the_policy() {
+        let mut rng = fastrand::Rng::with_seed(7);
+        let (mut short, mut full) = (Dispatcher::new(Sched::RoundRobin), RoundRobin::default());
+        for _ in 0..2000 {
+            let n = rng.usize(0..9);
+            let can: Vec<bool> = (0..n).map(|_| rng.u8(..4) != 0).collect();
+            let candidate = |i: usize| {
+                can[i].then_some(Candidate {
+                    index: i,
+                    in_flight: 0,
+                    weight: 1,
+                })
+            };
+            let got = short.pick(ServerIdx(0), n, true, candidate);
+            let list: Vec<Candidate> = (0..n).filter_map(candidate).collect();
+            let want = (!list.is_empty()).then(|| list[full.pick(&list)].index);
+            assert_eq!(got, want, "{can:?}");
+        }
+    }
+
     #[test]
     fn takes_turns_and_skips_those_that_cannot_take() {
         let mut cursor = 0;
         let mut order = Vec::new();
         for _ in 0..6 {
-            let i = round_robin(cursor, 4, |i| i != 2).expect("someone can take");
+            let (i, ()) = round_robin(cursor, 4, |i| (i != 2).then_some(())).expect("someone can");
             order.push(i);
             cursor = (i + 1) % 4;
         }
         assert_eq!(order, [0, 1, 3, 0, 1, 3]);
-        assert_eq!(round_robin(1, 4, |_| false), None);
-        assert_eq!(round_robin(0, 0, |_| true), None);
+        assert_eq!(round_robin(1, 4, |_| None::<()>), None);
+        assert_eq!(round_robin(0, 0, |_| Some(())), None);
     }
 
     #[test]

@@ -10,7 +10,7 @@ use std::time::Duration;
 
 use anyhow::Context;
 use clap::{Args, Parser, Subcommand};
-use distributor::{Primary, Protocol, Ready, Sched, WorkerCommand, WorkerListener};
+use distributor::{Primary, Protocol, Ready, Sched, Steer, WorkerCommand, WorkerListener};
 
 use distributor::demo::{DEMO_WORK_ENV, DEMO_WORKER_ENV};
 
@@ -50,6 +50,14 @@ struct Cli {
         value_parser = parse_sched
     )]
     sched: Sched,
+
+    /// With --sched reuseport: rr steers the kernel's balancing with a BPF
+    /// program in the primary's order (exact round-robin, weighted by
+    /// --weights; a removed or stopped worker's queued connections move
+    /// to the others), at no cost to the primary per connection. Needs
+    /// root (or CAP_BPF and CAP_NET_ADMIN) and Linux 5.14 [default: off]
+    #[arg(long, value_name = "HOW", env = "DISTRIBUTOR_STEER", value_parser = parse_steer)]
+    steer: Option<Steer>,
 
     /// Address to listen on: 8000 or :8000 (every interface),
     /// 127.0.0.1:8000, localhost:8000, [::1]:8000; port 0 picks a free
@@ -411,6 +419,10 @@ fn parse_sched(s: &str) -> Result<Sched, String> {
     s.parse()
 }
 
+fn parse_steer(s: &str) -> Result<Steer, String> {
+    s.parse()
+}
+
 /// `--weights`: one weight per slot, each 1..=1000.
 #[derive(Debug, Clone)]
 struct Weights(Vec<u32>);
@@ -638,6 +650,9 @@ fn compare(args: CompareArgs) -> anyhow::Result<()> {
 fn run(cli: Cli) -> anyhow::Result<()> {
     let command = worker_command(&cli.command, false)?;
     let mut builder = Primary::builder().sched(cli.sched);
+    if let Some(steer) = cli.steer {
+        builder = builder.steer(steer);
+    }
     if let Some(addr) = cli.listen {
         builder = builder.listen(addr);
     }

@@ -556,3 +556,174 @@ pub fn write_all_once(fd: BorrowedFd<'_>, bytes: &[u8]) -> io::Result<()> {
         Err(io::Error::new(io::ErrorKind::WriteZero, "short write"))
     }
 }
+
+/// `bpf(2)`'s commands used here (`linux/bpf.h`).
+mod bpf_cmd {
+    pub const MAP_CREATE: libc::c_int = 0;
+    pub const MAP_UPDATE_ELEM: libc::c_int = 2;
+    pub const MAP_DELETE_ELEM: libc::c_int = 3;
+    pub const PROG_LOAD: libc::c_int = 5;
+}
+
+/// `SO_ATTACH_REUSEPORT_EBPF` (`asm-generic/socket.h`).
+const SO_ATTACH_REUSEPORT_EBPF: libc::c_int = 52;
+
+/// `union bpf_attr` for `BPF_MAP_CREATE`, up to the fields used.
+#[repr(C)]
+#[derive(Default)]
+struct MapCreateAttr {
+    map_type: u32,
+    key_size: u32,
+    value_size: u32,
+    max_entries: u32,
+    map_flags: u32,
+}
+
+/// `union bpf_attr` for the `BPF_MAP_*_ELEM` commands.
+#[repr(C)]
+#[derive(Default)]
+struct MapElemAttr {
+    map_fd: u32,
+    pad: u32,
+    key: u64,
+    value: u64,
+    flags: u64,
+}
+
+/// `union bpf_attr` for `BPF_PROG_LOAD`, up to `expected_attach_type`.
+#[repr(C)]
+#[derive(Default)]
+struct ProgLoadAttr {
+    prog_type: u32,
+    insn_cnt: u32,
+    insns: u64,
+    license: u64,
+    log_level: u32,
+    log_size: u32,
+    log_buf: u64,
+    kern_version: u32,
+    prog_flags: u32,
+    prog_name: [u8; 16],
+    prog_ifindex: u32,
+    expected_attach_type: u32,
+}
+
+/// Calls `bpf(2)` with `attr` (a `repr(C)` prefix of `union bpf_attr`).
+///
+/// # Safety
+///
+/// Every pointer `attr` holds must be valid for what `cmd` does with it
+/// (reads of the stated lengths, or writes to a log buffer of its size).
+unsafe fn bpf<T>(cmd: libc::c_int, attr: &mut T) -> io::Result<libc::c_long> {
+    // SAFETY: the caller vouches for the pointers inside `attr`; `attr`
+    // itself lives across the call and its size is stated.
+    cvt(unsafe {
+        libc::syscall(
+            libc::SYS_bpf,
+            cmd,
+            (attr as *mut T).cast::<libc::c_void>(),
+            mem::size_of::<T>() as libc::c_uint,
+        )
+    })
+}
+
+/// Creates a BPF map (`BPF_MAP_CREATE`); its fd is close-on-exec.
+pub fn bpf_map_create(
+    map_type: u32,
+    key_size: u32,
+    value_size: u32,
+    max_entries: u32,
+) -> io::Result<OwnedFd> {
+    let mut attr = MapCreateAttr {
+        map_type,
+        key_size,
+        value_size,
+        max_entries,
+        map_flags: 0,
+    };
+    // SAFETY: the attribute holds no pointers; a new fd is wrapped at once.
+    unsafe {
+        let fd = bpf(bpf_cmd::MAP_CREATE, &mut attr)?;
+        Ok(OwnedFd::from_raw_fd(fd as RawFd))
+    }
+}
+
+/// Sets `key` to `value` in `map` (`BPF_MAP_UPDATE_ELEM`, `BPF_ANY`). The
+/// slices must be the map's key and value sizes: the kernel reads that many.
+pub fn bpf_map_update(map: BorrowedFd<'_>, key: &[u8], value: &[u8]) -> io::Result<()> {
+    let mut attr = MapElemAttr {
+        map_fd: map.as_raw_fd() as u32,
+        key: key.as_ptr() as u64,
+        value: value.as_ptr() as u64,
+        ..MapElemAttr::default()
+    };
+    // SAFETY: key and value point at live slices; the kernel reads the
+    // map's key and value sizes from them, which the caller passes whole
+    // (a shorter slice is refused by the map's checks: EFAULT at worst,
+    // never a write).
+    unsafe { bpf(bpf_cmd::MAP_UPDATE_ELEM, &mut attr) }.map(drop)
+}
+
+/// Removes `key` from `map` (`BPF_MAP_DELETE_ELEM`).
+pub fn bpf_map_delete(map: BorrowedFd<'_>, key: &[u8]) -> io::Result<()> {
+    let mut attr = MapElemAttr {
+        map_fd: map.as_raw_fd() as u32,
+        key: key.as_ptr() as u64,
+        ..MapElemAttr::default()
+    };
+    // SAFETY: key points at a live slice the kernel only reads.
+    unsafe { bpf(bpf_cmd::MAP_DELETE_ELEM, &mut attr) }.map(drop)
+}
+
+/// Loads a BPF program (`BPF_PROG_LOAD`) of `prog_type` from `insns`
+/// (encoded `struct bpf_insn`s); its fd is close-on-exec. On refusal the
+/// error carries the verifier's log.
+pub fn bpf_prog_load(
+    prog_type: u32,
+    expected_attach_type: u32,
+    insns: &[u64],
+) -> Result<OwnedFd, (io::Error, String)> {
+    let license = c"GPL";
+    let mut log = vec![0u8; 64 * 1024];
+    let mut attr = ProgLoadAttr {
+        prog_type,
+        insn_cnt: insns.len() as u32,
+        insns: insns.as_ptr() as u64,
+        license: license.as_ptr() as u64,
+        log_level: 1,
+        log_size: log.len() as u32,
+        log_buf: log.as_mut_ptr() as u64,
+        expected_attach_type,
+        ..ProgLoadAttr::default()
+    };
+    attr.prog_name[..8].copy_from_slice(b"dist_rr\0");
+    // SAFETY: insns, license and log live across the call with the lengths
+    // stated; the kernel writes at most log_size bytes into log. A new fd
+    // is wrapped at once.
+    match unsafe { bpf(bpf_cmd::PROG_LOAD, &mut attr) } {
+        // SAFETY: the fd was just created and is owned by nobody else.
+        Ok(fd) => Ok(unsafe { OwnedFd::from_raw_fd(fd as RawFd) }),
+        Err(e) => {
+            let end = log.iter().position(|&b| b == 0).unwrap_or(log.len());
+            Err((e, String::from_utf8_lossy(&log[..end]).into_owned()))
+        }
+    }
+}
+
+/// Attaches BPF program `prog` to the `SO_REUSEPORT` group of `sock` (a
+/// listening socket), as `setsockopt(SO_ATTACH_REUSEPORT_EBPF)`.
+pub fn attach_reuseport_prog(sock: BorrowedFd<'_>, prog: BorrowedFd<'_>) -> io::Result<()> {
+    let fd: libc::c_int = prog.as_raw_fd();
+    // SAFETY: setsockopt reads size_of::<c_int>() bytes from `fd`, a live
+    // local.
+    cvt(unsafe {
+        libc::setsockopt(
+            sock.as_raw_fd(),
+            libc::SOL_SOCKET,
+            SO_ATTACH_REUSEPORT_EBPF,
+            (&fd as *const libc::c_int).cast(),
+            mem::size_of::<libc::c_int>() as libc::socklen_t,
+        )
+    })
+    .map(drop)
+}

@@ -404,6 +404,9 @@ impl EventLoop {
             // Native workers get it by socket activation, blocking, as
             // systemd does; Node's libuv needs it non-blocking.
             l.set_nonblocking(self.settings.protocol == Protocol::Node)?;
+            if let Some(steering) = &s.steering {
+                steering.add_socket(slot, l.as_fd())?;
+            }
             s.slot_listeners[slot - 1] = Some(l);
         }
         Ok(())
@@ -442,8 +445,40 @@ impl EventLoop {
             return;
         }
         for s in &mut self.servers {
+            if let Some(steering) = &s.steering {
+                steering.remove_socket(slot);
+            }
             if let Some(l) = s.slot_listeners.get_mut(slot - 1) {
                 *l = None;
+            }
+        }
+    }
+
+    /// With `--steer`: writes each steered server's schedule when the
+    /// ready slots changed. A slot is in it while it is active and one of
+    /// its workers is ready and not stopping; weighted by `--weights`.
+    pub(super) fn refresh_steering(&mut self) {
+        if self.settings.steer == crate::primary::Steer::Off {
+            return;
+        }
+        let mut ready: Vec<(u32, u32)> = self
+            .workers
+            .iter()
+            .flatten()
+            .filter(|w| w.is_ready() && self.sup.slots[w.slot].active)
+            .map(|w| (w.slot.0 as u32, weight(&self.settings.weights, w.slot)))
+            .collect();
+        ready.sort_unstable();
+        ready.dedup_by_key(|&mut (slot, _)| slot);
+        let order = super::steer::schedule(&ready);
+        for s in &mut self.servers {
+            let Some(steering) = s.steering.as_mut() else {
+                continue;
+            };
+            match steering.set_schedule(&order) {
+                Ok(true) => debug!("steering: schedule {:?}", steering.written()),
+                Ok(false) => {}
+                Err(e) => warn!("{e}"),
             }
         }
     }

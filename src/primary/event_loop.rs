@@ -79,6 +79,8 @@ pub(crate) struct Settings {
     pub backoff: Backoff,
     pub handle_signals: bool,
     pub sched: Sched,
+    /// Kernel steering of reuseport (`--steer`).
+    pub steer: crate::primary::Steer,
     pub backlog: i32,
     pub prefix_output: bool,
     pub ready: super::api::Ready,
@@ -297,6 +299,7 @@ impl EventLoop {
         listener: Option<TcpListener>,
         mut metrics: Option<MetricsServer>,
         settings: Settings,
+        steering: Option<super::steer::Steering>,
     ) -> io::Result<EventLoop> {
         let poll = Poll::new()?;
         let channels = Poll::new()?;
@@ -401,7 +404,8 @@ impl EventLoop {
         };
         if native {
             let listener = listener.expect("the native protocol binds at start");
-            this.add_server(Server::new(String::new(), listener, local_addr))?;
+            let k = this.add_server(Server::new(String::new(), listener, local_addr))?;
+            this.servers[k].steering = steering;
         }
         Ok(this)
     }
@@ -557,6 +561,7 @@ impl EventLoop {
             }
             self.pump();
             self.watch_channels(first_conn);
+            self.refresh_steering();
         }
         let held = self.ledger.held_total();
         if held > 0 {
@@ -814,6 +819,9 @@ impl EventLoop {
                 "p2c: the primary accepts and hands each connection to the less loaded of two random workers"
             }
             Sched::Shared => "shared: every worker accepts on this socket",
+            Sched::ReusePort if self.settings.steer == crate::primary::Steer::RoundRobin => {
+                "reuseport, steered: one SO_REUSEPORT socket per worker, each connection to the next in the primary's round-robin (BPF)"
+            }
             Sched::ReusePort => "reuseport: one SO_REUSEPORT socket per worker",
         }
     }
@@ -1136,6 +1144,7 @@ impl EventLoop {
         let slots = self.sup.slots.iter_enumerated();
         Stats {
             sched: self.live_sched(),
+            steer: self.settings.steer,
             local_addr: self.local_addr,
             uptime: self.now.saturating_duration_since(self.started),
             workers,

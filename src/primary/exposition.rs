@@ -21,13 +21,20 @@ pub(super) fn render(stats: &Stats) -> String {
     out.family(
         "distributor_info",
         "gauge",
-        "The primary's scheduling mode and version; always 1.",
+        "The primary's scheduling mode (and kernel steering, if any) and version; always 1.",
     );
-    out.sample(
-        "distributor_info",
-        &[("sched", stats.sched.name()), ("version", version)],
-        1,
-    );
+    let steer = [("steer", stats.steer.name())];
+    let steered = if stats.steer == super::Steer::Off {
+        &[][..]
+    } else {
+        &steer[..]
+    };
+    let labels: Vec<(&str, &str)> = [("sched", stats.sched.name())]
+        .into_iter()
+        .chain(steered.iter().copied())
+        .chain([("version", version)])
+        .collect();
+    out.sample("distributor_info", &labels, 1);
     out.family(
         "distributor_uptime_seconds",
         "gauge",

@@ -37,6 +37,7 @@ mod sched;
 mod server;
 mod source;
 mod stats;
+mod steer;
 mod supervisor;
 mod timers;
 
@@ -51,6 +52,7 @@ pub use backoff::Backoff;
 pub use process::{Protocol, WorkerCommand};
 pub use sched::Sched;
 pub use stats::{Replacement, SlotStats, Stats, WorkerState, WorkerStats};
+pub use steer::Steer;
 
 /// Why the primary could not start or run.
 #[derive(Debug)]
@@ -136,6 +138,7 @@ pub struct Builder {
     backoff: Backoff,
     handle_signals: bool,
     sched: Sched,
+    steer: Steer,
     user: Option<String>,
     group: Option<String>,
     prefix_output: bool,
@@ -170,6 +173,7 @@ impl Default for Builder {
             backoff: Backoff::default(),
             handle_signals: true,
             sched: Sched::RoundRobin,
+            steer: Steer::Off,
             user: None,
             group: None,
             prefix_output: true,
@@ -309,6 +313,19 @@ impl Builder {
         self
     }
 
+    /// Steers [`Sched::ReusePort`]'s kernel balancing (`--steer`): with
+    /// [`Steer::RoundRobin`] a BPF program attached to the socket group
+    /// gives each new connection to the next ready slot in the primary's
+    /// order (weighted by [`Builder::weights`]), with no work of the
+    /// primary per connection, and a removed slot's queued connections
+    /// move to the others. Needs root (or `CAP_BPF` with `CAP_NET_ADMIN`)
+    /// and Linux 5.14; without them the build fails with one line saying
+    /// so. Native workers only.
+    pub fn steer(mut self, steer: Steer) -> Self {
+        self.steer = steer;
+        self
+    }
+
     /// Runs the primary and its workers as this user (a name or a number)
     /// once the listener is bound: start as root to bind port 80, serve as
     /// `www-data`. The group is the user's primary group unless
@@ -445,6 +462,20 @@ impl Builder {
             }
         }
         let reuseport = self.sched == Sched::ReusePort;
+        if self.steer != Steer::Off {
+            if !reuseport {
+                return Err(PrimaryError::Config(format!(
+                    "--steer {} needs --sched reuseport (it steers the kernel's balancing)",
+                    self.steer
+                )));
+            }
+            if protocol == Protocol::Node {
+                return Err(PrimaryError::Config(
+                    "--steer is not available for Node apps yet: use --sched reuseport alone, or rr"
+                        .into(),
+                ));
+            }
+        }
         let listen = match (self.listen, protocol) {
             (Some(addr), _) => Some(addr),
             (None, Protocol::Native) => {
@@ -477,6 +508,14 @@ impl Builder {
             // workers get the socket as socket activation would, blocking.
             listener.set_nonblocking(!self.sched.is_kernel())?;
         }
+        // Steering is attached while the primary may still load BPF.
+        let steering = match (self.steer, &listener) {
+            (Steer::RoundRobin, Some(l)) => Some(
+                steer::Steering::attach(std::os::fd::AsFd::as_fd(l))
+                    .map_err(|e| PrimaryError::Config(e.to_string()))?,
+            ),
+            _ => None,
+        };
         // Every socket is bound before root is given up.
         let metrics = self
             .metrics
@@ -506,6 +545,7 @@ impl Builder {
             backoff: self.backoff,
             handle_signals: self.handle_signals,
             sched: self.sched,
+            steer: self.steer,
             backlog: self.backlog,
             prefix_output: self.prefix_output,
             ready: self.ready,
@@ -515,7 +555,7 @@ impl Builder {
             dumpable: self.dumpable,
             max_restarts: self.max_restarts,
         };
-        let inner = event_loop::EventLoop::new(listener, metrics, settings)?;
+        let inner = event_loop::EventLoop::new(listener, metrics, settings, steering)?;
         Ok(Primary { inner })
     }
 }

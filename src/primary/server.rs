@@ -39,6 +39,8 @@ pub(crate) struct Server {
     /// rather than in a batch after it. The worker then starts on it while
     /// the primary makes that call.
     pub lone: bool,
+    /// Reuseport with `--steer`: the BPF steering of its socket group.
+    pub steering: Option<super::steer::Steering>,
 }
 
 impl Server {
@@ -52,6 +54,7 @@ impl Server {
             data: "null".into(),
             backlog_waiting: true,
             lone: true,
+            steering: None,
         }
     }
 }

@@ -167,6 +167,8 @@ pub struct SlotStats {
 pub struct Stats {
     /// The mode in force (after any switch).
     pub sched: Sched,
+    /// The kernel steering of reuseport (`--steer`); `Off` otherwise.
+    pub steer: super::Steer,
     /// The address the primary was given (see `listeners` for Node apps).
     pub local_addr: SocketAddr,
     /// How long the primary has been running.
@@ -224,6 +226,7 @@ impl Stats {
     pub(crate) fn empty(sched: Sched, local_addr: SocketAddr) -> Stats {
         Stats {
             sched,
+            steer: super::Steer::Off,
             local_addr,
             uptime: Duration::ZERO,
             workers: Vec::new(),

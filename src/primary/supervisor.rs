@@ -731,6 +731,9 @@ impl EventLoop {
             .filter(|w| w.is_ready() && w.role == Role::Current)
             .count();
         let total = self.sup.slots.iter().filter(|s| s.active).count();
+        // Steered before it is said: a client that waits for the line
+        // finds the kernel placing by the new schedule.
+        self.refresh_steering();
         info!(
             worker = id,
             pid, "worker {id} (pid {pid}) ready: {ready} of {total} slots ready"

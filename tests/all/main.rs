@@ -34,6 +34,7 @@ mod round_robin;
 mod sched;
 mod shutdown;
 mod soak;
+mod steer;
 mod supervision;
 mod systemd;
 mod web_stacks;

@@ -32,7 +32,7 @@ fn main() {
     for keepalive in [false, true] {
         let opts = CompareOptions {
             workers,
-            scheds: Sched::ALL.to_vec(),
+            scheds: Sched::ALL.iter().map(|&s| s.into()).collect(),
             duration: Duration::from_secs(seconds),
             connections,
             keepalive,

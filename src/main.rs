@@ -225,16 +225,18 @@ struct CompareArgs {
     #[arg(short, long, value_name = "N", value_parser = parse_workers)]
     workers: Option<usize>,
 
-    /// Modes to run, comma-separated
+    /// Modes to run, comma-separated: rr, least-conn, p2c, shared,
+    /// reuseport, and reuseport+steer (reuseport steered in round-robin by
+    /// BPF: root only)
     #[arg(
         short,
         long,
         value_name = "MODES",
         value_delimiter = ',',
         default_value = "rr,least-conn,p2c,shared,reuseport",
-        value_parser = parse_sched
+        value_parser = parse_lab_mode
     )]
-    sched: Vec<Sched>,
+    sched: Vec<distributor::lab::LabMode>,
 
     /// Measured time per mode (after a short warm-up)
     #[arg(short, long, value_name = "DURATION", default_value = "2s", value_parser = parse_duration)]
@@ -420,6 +422,10 @@ fn parse_sched(s: &str) -> Result<Sched, String> {
 }
 
 fn parse_steer(s: &str) -> Result<Steer, String> {
+    s.parse()
+}
+
+fn parse_lab_mode(s: &str) -> Result<distributor::lab::LabMode, String> {
     s.parse()
 }
 

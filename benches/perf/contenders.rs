@@ -57,7 +57,10 @@ pub(crate) const NODE_LOADS: &[Load] = &[Load::Close];
 pub(crate) const PLAIN_LOADS: &[Load] = &[Load::Close, Load::Single];
 
 /// In table order; a round runs them in this order or reversed.
-pub(crate) const CONTENDERS: [Contender; 12] = [
+/// The `sched` of the steered contender: `--sched reuseport --steer rr`.
+pub(crate) const STEERED: &str = "reuseport+steer";
+
+pub(crate) const CONTENDERS: [Contender; 13] = [
     Contender {
         key: "dist-rr",
         label: "distributor rr",
@@ -103,6 +106,16 @@ pub(crate) const CONTENDERS: [Contender; 12] = [
         label: "distributor reuseport",
         program: Program::Distributor {
             sched: "reuseport",
+            node: false,
+            baseline: false,
+        },
+        loads: LATENCY_LOADS,
+    },
+    Contender {
+        key: "dist-steer",
+        label: "distributor reuseport --steer rr",
+        program: Program::Distributor {
+            sched: STEERED,
             node: false,
             baseline: false,
         },

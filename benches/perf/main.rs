@@ -85,7 +85,7 @@
 //!   `/usr/sbin/nginx`);
 //! - `PERF_CONTENDERS`: a comma-separated subset of `dist-rr`,
 //!   `dist-least-conn`, `dist-p2c`, `dist-shared`, `dist-reuseport`,
-//!   `base-rr`, `base-reuseport`, `plain-loop`, `uring-loop`, `nginx`,
+//!   `dist-steer` (`--sched reuseport --steer rr`; root only), `base-rr`, `base-reuseport`, `plain-loop`, `uring-loop`, `nginx`,
 //!   `node-rr`, `dist-node-rr`, and `memory` (the memory phase);
 //! - `PERF_BASELINE`: another `distributor` binary (an older build) that
 //!   the `base-rr` and `base-reuseport` contenders run, side by side with
@@ -145,6 +145,12 @@ const RR_VS_REUSEPORT_KEEPALIVE: f64 = 0.98;
 const REUSEPORT_VS_NGINX: f64 = 0.95;
 const RR_VS_NGINX: f64 = 0.85;
 const LATENCY_US: f64 = 20.0;
+/// Steered reuseport against plain reuseport, req/s, short connections.
+const STEER_VS_REUSEPORT: f64 = 0.97;
+/// Steered reuseport against the primary's rr, req/s, short connections.
+const STEER_VS_RR: f64 = 1.0;
+/// Steered p50 − plain reuseport p50, one connection at a time.
+const STEER_LATENCY_US: f64 = 5.0;
 /// Primary CPU per connection in rr, µs (the figure for a 2-core VM).
 const RR_CPU_US: f64 = 8.0;
 /// rr's primary CPU per connection against the plain loop's: half.

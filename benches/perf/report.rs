@@ -335,6 +335,54 @@ pub(crate) fn markdown(
             &format!("ours rr / nginx reuseport, req/s, {name}"),
         ));
     }
+    if totals.contains_key(&("dist-steer", Load::Close)) {
+        targets.push(ratio(
+            totals,
+            "dist-steer",
+            "dist-reuseport",
+            Load::Close,
+            STEER_VS_REUSEPORT,
+            "reuseport --steer rr / reuseport, req/s, one request per connection",
+        ));
+        targets.push(ratio(
+            totals,
+            "dist-steer",
+            "dist-rr",
+            Load::Close,
+            STEER_VS_RR,
+            "reuseport --steer rr / rr, req/s, one request per connection",
+        ));
+        let what = "reuseport --steer rr p50 − reuseport p50, one connection at a time".to_string();
+        let goal = format!("≤ {STEER_LATENCY_US:.0} µs");
+        targets.push(
+            match (
+                totals.get(&("dist-steer", Load::Single)),
+                totals.get(&("dist-reuseport", Load::Single)),
+            ) {
+                (Some(st), Some(rp)) => {
+                    let d = st.p50_us() - rp.p50_us();
+                    Target {
+                        what,
+                        measured: format!(
+                            "**{d:+.0} µs** ({:.0} vs {:.0} µs)",
+                            st.p50_us(),
+                            rp.p50_us()
+                        ),
+                        goal,
+                        met: Some(d <= STEER_LATENCY_US),
+                        straddles: false,
+                    }
+                }
+                _ => Target {
+                    what,
+                    measured: "not measured".into(),
+                    goal,
+                    met: None,
+                    straddles: false,
+                },
+            },
+        );
+    }
     let latency_what = "rr p50 − reuseport p50, one connection at a time".to_string();
     let latency_goal = format!("≤ {LATENCY_US:.0} µs");
     targets.push(

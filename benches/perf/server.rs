@@ -68,8 +68,13 @@ impl Server {
                     (true, None) => return Err("no PERF_BASELINE".into()),
                 };
                 let mut cmd = Command::new(binary);
-                cmd.args(["--workers", &n, "--sched", sched])
-                    .args(["--shutdown-timeout", "3s"]);
+                cmd.args(["--workers", &n]);
+                if sched == STEERED {
+                    cmd.args(["--sched", "reuseport", "--steer", "rr"]);
+                } else {
+                    cmd.args(["--sched", sched]);
+                }
+                cmd.args(["--shutdown-timeout", "3s"]);
                 if node {
                     // The app listens on PORT through the primary.
                     cmd.args(["--", "node", NODE_APP]);

@@ -93,6 +93,12 @@ impl Settings {
                 )
             }
         };
+        // Steering loads BPF: root only (CAP_BPF); said, not failed.
+        let mut selected = selected;
+        if !nix::unistd::geteuid().is_root() && selected.iter().any(|c| c.key == "dist-steer") {
+            eprintln!("perf: dist-steer not run: loading BPF needs root");
+            selected.retain(|c| c.key != "dist-steer");
+        }
         let needs_nginx = selected.iter().any(|c| c.program == Program::Nginx);
         let needs_node = selected.iter().any(|c| {
             matches!(

@@ -33,9 +33,53 @@ use std::net::SocketAddr;
 use std::thread;
 use std::time::{Duration, Instant};
 
-use crate::primary::{Event, Primary, PrimaryError, Sched, WorkerCommand};
+use crate::primary::{Event, Primary, PrimaryError, Sched, Steer, WorkerCommand};
 use load::{LoadSpec, SlowShare};
 use report::ModeReport;
+
+/// A mode the lab runs: a [`Sched`], and for reuseport its kernel
+/// steering. Named as `compare --sched` takes it: the sched's name, or
+/// `reuseport+steer` (alias `steer`) for `--sched reuseport --steer rr`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct LabMode {
+    /// Who accepts and balances.
+    pub sched: Sched,
+    /// Kernel steering (reuseport only).
+    pub steer: Steer,
+}
+
+impl From<Sched> for LabMode {
+    fn from(sched: Sched) -> LabMode {
+        LabMode {
+            sched,
+            steer: Steer::Off,
+        }
+    }
+}
+
+impl std::fmt::Display for LabMode {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self.steer {
+            Steer::Off => f.write_str(self.sched.name()),
+            steer => write!(f, "{}+steer-{steer}", self.sched.name()),
+        }
+    }
+}
+
+impl std::str::FromStr for LabMode {
+    type Err = String;
+    fn from_str(s: &str) -> Result<LabMode, String> {
+        match s {
+            "steer" | "reuseport+steer" | "reuseport+steer-rr" => Ok(LabMode {
+                sched: Sched::ReusePort,
+                steer: Steer::RoundRobin,
+            }),
+            _ => s.parse::<Sched>().map(LabMode::from).map_err(|e| {
+                format!("{e}; or reuseport+steer (reuseport steered by BPF, root only)")
+            }),
+        }
+    }
+}
 
 /// What to compare, and how hard to drive it.
 #[derive(Debug, Clone)]
@@ -43,7 +87,7 @@ pub struct CompareOptions {
     /// Worker processes per mode.
     pub workers: usize,
     /// The modes to run, in order.
-    pub scheds: Vec<Sched>,
+    pub scheds: Vec<LabMode>,
     /// Measured time per mode.
     pub duration: Duration,
     /// Concurrent client connections.
@@ -67,12 +111,12 @@ pub enum Progress<'a> {
     /// Starting the workers of this mode.
     Starting {
         /// The mode.
-        mode: Sched,
+        mode: LabMode,
     },
     /// Measuring: time elapsed and requests completed so far.
     Running {
         /// The mode.
-        mode: Sched,
+        mode: LabMode,
         /// Measured so far.
         elapsed: Duration,
         /// To measure in all.
@@ -96,7 +140,7 @@ pub enum LabError {
     /// The workers did not become ready in time.
     NotReady {
         /// The mode.
-        mode: Sched,
+        mode: LabMode,
         /// Workers that became ready.
         ready: usize,
         /// Workers started.
@@ -149,14 +193,15 @@ pub fn compare(
 
 fn run_mode(
     opts: &CompareOptions,
-    mode: Sched,
+    mode: LabMode,
     progress: &mut dyn FnMut(Progress<'_>),
 ) -> Result<ModeReport, LabError> {
     let listen: SocketAddr = ([127, 0, 0, 1], 0).into();
     let mut primary = Primary::builder()
         .workers(opts.workers)
         .listen(listen)
-        .sched(mode)
+        .sched(mode.sched)
+        .steer(mode.steer)
         .command(opts.command.clone())
         .handle_signals(false)
         .shutdown_timeout(Duration::from_secs(3))
@@ -220,7 +265,7 @@ fn run_mode(
     // In the kernel modes workers report what they accept within 100 ms:
     // let the figures settle before each snapshot.
     let settle = || {
-        if mode.is_kernel() {
+        if mode.sched.is_kernel() {
             thread::sleep(Duration::from_millis(250));
         }
     };
@@ -253,7 +298,7 @@ fn run_mode(
     let _ = runner.join();
     let mut result = result.map_err(LabError::Io)?;
 
-    let after = after.unwrap_or_else(|| crate::Stats::empty(mode, addr));
+    let after = after.unwrap_or_else(|| crate::Stats::empty(mode.sched, addr));
     let ids: Vec<u64> = after
         .workers
         .iter()
@@ -278,7 +323,7 @@ fn run_mode(
         // requests.
         result.per_worker = connections.clone();
     }
-    let report = ModeReport::new(mode.name(), opts.workers, &result, &ids);
+    let report = ModeReport::new(&mode.to_string(), opts.workers, &result, &ids);
     Ok(if opts.keepalive {
         report.with_connections(&connections)
     } else {
@@ -302,4 +347,31 @@ pub fn machine_description() -> String {
         .map(|k| k.trim().to_string())
         .unwrap_or_default();
     format!("{cpu}, {cores} cores, Linux {kernel}")
+}
+
+#[cfg(test)]
+mod mode_tests {
+    use super::*;
+
+    #[test]
+    fn lab_modes_parse_and_print_as_compare_takes_them() {
+        for name in [
+            "rr",
+            "least-conn",
+            "p2c",
+            "shared",
+            "reuseport",
+            "reuseport+steer-rr",
+        ] {
+            let mode: LabMode = name.parse().unwrap();
+            assert_eq!(mode.to_string(), name);
+        }
+        let steer: LabMode = "steer".parse().unwrap();
+        assert_eq!(
+            (steer.sched, steer.steer),
+            (Sched::ReusePort, Steer::RoundRobin)
+        );
+        let e = "fast".parse::<LabMode>().unwrap_err();
+        assert!(e.contains("reuseport+steer"), "{e}");
+    }
 }

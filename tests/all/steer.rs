@@ -240,3 +240,36 @@ fn steer_without_reuseport_or_unknown_is_one_clear_line() {
         assert!(!stderr.contains("panicked"), "{stderr}");
     }
 }
+
+/// `compare` runs the steered mode as `reuseport+steer`: its row is named
+/// so and its shares are exact (new connections, 2 workers).
+#[test]
+fn compare_runs_the_steered_mode() {
+    if !may_load_bpf() {
+        return;
+    }
+    let out = Command::new(util::bin())
+        .arg("compare")
+        .args(["-w", "2", "-d", "300ms", "-c", "8", "--json"])
+        .args(["--sched", "reuseport,reuseport+steer"])
+        .output()
+        .expect("run distributor compare");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "exit {:?}: {stderr}", out.status);
+    let doc: serde_json::Value = serde_json::from_slice(&out.stdout).expect("JSON");
+    let modes = doc["modes"].as_array().expect("a `modes` array");
+    let names: Vec<&str> = modes.iter().map(|m| m["mode"].as_str().unwrap()).collect();
+    assert_eq!(names, ["reuseport", "reuseport+steer-rr"]);
+    let steered = &modes[1];
+    assert_eq!(steered["errors"].as_u64(), Some(0), "{steered}");
+    let per_worker = steered["per_worker"].as_array().expect("per_worker");
+    let counts: Vec<u64> = per_worker
+        .iter()
+        .map(|w| w["requests"].as_u64().unwrap())
+        .collect();
+    assert_eq!(counts.len(), 2, "{steered}");
+    assert!(
+        counts[0] > 0 && counts[0].abs_diff(counts[1]) <= 8,
+        "{counts:?}"
+    );
+}

@@ -392,6 +392,19 @@ mod tests {
     }
 
     #[test]
+    fn a_steered_primary_says_so_in_its_info() {
+        let mut stats = sample_stats();
+        let version = env!("CARGO_PKG_VERSION");
+        let plain = render(&stats);
+        assert!(!plain.contains("steer="), "{plain}");
+        stats.steer = crate::primary::Steer::RoundRobin;
+        let text = render(&stats);
+        let line =
+            format!("distributor_info{{sched=\"reuseport\",steer=\"rr\",version=\"{version}\"}} 1");
+        assert!(text.contains(&line), "{text}");
+    }
+
+    #[test]
     fn an_empty_primary_still_renders_every_family() {
         let text = render(&Stats::empty(
             Sched::RoundRobin,

@@ -36,7 +36,8 @@
 //!   custody ledger of every connection, with no I/O (`custody.rs`), the
 //!   supervisor of the workers' lives (`supervisor.rs`), a worker process
 //!   with its phase (`process.rs`) and deadlines (`timers.rs`), the mio
-//!   tokens (`source.rs`), restarts' backoff (`backoff.rs`), Node's
+//!   tokens (`source.rs`), the BPF steering of reuseport (`steer.rs`,
+//!   `--steer rr`), restarts' backoff (`backoff.rs`), Node's
 //!   cluster protocol (`node/`), the metrics endpoint (`metrics.rs`,
 //!   `exposition.rs`), the workers' notify socket, output relay, the
 //!   guardian and privileges.

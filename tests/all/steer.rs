@@ -219,7 +219,8 @@ fn without_the_capability_it_is_one_clear_line() {
     );
 }
 
-/// `--steer` outside reuseport, or an unknown value: one line, exit 2 or 1.
+/// `--steer` outside reuseport, an unknown value, or with a Node app: one
+/// line and a non-zero exit.
 #[test]
 fn steer_without_reuseport_or_unknown_is_one_clear_line() {
     for (args, needle) in [
@@ -227,6 +228,18 @@ fn steer_without_reuseport_or_unknown_is_one_clear_line() {
         (
             &["--sched", "reuseport", "--steer", "fastest"][..],
             "unknown steering",
+        ),
+        (
+            &[
+                "--sched",
+                "reuseport",
+                "--steer",
+                "rr",
+                "--",
+                "node",
+                "app.js",
+            ][..],
+            "not available for Node apps",
         ),
     ] {
         let out = Command::new(util::bin())

@@ -201,6 +201,19 @@ struct Cli {
     #[arg(long, value_name = "N", env = "DISTRIBUTOR_MAX_RESTARTS", value_parser = parse_max_restarts)]
     max_restarts: Option<u32>,
 
+    /// How long the new primary of an upgrade (SIGUSR2, `ctl upgrade`)
+    /// has to get every worker ready before it is killed and this one goes
+    /// on serving
+    #[arg(long, value_name = "DURATION", default_value = "60s", env = "DISTRIBUTOR_UPGRADE_TIMEOUT", value_parser = parse_duration)]
+    upgrade_timeout: Duration,
+
+    /// The control socket for `distributor ctl`, mode 0600 [default: PID.sock
+    /// in the runtime directory: $XDG_RUNTIME_DIR/distributor,
+    /// /run/distributor for root, else /tmp/distributor-UID]; off to have
+    /// none
+    #[arg(long, value_name = "PATH|off", env = "DISTRIBUTOR_CONTROL")]
+    control: Option<PathBuf>,
+
     /// The worker program and its arguments, after `--`
     #[arg(last = true, value_name = "COMMAND")]
     command: Vec<OsString>,
@@ -216,6 +229,35 @@ enum Sub {
     /// built-in load generator, and prints requests/s, latency percentiles,
     /// errors, per-worker share and Jain's fairness index
     Compare(CompareArgs),
+    /// Talk to a running primary over its control socket: status [--json],
+    /// reload, scale N|+N|-N, sched MODE, upgrade, stop. Each answers with
+    /// its outcome once known
+    Ctl(CtlArgs),
+}
+
+#[derive(Debug, Args)]
+struct CtlArgs {
+    /// The control socket [default: the only primary's in the runtime
+    /// directory ($XDG_RUNTIME_DIR/distributor, /run/distributor for
+    /// root, else /tmp/distributor-UID)]
+    #[arg(long, value_name = "PATH")]
+    control: Option<PathBuf>,
+
+    /// The primary to talk to, when several run
+    #[arg(long, value_name = "PID")]
+    pid: Option<u32>,
+
+    /// status as JSON
+    #[arg(long)]
+    json: bool,
+
+    /// How long to wait for the outcome
+    #[arg(long, value_name = "DURATION", default_value = "10m", value_parser = parse_duration)]
+    timeout: Duration,
+
+    /// status | reload | scale N|+N|-N | sched MODE | upgrade | stop
+    #[arg(value_name = "COMMAND", required = true, num_args = 1..=2, allow_hyphen_values = true)]
+    command: Vec<String>,
 }
 
 #[derive(Debug, Args)]
@@ -477,7 +519,7 @@ fn main() -> ExitCode {
         eprintln!("error: --max-requests-jitter needs --max-requests (see --help)");
         return ExitCode::from(2);
     }
-    let quiet = matches!(cli.sub, Some(Sub::Compare(_)));
+    let quiet = matches!(cli.sub, Some(Sub::Compare(_) | Sub::Ctl(_)));
     distributor::init_logging(
         if quiet { "warn" } else { "info" },
         if cli.log_format == "json" {
@@ -488,6 +530,7 @@ fn main() -> ExitCode {
     );
     let result = match cli.sub {
         Some(Sub::Compare(args)) => compare(args),
+        Some(Sub::Ctl(args)) => ctl(args),
         None => run(cli),
     };
     match result {
@@ -699,11 +742,68 @@ fn run(cli: Cli) -> anyhow::Result<()> {
     if let Some(addr) = cli.metrics {
         builder = builder.metrics(addr);
     }
-    let primary = builder.max_restarts(cli.max_restarts).build()?;
+    let control = match cli.control {
+        Some(p) if p.as_os_str() == "off" => None,
+        Some(p) => Some(p),
+        None => Some(distributor::primary::control::default_path(
+            std::process::id(),
+        )),
+    };
+    let primary = builder
+        .control(control)
+        .max_restarts(cli.max_restarts)
+        .upgrade_timeout(cli.upgrade_timeout)
+        .build()?;
     let pid_file = cli.pid_file.map(PidFile::write).transpose()?;
     let outcome = primary.run();
     drop(pid_file);
     outcome?;
+    Ok(())
+}
+
+/// `distributor ctl`: finds the primary's control socket, sends the
+/// command, prints the outcome.
+fn ctl(args: CtlArgs) -> anyhow::Result<()> {
+    use distributor::primary::control;
+    let path = match (args.control, args.pid) {
+        (Some(path), _) => path,
+        (None, Some(pid)) => control::default_path(pid),
+        (None, None) => {
+            let dir = control::runtime_dir();
+            let found = control::running(&dir);
+            match found.as_slice() {
+                [] => anyhow::bail!(
+                    "no primary is running (no control socket in {}; one started with --control PATH: pass --control PATH)",
+                    dir.display()
+                ),
+                [(_, path)] => path.clone(),
+                several => anyhow::bail!(
+                    "several primaries run (pids {}): say which with --pid PID",
+                    several
+                        .iter()
+                        .map(|(pid, _)| pid.to_string())
+                        .collect::<Vec<_>>()
+                        .join(", ")
+                ),
+            }
+        }
+    };
+    let mut request = args.command.join(" ");
+    if args.json {
+        if args.command.first().map(String::as_str) != Some("status") {
+            anyhow::bail!("--json goes with status");
+        }
+        request.push_str(" --json");
+    }
+    let answer =
+        control::request(&path, &request, args.timeout).map_err(|why| anyhow::anyhow!(why))?;
+    print!("{}", answer.body);
+    if args.command.first().map(String::as_str) == Some("stop") {
+        if !answer.ended {
+            anyhow::bail!("the primary did not stop within {:?}", args.timeout);
+        }
+        println!("stopped");
+    }
     Ok(())
 }
 
@@ -719,8 +819,13 @@ impl PidFile {
 }
 
 impl Drop for PidFile {
+    /// Removes the file if it still names this process: after an upgrade
+    /// it names the new primary, which wrote it since.
     fn drop(&mut self) {
-        let _ = std::fs::remove_file(&self.0);
+        let ours = format!("{}\n", std::process::id());
+        if std::fs::read_to_string(&self.0).is_ok_and(|s| s == ours) {
+            let _ = std::fs::remove_file(&self.0);
+        }
     }
 }
 

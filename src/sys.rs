@@ -727,3 +727,62 @@ pub fn attach_reuseport_prog(sock: BorrowedFd<'_>, prog: BorrowedFd<'_>) -> io::
     })
     .map(drop)
 }
+
+/// The most fds [`configure_inherit`] hands on.
+pub const MAX_INHERITED: usize = 64;
+
+/// Sets up `cmd` so that its child inherits `fds` at 3, 4, ... in order
+/// (without close-on-exec) and no other fd above 2, and starts in a
+/// process group of its own. Fails with `InvalidInput` for more than
+/// [`MAX_INHERITED`] fds.
+pub fn configure_inherit(cmd: &mut Command, fds: Vec<RawFd>) -> io::Result<()> {
+    if fds.len() > MAX_INHERITED {
+        return Err(io::Error::new(
+            io::ErrorKind::InvalidInput,
+            "too many fds to inherit",
+        ));
+    }
+    cmd.process_group(0);
+    let setup = move || -> io::Result<()> {
+        let mut moved = [0 as RawFd; MAX_INHERITED];
+        let first = LISTEN_FD;
+        let above = first + MAX_INHERITED as RawFd + 1;
+        // SAFETY: close_range, fcntl and dup2 are async-signal-safe and
+        // touch only this child's own fds; `fds` was built before the fork
+        // and is only read.
+        unsafe {
+            // Out of the way first: one may sit where another must go.
+            for (at, &fd) in fds.iter().enumerate() {
+                moved[at] = cvt(libc::fcntl(fd, libc::F_DUPFD_CLOEXEC, above))?;
+            }
+            let flags = libc::CLOSE_RANGE_CLOEXEC as libc::c_int;
+            if libc::close_range(3, libc::c_uint::MAX, flags) != 0 {
+                for fd in 3..above + MAX_INHERITED as RawFd {
+                    libc::fcntl(fd, libc::F_SETFD, libc::FD_CLOEXEC);
+                }
+            }
+            for (at, &fd) in moved[..fds.len()].iter().enumerate() {
+                // dup2 leaves the new fd without close-on-exec.
+                cvt(libc::dup2(fd, first + at as RawFd))?;
+            }
+        }
+        Ok(())
+    };
+    // SAFETY: the closure above is async-signal-safe (see its own SAFETY).
+    unsafe {
+        cmd.pre_exec(setup);
+    }
+    Ok(())
+}
+
+/// Takes ownership of inherited fd `raw`, after checking that it is open,
+/// and sets close-on-exec on it. The caller makes sure this happens at
+/// most once per fd.
+pub fn take_inherited_fd(raw: RawFd) -> io::Result<OwnedFd> {
+    // SAFETY: F_GETFD on any number only reads; EBADF if it is not open.
+    cvt(unsafe { libc::fcntl(raw, libc::F_GETFD) })?;
+    // SAFETY: it is open, and the caller vouches that nothing else owns it.
+    let fd = unsafe { OwnedFd::from_raw_fd(raw) };
+    set_cloexec(fd.as_fd(), true)?;
+    Ok(fd)
+}

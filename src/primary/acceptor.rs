@@ -58,7 +58,9 @@ impl EventLoop {
         if let Some(l) = &server.listener {
             self.defer_accept(l)?;
         }
-        if !self.settings.sched.is_kernel() {
+        // A new primary of an upgrade accepts once the old one released.
+        let held_back = self.sup.parent.as_ref().is_some_and(|p| !p.released);
+        if !self.settings.sched.is_kernel() && !held_back {
             if let Some(l) = &server.listener {
                 l.set_nonblocking(true)?;
                 self.io.poll.registry().register(
@@ -459,6 +461,12 @@ impl EventLoop {
     /// its workers is ready and not stopping; weighted by `--weights`.
     pub(super) fn refresh_steering(&mut self) {
         if self.settings.steer == crate::primary::Steer::Off {
+            return;
+        }
+        // In an upgrade one primary writes the schedule at a time: the old
+        // one until it releases, then the new one.
+        let released = self.sup.parent.as_ref().is_none_or(|p| p.released);
+        if !released || self.sup.upgraded_to.is_some() {
             return;
         }
         let mut ready: Vec<(u32, u32)> = self

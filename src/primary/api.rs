@@ -99,6 +99,7 @@ pub(crate) enum Control {
     Stats(Sender<Stats>),
     Send { id: Option<u64>, data: Vec<u8> },
     SetSched(Sched),
+    Upgrade(Reply<u32>),
 }
 
 /// Sends commands to a running primary from any thread. Cloneable.
@@ -198,9 +199,23 @@ impl Handle {
         }
     }
 
+    /// Upgrades the primary itself, as SIGUSR2 does: starts the program
+    /// at this process's path with its arguments, hands it every listening
+    /// socket, and once its workers are ready stops this one's workers
+    /// gracefully and returns (this primary's `run` then returns `Ok`).
+    /// Returns the new primary's pid. No connection is refused or lost.
+    ///
+    /// # Errors
+    /// `Interrupted` with the reason when the new primary exits first, is
+    /// not ready within the upgrade timeout, or another upgrade is under
+    /// way (this primary goes on serving); `TimedOut` after `timeout`.
+    pub fn upgrade_and_wait(&self, timeout: Duration) -> io::Result<u32> {
+        self.wait(timeout, |tx| Control::Upgrade(Some(tx)))
+    }
+
     /// Switches the scheduling policy while running, between the
-    /// primary-side modes (`rr`, `least-conn`, `p2c`), as SIGUSR2 does
-    /// (it cycles through them). Connections already placed stay where
+    /// primary-side modes (`rr`, `least-conn`, `p2c`), as `distributor
+    /// ctl sched MODE` does. Connections already placed stay where
     /// they are; the next one is placed by the new policy. A switch to or
     /// from a kernel mode is refused (logged): who accepts cannot change.
     pub fn set_sched(&self, sched: Sched) -> io::Result<()> {

@@ -94,6 +94,11 @@ pub(crate) struct Settings {
     pub dumpable: bool,
     /// Stop after this many quick failures in a row of one slot.
     pub max_restarts: Option<u32>,
+    /// This primary's program and arguments, for an upgrade; `None` when
+    /// they could not be found.
+    pub program: Option<super::upgrade::Program>,
+    /// How long a new primary of an upgrade has to be ready.
+    pub upgrade_timeout: Duration,
 }
 
 /// When a worker is recycled (`--max-requests`, `--max-memory`,
@@ -129,6 +134,9 @@ pub(super) struct Slot {
     pub quick_exits: u32,
     /// Replacements after an unexpected exit or cut-off (for the stats).
     pub restarts: u64,
+    /// How its last worker to exit ended ("status 0", "signal 9
+    /// (SIGKILL)"), for `ctl status`.
+    pub last_exit: Option<String>,
     /// Who waits for its worker to be ready (a slot added by
     /// [`crate::Handle::add_worker_and_wait`]).
     pub ready_waiters: Vec<Sender<Result<u64, String>>>,
@@ -289,6 +297,27 @@ pub(crate) struct Supervision {
     pub(super) problem: Option<String>,
     /// Connections taken by workers that have exited.
     pub(super) exited_connections: u64,
+    /// An upgrade under way: the new primary this one started.
+    pub(super) upgrade: Option<super::upgrade::Upgrade>,
+    /// This primary is the new one of an upgrade: the old one.
+    pub(super) parent: Option<super::upgrade::Parent>,
+    /// An upgrade completed: the new primary's pid (this one is stopping).
+    pub(super) upgraded_to: Option<u32>,
+}
+
+/// What the builder hands the event loop beside the listener: the
+/// steering of reuseport, and what an upgrade passed on.
+#[derive(Debug, Default)]
+pub(crate) struct Handed {
+    pub steering: Option<super::steer::Steering>,
+    /// Reuseport sockets of slots after the first, by slot index.
+    pub slots: Vec<(usize, TcpListener)>,
+    /// The stream to the primary this one takes over from.
+    pub parent: Option<std::os::unix::net::UnixStream>,
+}
+
+fn channel_fd(p: &super::upgrade::Parent) -> std::os::fd::RawFd {
+    p.raw_fd()
 }
 
 impl EventLoop {
@@ -299,8 +328,13 @@ impl EventLoop {
         listener: Option<TcpListener>,
         mut metrics: Option<MetricsServer>,
         settings: Settings,
-        steering: Option<super::steer::Steering>,
+        handed: Handed,
     ) -> io::Result<EventLoop> {
+        let Handed {
+            steering,
+            slots: inherited_slots,
+            parent,
+        } = handed;
         let poll = Poll::new()?;
         let channels = Poll::new()?;
         poll.registry().register(
@@ -400,12 +434,32 @@ impl EventLoop {
                 fatal: None,
                 problem: None,
                 exited_connections: 0,
+                upgrade: None,
+                parent: None,
+                upgraded_to: None,
             },
         };
+        if let Some(parent) = parent {
+            let channel = super::upgrade::Parent::new(parent)?;
+            this.io.poll.registry().register(
+                &mut SourceFd(&channel_fd(&channel)),
+                Source::Upgrade.token(),
+                Interest::READABLE,
+            )?;
+            this.sup.parent = Some(channel);
+        }
         if native {
             let listener = listener.expect("the native protocol binds at start");
             let k = this.add_server(Server::new(String::new(), listener, local_addr))?;
-            this.servers[k].steering = steering;
+            let server = &mut this.servers[k];
+            server.steering = steering;
+            // Inherited sockets are in the inherited steering's array.
+            for (slot, l) in inherited_slots {
+                if server.slot_listeners.len() < slot {
+                    server.slot_listeners.resize_with(slot, || None);
+                }
+                server.slot_listeners[slot - 1] = Some(l);
+            }
         }
         Ok(this)
     }
@@ -548,6 +602,7 @@ impl EventLoop {
                     Source::Waker => self.on_control(),
                     Source::Signals => self.on_signals(),
                     Source::Notify => self.read_notices(),
+                    Source::Upgrade => self.on_upgrade_channel(),
                     Source::MetricsListener | Source::MetricsClient(_) => self.on_metrics(event),
                     Source::Worker(i) => self.on_channel_event(i, event),
                     Source::Channels | Source::Unknown => {}
@@ -1015,7 +1070,10 @@ impl EventLoop {
         let signals: Vec<i32> = self.io.signals.pending().collect();
         for sig in signals {
             match sig {
-                SIGCHLD => self.reap(),
+                SIGCHLD => {
+                    self.reap();
+                    self.reap_upgrade();
+                }
                 SIGTERM | SIGINT => {
                     let name = if sig == SIGTERM { "SIGTERM" } else { "SIGINT" };
                     info!("{name} received");
@@ -1025,12 +1083,8 @@ impl EventLoop {
                 SIGTTIN => self.add_worker(None),
                 SIGTTOU => self.remove_worker(None),
                 SIGUSR2 => {
-                    let next = match self.live_sched() {
-                        Sched::RoundRobin => Sched::LeastConn,
-                        Sched::LeastConn => Sched::PowerOfTwo,
-                        _ => Sched::RoundRobin,
-                    };
-                    self.set_sched(next);
+                    info!("SIGUSR2 received: upgrading the primary");
+                    self.begin_upgrade(None);
                 }
                 _ => {}
             }
@@ -1057,6 +1111,7 @@ impl EventLoop {
                     let _ = reply.try_send(self.stats());
                 }
                 Control::SetSched(sched) => self.set_sched(sched),
+                Control::Upgrade(reply) => self.begin_upgrade(reply),
             }
         }
     }
@@ -1153,6 +1208,7 @@ impl EventLoop {
                     slot: s.number(),
                     active: slot.active,
                     restarts: slot.restarts,
+                    last_exit: slot.last_exit.clone(),
                 })
                 .collect(),
             exited_connections: self.sup.exited_connections,

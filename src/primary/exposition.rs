@@ -301,16 +301,19 @@ mod tests {
                 slot: 1,
                 active: true,
                 restarts: 2,
+                last_exit: None,
             },
             SlotStats {
                 slot: 2,
                 active: true,
                 restarts: 0,
+                last_exit: None,
             },
             SlotStats {
                 slot: 3,
                 active: false,
                 restarts: 4,
+                last_exit: None,
             },
         ];
         stats.replaced[Replacement::MaxAge.index()] = 3;

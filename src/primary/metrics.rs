@@ -84,7 +84,12 @@ struct Client {
 impl MetricsServer {
     /// Binds `addr` (`SO_REUSEADDR`, close-on-exec, non-blocking).
     pub(crate) fn bind(addr: SocketAddr) -> io::Result<MetricsServer> {
-        let listener = super::server::bind(addr, BACKLOG, false)?;
+        MetricsServer::serve(super::server::bind(addr, BACKLOG, false)?)
+    }
+
+    /// Serves on `listener`, already listening (one handed over by the
+    /// primary before an upgrade).
+    pub(crate) fn serve(listener: std::net::TcpListener) -> io::Result<MetricsServer> {
         listener.set_nonblocking(true)?;
         let local_addr = listener.local_addr()?;
         Ok(MetricsServer {
@@ -97,6 +102,19 @@ impl MetricsServer {
 
     pub(crate) fn local_addr(&self) -> SocketAddr {
         self.local_addr
+    }
+
+    /// Its listening socket (to hand over in an upgrade).
+    pub(crate) fn listener_fd(&self) -> std::os::fd::BorrowedFd<'_> {
+        use std::os::fd::AsFd;
+        self.listener.as_fd()
+    }
+
+    /// Stops accepting: deregisters and closes the listener's registration
+    /// (the socket itself lives on in the primary that took over).
+    pub(super) fn stop_listening(&mut self, registry: &Registry) {
+        let _ = registry.deregister(&mut self.listener);
+        self.accept_retry_at = None;
     }
 
     pub(super) fn register(&mut self, registry: &Registry) -> io::Result<()> {

@@ -21,6 +21,7 @@
 mod acceptor;
 mod api;
 mod backoff;
+pub mod control;
 mod custody;
 mod event_loop;
 mod exposition;
@@ -40,6 +41,7 @@ mod stats;
 mod steer;
 mod supervisor;
 mod timers;
+mod upgrade;
 
 use std::fmt;
 use std::io;
@@ -147,6 +149,8 @@ pub struct Builder {
     limits: event_loop::Limits,
     dumpable: bool,
     max_restarts: Option<u32>,
+    upgrade_timeout: Duration,
+    control: Option<PathBuf>,
 }
 
 /// The default of [`Builder::max_unacked`].
@@ -182,6 +186,8 @@ impl Default for Builder {
             limits: event_loop::Limits::default(),
             dumpable: false,
             max_restarts: None,
+            upgrade_timeout: Duration::from_secs(60),
+            control: None,
         }
     }
 }
@@ -389,6 +395,23 @@ impl Builder {
         self
     }
 
+    /// Serves the control socket at `path` (`distributor ctl` talks to it:
+    /// status, reload, scale, sched, upgrade, stop), mode 0600; off by
+    /// default in the library. [`control::default_path`] is where the
+    /// command puts it.
+    pub fn control(mut self, path: Option<PathBuf>) -> Self {
+        self.control = path;
+        self
+    }
+
+    /// How long the new primary of an upgrade (SIGUSR2,
+    /// [`Handle::upgrade_and_wait`]) has to get every worker ready before
+    /// it is killed and this one goes on serving (default 60 s).
+    pub fn upgrade_timeout(mut self, timeout: Duration) -> Self {
+        self.upgrade_timeout = timeout;
+        self
+    }
+
     /// Stops the primary ([`Primary::run`] fails) once a slot's worker has
     /// failed `n` times in a row, each within the backoff's reset time of
     /// its start (a crash loop), as PM2's `max_restarts`, so that a service
@@ -441,7 +464,17 @@ impl Builder {
     /// when binding fails, [`PrimaryError::Metrics`] when binding the
     /// metrics endpoint fails, [`PrimaryError::Command`] when the program
     /// is not found or not executable.
-    pub fn build(self) -> Result<Primary, PrimaryError> {
+    pub fn build(mut self) -> Result<Primary, PrimaryError> {
+        // The new primary of an upgrade serves what the old one hands it.
+        let inherited = upgrade::take_inherited()
+            .map_err(|e| PrimaryError::Config(e.to_string()))?
+            .unwrap_or_default();
+        if let Some(n) = inherited.workers.filter(|&n| n > 0) {
+            self.workers = n;
+        }
+        if let Some(l) = inherited.main {
+            self.listener = Some(l);
+        }
         if self.workers == 0 {
             return Err(PrimaryError::Config(
                 "the number of workers must be at least 1".into(),
@@ -509,21 +542,37 @@ impl Builder {
             listener.set_nonblocking(!self.sched.is_kernel())?;
         }
         // Steering is attached while the primary may still load BPF.
-        let steering = match (self.steer, &listener) {
-            (Steer::RoundRobin, Some(l)) => Some(
+        let steering = match (self.steer, &listener, inherited.steer) {
+            (Steer::RoundRobin, Some(_), Some(fds)) => Some(steer::Steering::adopt(fds)),
+            (Steer::RoundRobin, Some(l), None) => Some(
                 steer::Steering::attach(std::os::fd::AsFd::as_fd(l))
                     .map_err(|e| PrimaryError::Config(e.to_string()))?,
             ),
             _ => None,
         };
         // Every socket is bound before root is given up.
-        let metrics = self
-            .metrics
-            .map(|addr| {
-                metrics::MetricsServer::bind(addr)
-                    .map_err(|source| PrimaryError::Metrics { addr, source })
-            })
-            .transpose()?;
+        let control = self
+            .control
+            .as_deref()
+            .map(control::bind)
+            .transpose()
+            .map_err(|e| PrimaryError::Config(e.to_string()))?;
+        if let (Some(c), Some(id)) = (&control, &identity) {
+            c.chown(id.uid.as_raw(), id.gid.as_raw())
+                .map_err(|e| PrimaryError::Config(format!("control socket: {e}")))?;
+        }
+        let metrics = match (inherited.metrics, self.metrics) {
+            (Some(l), Some(addr)) => Some(
+                metrics::MetricsServer::serve(l)
+                    .map_err(|source| PrimaryError::Metrics { addr, source })?,
+            ),
+            (_, addr) => addr
+                .map(|addr| {
+                    metrics::MetricsServer::bind(addr)
+                        .map_err(|source| PrimaryError::Metrics { addr, source })
+                })
+                .transpose()?,
+        };
         if let Some(id) = &identity {
             privileges::drop_to(id)?;
             tracing::info!(
@@ -554,9 +603,24 @@ impl Builder {
             limits: self.limits,
             dumpable: self.dumpable,
             max_restarts: self.max_restarts,
+            program: upgrade::Program::own(),
+            upgrade_timeout: self.upgrade_timeout,
         };
-        let inner = event_loop::EventLoop::new(listener, metrics, settings, steering)?;
-        Ok(Primary { inner })
+        let inner = event_loop::EventLoop::new(
+            listener,
+            metrics,
+            settings,
+            event_loop::Handed {
+                steering,
+                slots: inherited.slots,
+                parent: inherited.parent,
+            },
+        )?;
+        let control = control.map(|c| c.serve(inner.handle(), self.upgrade_timeout));
+        Ok(Primary {
+            inner,
+            _control: control,
+        })
     }
 }
 
@@ -618,6 +682,8 @@ fn check_program(cmd: &WorkerCommand) -> Result<(), PrimaryError> {
 /// A primary ready to run; see the module docs.
 pub struct Primary {
     inner: event_loop::EventLoop,
+    /// Served while the primary lives; its file goes with it.
+    _control: Option<control::ControlServer>,
 }
 
 impl fmt::Debug for Primary {
@@ -668,6 +734,9 @@ impl Primary {
     /// Only for failures of the primary itself (its event loop); worker
     /// failures are logged, reported as events, and repaired.
     pub fn run(self) -> Result<(), PrimaryError> {
-        self.inner.run().map_err(PrimaryError::Io)
+        let Primary { inner, _control } = self;
+        let outcome = inner.run().map_err(PrimaryError::Io);
+        drop(_control);
+        outcome
     }
 }

@@ -302,6 +302,8 @@ impl WorkerProc {
             .env_remove("NODE_UNIQUE_ID")
             .env_remove("NODE_CHANNEL_FD")
             .env_remove("NODE_CHANNEL_SERIALIZATION_MODE")
+            .env_remove(super::upgrade::ENV_UPGRADE)
+            .env_remove(super::upgrade::ENV_WORKERS)
             .stdin(Stdio::null())
             .process_group(0);
         if listen.is_some() {

@@ -23,6 +23,7 @@ const FIRST_WORKER: usize = 3;
 const FIRST_SERVER: usize = usize::MAX / 4;
 const METRICS_LISTENER: usize = usize::MAX / 2;
 const NOTIFY: usize = usize::MAX - 1;
+const UPGRADE: usize = usize::MAX - 2;
 
 /// What a token stands for.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -43,6 +44,8 @@ pub(crate) enum Source {
     MetricsClient(usize),
     /// The workers' notify socket.
     Notify,
+    /// The channel to the other primary of an upgrade.
+    Upgrade,
     /// None of the above.
     Unknown,
 }
@@ -58,6 +61,7 @@ impl Source {
             Source::MetricsListener => METRICS_LISTENER,
             Source::MetricsClient(k) => METRICS_LISTENER + 1 + k,
             Source::Notify => NOTIFY,
+            Source::Upgrade => UPGRADE,
             Source::Unknown => usize::MAX,
         })
     }
@@ -68,6 +72,7 @@ impl Source {
             WAKER => Source::Waker,
             SIGNALS => Source::Signals,
             NOTIFY => Source::Notify,
+            UPGRADE => Source::Upgrade,
             METRICS_LISTENER => Source::MetricsListener,
             t if (METRICS_LISTENER + 1..=METRICS_LISTENER + MAX_METRICS_CLIENTS).contains(&t) => {
                 Source::MetricsClient(t - METRICS_LISTENER - 1)

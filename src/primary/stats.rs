@@ -159,6 +159,9 @@ pub struct SlotStats {
     /// crash-looping slot counts every crash. Reloads and scaling do not
     /// count.
     pub restarts: u64,
+    /// How the slot's last worker to exit ended (`status 0`, `signal 9
+    /// (SIGKILL)`), if one has.
+    pub last_exit: Option<String>,
 }
 
 /// The primary's figures, from [`crate::Handle::stats`].

@@ -142,6 +142,37 @@ impl Steering {
         Ok(steering)
     }
 
+    /// Takes over the steering of the primary before an upgrade: its maps
+    /// and program, attached to the group already, sockets in the array
+    /// (`fds`: socks, schedule, counter, program, as [`Steering::fds`]).
+    pub fn adopt(fds: [OwnedFd; 4]) -> Steering {
+        let [socks, schedule, counter, prog] = fds;
+        Steering {
+            socks,
+            schedule,
+            _counter: counter,
+            _prog: prog,
+            written: Vec::new(),
+        }
+    }
+
+    /// Its maps and program, to hand over in an upgrade.
+    pub fn fds(&self) -> [BorrowedFd<'_>; 4] {
+        [
+            self.socks.as_fd(),
+            self.schedule.as_fd(),
+            self._counter.as_fd(),
+            self._prog.as_fd(),
+        ]
+    }
+
+    /// Forgets what was written, so that the next schedule is written
+    /// whole (another primary wrote meanwhile).
+    pub fn forget_written(&mut self) {
+        self.written.clear();
+        self.written.push(u32::MAX);
+    }
+
     /// Puts `slot`'s listening socket in the array.
     pub fn add_socket(&self, slot: usize, sock: BorrowedFd<'_>) -> io::Result<()> {
         let key = slot_key(slot)?;

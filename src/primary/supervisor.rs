@@ -443,6 +443,9 @@ impl EventLoop {
         self.tell_if_gone(w.slot);
         let uptime = self.now.saturating_duration_since(w.started);
         let how = describe_exit(&status);
+        if let Some(slot) = self.sup.slots.get_mut(w.slot) {
+            slot.last_exit = Some(how.clone());
+        }
         let text = format!(
             "worker {} (pid {}) exited with {how} after {uptime:.1?}, having taken {}",
             w.id,
@@ -742,6 +745,9 @@ impl EventLoop {
             self.sup.told_systemd_ready = true;
             tell_systemd(&format!("READY=1\nSTATUS={total} workers ready"));
         }
+        if ready == total {
+            self.tell_parent_ready();
+        }
         self.emit(Event::WorkerReady { id, pid });
         if self.sup.slots[slot].current == Some(i) {
             for tx in self.sup.slots[slot].ready_waiters.drain(..) {
@@ -802,8 +808,12 @@ impl EventLoop {
     }
 
     pub(super) fn begin_shutdown(&mut self) {
-        if self.sup.shutdown_at.is_none() {
+        // After an upgrade the service goes on, in the new primary.
+        if self.sup.shutdown_at.is_none() && self.sup.upgraded_to.is_none() {
             tell_systemd("STOPPING=1\nSTATUS=stopping");
+        }
+        if self.sup.upgrade.is_some() && self.sup.shutdown_at.is_none() {
+            self.abandon_upgrade("this primary is stopping".into());
         }
         if self.sup.shutdown_at.is_some() {
             warn!("second stop request: killing the workers now");
@@ -1035,6 +1045,7 @@ impl EventLoop {
                 self.check_memory(limit);
             }
         }
+        self.upgrade_timers();
         if let Some(m) = self.metrics.as_mut() {
             m.on_timers(self.io.poll.registry(), now);
         }
@@ -1256,6 +1267,7 @@ impl EventLoop {
         slots
             .chain(workers)
             .chain([self.accept.accept_paused_until, self.sup.memory_check_at])
+            .chain([self.sup.upgrade.as_ref().map(|u| u.deadline)])
             .chain([self.metrics.as_ref().and_then(|m| m.next_deadline())])
             .flatten()
             .min()
@@ -1268,7 +1280,7 @@ fn mebibytes(bytes: u64) -> String {
 }
 
 /// Tells the service manager, if the primary runs under one (`NOTIFY_SOCKET`).
-fn tell_systemd(message: &str) {
+pub(super) fn tell_systemd(message: &str) {
     if let Err(e) = crate::activation::notify(message) {
         warn!("cannot notify the service manager: {e}");
     }

@@ -2,7 +2,7 @@
 //! worker (which reports finished connections): `least-conn` and `p2c`
 //! keep new connections off a worker held busy by `GET /work?ms=N` where
 //! `rr` does not, `--weights` gives shares, the in-flight figures stay
-//! exact through kills and reloads, SIGUSR2 switches the policy under load
+//! exact through kills and reloads, `ctl sched` switches the policy under load
 //! without a failed request, and bad values are usage errors.
 //!
 //! A connection counts as in flight from the moment the primary sends it
@@ -639,20 +639,23 @@ fn in_flight_gauge_returns_to_zero_after_kill_and_sighup() {
 // ---------------------------------------------------------------------------
 // Switching at runtime
 
-/// Sends SIGUSR2 and waits for its log line `scheduling policy: FROM -> TO`.
+/// `distributor ctl sched TO`: it answers `policy: FROM -> TO`, and the
+/// log says `scheduling policy: FROM -> TO`.
 fn switch(p: &Primary, from: &str, to: &str) {
     let mark = p.log().len();
-    p.signal(Signal::SIGUSR2);
+    let (ok, out, err) = p.ctl(&["sched", to]);
+    assert!(ok, "ctl sched {to}: {err}");
+    assert_eq!(out.trim(), format!("policy: {from} -> {to}"));
     p.log()
         .wait_for_from(mark, &format!("scheduling policy: {from} -> {to}"));
 }
 
-/// Under continuous load (new and kept-alive connections), SIGUSR2 three
-/// times: rr → least-conn → p2c → rr, each switch logged and shown by the
+/// Under continuous load (new and kept-alive connections), `ctl sched`
+/// three times: rr → least-conn → p2c → rr, each switch logged and shown by the
 /// metrics, not one request failed. Then the held-worker check: rr sends
-/// quick requests to a held worker; after SIGUSR2 to least-conn, none.
+/// quick requests to a held worker; after the switch to least-conn, none.
 #[test]
-fn sigusr2_switches_under_load_without_a_failed_request() {
+fn ctl_sched_switches_under_load_without_a_failed_request() {
     let (p, metrics) = start(2, &[]);
     assert_eq!(info_sched(&scrape(&p, metrics)), "rr");
     let load = Load::start(
@@ -697,16 +700,18 @@ fn sigusr2_switches_under_load_without_a_failed_request() {
     p.assert_no_panic();
 }
 
-/// In a kernel mode the workers accept by themselves: SIGUSR2 is refused
-/// with a warning and the mode stays. The library's `Handle::set_sched`
+/// In a kernel mode the workers accept by themselves: `ctl sched` is
+/// refused with one line and a non-zero exit, and the mode stays. The library's `Handle::set_sched`
 /// switches a primary-side mode and refuses a kernel one.
 #[test]
 fn switching_is_refused_in_a_kernel_mode() {
     let (mut p, metrics) = start(2, &["--sched", "shared"]);
-    let mark = p.log().len();
-    p.signal(Signal::SIGUSR2);
-    let (_, line) = p.log().wait_for_from(mark, "cannot switch from shared to ");
-    assert!(line.contains(" WARN "), "{line}");
+    let (ok, _, err) = p.ctl(&["sched", "rr"]);
+    assert!(
+        !ok && err.contains("cannot switch from shared to rr"),
+        "{err}"
+    );
+    assert_eq!(err.lines().count(), 1, "{err}");
     assert_eq!(info_sched(&scrape(&p, metrics)), "shared");
     assert_eq!(p.get().status, 200);
     p.assert_running();

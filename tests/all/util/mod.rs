@@ -350,6 +350,12 @@ impl Primary {
         self.proc.signal(sig)
     }
 
+    /// `distributor ctl --pid PID ARGS...` against this primary (its
+    /// default control socket), bounded: (exit success, stdout, stderr).
+    pub fn ctl(&self, args: &[&str]) -> (bool, String, String) {
+        ctl_pid(self.pid(), args)
+    }
+
     /// The primary's pid.
     pub fn pid(&self) -> u32 {
         self.proc.pid()
@@ -639,4 +645,20 @@ impl Drop for KillOnDrop {
         let _ = self.0.kill();
         let _ = self.0.wait();
     }
+}
+
+/// `distributor ctl --pid PID ARGS...`, bounded by a two-minute `--timeout`:
+/// (exit success, stdout, stderr).
+pub fn ctl_pid(pid: u32, args: &[&str]) -> (bool, String, String) {
+    let out = Command::new(bin())
+        .args(["ctl", "--timeout", "2m", "--pid", &pid.to_string()])
+        .args(args)
+        .stdin(Stdio::null())
+        .output()
+        .expect("run distributor ctl");
+    (
+        out.status.success(),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
 }

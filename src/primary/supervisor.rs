@@ -741,7 +741,10 @@ impl EventLoop {
             worker = id,
             pid, "worker {id} (pid {pid}) ready: {ready} of {total} slots ready"
         );
-        if ready == total && !self.sup.told_systemd_ready {
+        // The new primary of an upgrade is not the service's main process
+        // until the old one releases it: it says READY=1 then.
+        let main = self.sup.parent.as_ref().is_none_or(|p| p.released);
+        if ready == total && !self.sup.told_systemd_ready && main {
             self.sup.told_systemd_ready = true;
             tell_systemd(&format!("READY=1\nSTATUS={total} workers ready"));
         }

@@ -349,6 +349,7 @@ impl EventLoop {
                 p.released = true;
                 info!("upgrade: the previous primary released its sockets; accepting");
                 self.start_accepting();
+                self.tell_systemd_ready_after_release();
                 for s in &mut self.servers {
                     if let Some(steering) = s.steering.as_mut() {
                         steering.forget_written();
@@ -401,6 +402,12 @@ impl EventLoop {
         if let Some(m) = self.metrics.as_mut() {
             m.stop_listening(self.io.poll.registry());
         }
+        // The service's main process moves first, so that the new one's
+        // READY=1 after `go` comes from the main process.
+        super::supervisor::tell_systemd(&format!(
+            "MAINPID={}\nSTATUS=upgraded: the new primary is pid {}",
+            u.pid, u.pid
+        ));
         if let Err(e) = u.channel.write_all(b"go\n") {
             warn!("upgrade: cannot release the new primary: {e}");
         }
@@ -408,10 +415,6 @@ impl EventLoop {
             "upgrade: the new primary (pid {}) is ready and takes over; stopping this one's workers",
             u.pid
         );
-        super::supervisor::tell_systemd(&format!(
-            "MAINPID={}\nSTATUS=upgraded: the new primary is pid {}",
-            u.pid, u.pid
-        ));
         for tx in u.waiters.drain(..) {
             let _ = tx.try_send(Ok(u.pid));
         }
@@ -474,6 +477,24 @@ impl EventLoop {
             );
             self.abandon_upgrade(format!(
                 "the new primary (pid {pid}) was not ready within {timeout:?}; it was killed"
+            ));
+        }
+    }
+
+    /// New side, released: now the service's main process, it says
+    /// READY=1 (held back until now) if its workers are all ready.
+    fn tell_systemd_ready_after_release(&mut self) {
+        let active = self.sup.slots.iter().filter(|s| s.active).count();
+        let ready = self
+            .workers
+            .iter()
+            .flatten()
+            .filter(|w| w.is_ready() && w.role == super::process::Role::Current)
+            .count();
+        if ready == active && !self.sup.told_systemd_ready {
+            self.sup.told_systemd_ready = true;
+            super::supervisor::tell_systemd(&format!(
+                "READY=1\nSTATUS={active} workers ready (upgraded)"
             ));
         }
     }

@@ -37,5 +37,6 @@ mod soak;
 mod steer;
 mod supervision;
 mod systemd;
+mod upgrade;
 mod web_stacks;
 mod worker_env;

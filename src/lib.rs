@@ -37,7 +37,9 @@
 //!   supervisor of the workers' lives (`supervisor.rs`), a worker process
 //!   with its phase (`process.rs`) and deadlines (`timers.rs`), the mio
 //!   tokens (`source.rs`), the BPF steering of reuseport (`steer.rs`,
-//!   `--steer rr`), restarts' backoff (`backoff.rs`), Node's
+//!   `--steer rr`), the hot upgrade of the primary (`upgrade.rs`), the
+//!   control socket of `distributor ctl` (`control.rs`), restarts'
+//!   backoff (`backoff.rs`), Node's
 //!   cluster protocol (`node/`), the metrics endpoint (`metrics.rs`,
 //!   `exposition.rs`), the workers' notify socket, output relay, the
 //!   guardian and privileges.

@@ -32,15 +32,28 @@ const MAX_CLIENTS: usize = 8;
 /// The longest a reload or scaling is waited for.
 const LONG_WAIT: Duration = Duration::from_secs(600);
 
-/// Where control sockets live: `$XDG_RUNTIME_DIR/distributor`, else
-/// `/run/distributor` for root, else `/tmp/distributor-UID`.
+/// The machine-wide directory of control sockets: made by root with mode
+/// 1777 (as `/tmp`: anyone may add a socket, only its owner may remove
+/// it; each socket is 0600), so that a primary that gave up root
+/// (`--user`) can still serve one, and so can the new primary of its
+/// upgrade.
+const SHARED_DIR: &str = "/run/distributor";
+
+/// Where control sockets live: `$XDG_RUNTIME_DIR/distributor`; else
+/// `/run/distributor` for root, or for anyone once root made it; else
+/// `/tmp/distributor-UID`.
 pub fn runtime_dir() -> PathBuf {
     if let Some(dir) = std::env::var_os("XDG_RUNTIME_DIR").filter(|d| !d.is_empty()) {
         return PathBuf::from(dir).join("distributor");
     }
     let uid = nix::unistd::geteuid();
-    if uid.is_root() {
-        PathBuf::from("/run/distributor")
+    let shared = Path::new(SHARED_DIR);
+    let usable = || {
+        use nix::unistd::{AccessFlags, access};
+        access(shared, AccessFlags::W_OK | AccessFlags::X_OK).is_ok()
+    };
+    if uid.is_root() || usable() {
+        shared.to_path_buf()
     } else {
         PathBuf::from(format!("/tmp/distributor-{uid}"))
     }
@@ -82,8 +95,13 @@ pub(crate) fn bind(path: &Path) -> io::Result<Bound> {
     if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
         if !dir.exists() {
             std::fs::create_dir_all(dir).map_err(|e| fail("cannot create its directory", e))?;
-            std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700))
-                .map_err(|e| fail("cannot restrict its directory", e))?;
+            let mode = if dir == Path::new(SHARED_DIR) {
+                0o1777
+            } else {
+                0o700
+            };
+            std::fs::set_permissions(dir, std::fs::Permissions::from_mode(mode))
+                .map_err(|e| fail("cannot set its directory's mode", e))?;
         }
     }
     if path.exists() {
@@ -119,8 +137,31 @@ impl Bound {
         let spawned = std::thread::Builder::new()
             .name("distributor-control".into())
             .spawn(move || {
-                for stream in listener.incoming() {
-                    let Ok(mut stream) = stream else { continue };
+                // A blocking accept(2) takes an fd number before it waits:
+                // wait with poll(2) instead, and accept without blocking,
+                // so that the thread holds no fd the primary may need (out
+                // of fds, the primary accepts into every free one).
+                if listener.set_nonblocking(true).is_err() {
+                    return;
+                }
+                loop {
+                    use std::os::fd::AsFd;
+                    if crate::sys::wait_readable(&[listener.as_fd()], None).is_err() {
+                        std::thread::sleep(Duration::from_millis(100));
+                        continue;
+                    }
+                    let mut stream = match listener.accept() {
+                        Ok((stream, _)) => stream,
+                        Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
+                        // Out of fds, say: try again later, without spinning.
+                        Err(_) => {
+                            std::thread::sleep(Duration::from_millis(100));
+                            continue;
+                        }
+                    };
+                    if stream.set_nonblocking(false).is_err() {
+                        continue;
+                    }
                     if busy.fetch_add(1, Ordering::SeqCst) >= MAX_CLIENTS {
                         busy.fetch_sub(1, Ordering::SeqCst);
                         let _ = stream.write_all(b"error: busy: too many control clients\n");

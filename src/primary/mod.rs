@@ -472,6 +472,7 @@ impl Builder {
         if let Some(n) = inherited.workers.filter(|&n| n > 0) {
             self.workers = n;
         }
+        let upgrading = inherited.parent.is_some();
         if let Some(l) = inherited.main {
             self.listener = Some(l);
         }
@@ -539,7 +540,13 @@ impl Builder {
         if let Some(listener) = &listener {
             // The primary accepts without waiting in rr; in the kernel modes
             // workers get the socket as socket activation would, blocking.
-            listener.set_nonblocking(!self.sched.is_kernel())?;
+            // Not for a socket handed over by an upgrade in a kernel mode:
+            // the flag is the open file's, shared with the old workers,
+            // which may have made it non-blocking and wait on it; clearing
+            // it under them would leave one blocked in accept(2).
+            if !(upgrading && self.sched.is_kernel()) {
+                listener.set_nonblocking(!self.sched.is_kernel())?;
+            }
         }
         // Steering is attached while the primary may still load BPF.
         let steering = match (self.steer, &listener, inherited.steer) {

@@ -16,7 +16,7 @@ use std::os::unix::fs::PermissionsExt;
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::time::Duration;
 
 use super::api::Handle;
@@ -71,16 +71,32 @@ pub(crate) struct Bound {
     path: PathBuf,
 }
 
-/// A served control socket; the file goes when this is dropped.
+/// A served control socket; the file goes when this is dropped, unless
+/// it was handed over to the new primary of an upgrade.
 #[derive(Debug)]
 pub(crate) struct ControlServer {
     path: PathBuf,
+    handed_over: Arc<AtomicBool>,
 }
 
 impl Drop for ControlServer {
+    /// Removes the socket file, unless the new primary of an upgrade took
+    /// it over (the same path) and answers there now.
     fn drop(&mut self) {
-        let _ = std::fs::remove_file(&self.path);
+        let taken_over =
+            self.handed_over.load(Ordering::SeqCst) && UnixStream::connect(&self.path).is_ok();
+        if !taken_over {
+            let _ = std::fs::remove_file(&self.path);
+        }
     }
+}
+
+/// The event loop's side of the control socket: a copy of it to hand
+/// over in an upgrade, and the flag that stops this primary serving it.
+#[derive(Debug)]
+pub(crate) struct Handover {
+    pub listener: UnixListener,
+    pub handed_over: Arc<AtomicBool>,
 }
 
 /// Binds the control socket at `path` (mode 0600; its directory is made
@@ -123,17 +139,41 @@ pub(crate) fn bind(path: &Path) -> io::Result<Bound> {
 }
 
 impl Bound {
+    /// Serves `listener`, a control socket handed over by the primary
+    /// before an upgrade, at `path`.
+    pub(crate) fn adopt(listener: UnixListener, path: &Path) -> Bound {
+        Bound {
+            listener,
+            path: path.to_path_buf(),
+        }
+    }
+
     /// Gives the socket file to `uid`/`gid` (the user the primary runs
     /// as after `--user`), so that it can remove it at exit.
     pub(crate) fn chown(&self, uid: u32, gid: u32) -> io::Result<()> {
         std::os::unix::fs::chown(&self.path, Some(uid), Some(gid))
     }
 
-    /// Serves the socket on a thread of its own, through `handle`.
-    pub(crate) fn serve(self, handle: Handle, upgrade_timeout: Duration) -> ControlServer {
+    /// What the event loop keeps to hand the socket over in an upgrade.
+    pub(crate) fn handover(&self) -> io::Result<Handover> {
+        Ok(Handover {
+            listener: self.listener.try_clone()?,
+            handed_over: Arc::new(AtomicBool::new(false)),
+        })
+    }
+
+    /// Serves the socket on a thread of its own, through `handle`, until
+    /// `handed_over` is set.
+    pub(crate) fn serve(
+        self,
+        handle: Handle,
+        upgrade_timeout: Duration,
+        handed_over: Arc<AtomicBool>,
+    ) -> ControlServer {
         let path = self.path.clone();
         let busy = Arc::new(AtomicUsize::new(0));
         let listener = self.listener;
+        let stop = Arc::clone(&handed_over);
         let spawned = std::thread::Builder::new()
             .name("distributor-control".into())
             .spawn(move || {
@@ -146,8 +186,16 @@ impl Bound {
                 }
                 loop {
                     use std::os::fd::AsFd;
-                    if crate::sys::wait_readable(&[listener.as_fd()], None).is_err() {
-                        std::thread::sleep(Duration::from_millis(100));
+                    // Checked every 100 ms: once the socket was handed to
+                    // the new primary of an upgrade, it answers alone.
+                    let wait = crate::sys::wait_readable(
+                        &[listener.as_fd()],
+                        Some(Duration::from_millis(100)),
+                    );
+                    if stop.load(Ordering::SeqCst) {
+                        return;
+                    }
+                    if wait.is_err() {
                         continue;
                     }
                     let mut stream = match listener.accept() {
@@ -179,7 +227,7 @@ impl Bound {
         if let Err(e) = spawned {
             tracing::warn!("control socket: cannot start its thread: {e}");
         }
-        ControlServer { path }
+        ControlServer { path, handed_over }
     }
 }
 

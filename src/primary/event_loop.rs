@@ -303,6 +303,8 @@ pub(crate) struct Supervision {
     pub(super) parent: Option<super::upgrade::Parent>,
     /// An upgrade completed: the new primary's pid (this one is stopping).
     pub(super) upgraded_to: Option<u32>,
+    /// The control socket, to hand over in an upgrade.
+    pub(super) control: Option<super::control::Handover>,
 }
 
 /// What the builder hands the event loop beside the listener: the
@@ -314,6 +316,8 @@ pub(crate) struct Handed {
     pub slots: Vec<(usize, TcpListener)>,
     /// The stream to the primary this one takes over from.
     pub parent: Option<std::os::unix::net::UnixStream>,
+    /// The control socket's hand-over side.
+    pub control: Option<super::control::Handover>,
 }
 
 fn channel_fd(p: &super::upgrade::Parent) -> std::os::fd::RawFd {
@@ -334,6 +338,7 @@ impl EventLoop {
             steering,
             slots: inherited_slots,
             parent,
+            control,
         } = handed;
         let poll = Poll::new()?;
         let channels = Poll::new()?;
@@ -437,6 +442,7 @@ impl EventLoop {
                 upgrade: None,
                 parent: None,
                 upgraded_to: None,
+                control,
             },
         };
         if let Some(parent) = parent {

@@ -558,12 +558,32 @@ impl Builder {
             _ => None,
         };
         // Every socket is bound before root is given up.
-        let control = self
-            .control
-            .as_deref()
-            .map(control::bind)
+        let inherited_control = inherited.control;
+        let control = match self.control.as_deref() {
+            None => None,
+            // `--control PATH`, the same as the old primary's: take its
+            // socket over rather than bind a second one there.
+            Some(path)
+                if inherited_control
+                    .as_ref()
+                    .and_then(|l| l.local_addr().ok())
+                    .is_some_and(|a| a.as_pathname() == Some(path)) =>
+            {
+                let l = inherited_control.expect("checked above");
+                Some(control::Bound::adopt(l, path))
+            }
+            Some(path) => {
+                Some(control::bind(path).map_err(|e| PrimaryError::Config(e.to_string()))?)
+            }
+        };
+        let handover = control
+            .as_ref()
+            .map(control::Bound::handover)
             .transpose()
-            .map_err(|e| PrimaryError::Config(e.to_string()))?;
+            .map_err(|e| PrimaryError::Config(format!("control socket: {e}")))?;
+        let handed_over = handover
+            .as_ref()
+            .map(|h| std::sync::Arc::clone(&h.handed_over));
         if let (Some(c), Some(id)) = (&control, &identity) {
             c.chown(id.uid.as_raw(), id.gid.as_raw())
                 .map_err(|e| PrimaryError::Config(format!("control socket: {e}")))?;
@@ -621,9 +641,13 @@ impl Builder {
                 steering,
                 slots: inherited.slots,
                 parent: inherited.parent,
+                control: handover,
             },
         )?;
-        let control = control.map(|c| c.serve(inner.handle(), self.upgrade_timeout));
+        let control = control.map(|c| {
+            let flag = handed_over.clone().unwrap_or_default();
+            c.serve(inner.handle(), self.upgrade_timeout, flag)
+        });
         Ok(Primary {
             inner,
             _control: control,

@@ -89,6 +89,9 @@ pub(crate) struct Inherited {
     /// `--steer`: the old primary's maps and program (see
     /// [`super::steer::Steering::fds`]).
     pub steer: Option<[std::os::fd::OwnedFd; 4]>,
+    /// The old primary's control socket (served on if the path is the
+    /// same: `--control PATH`).
+    pub control: Option<std::os::unix::net::UnixListener>,
 }
 
 /// Takes what the old primary handed over, when this process is a new
@@ -128,6 +131,7 @@ pub(crate) fn take_inherited() -> io::Result<Option<Inherited>> {
             "main" => got.main = Some(TcpListener::from(owned)),
             "metrics" => got.metrics = Some(TcpListener::from(owned)),
             "channel" => got.parent = Some(UnixStream::from(owned)),
+            "control" => got.control = Some(std::os::unix::net::UnixListener::from(owned)),
             "steer_socks" => steer[0] = Some(owned),
             "steer_schedule" => steer[1] = Some(owned),
             "steer_counter" => steer[2] = Some(owned),
@@ -290,6 +294,9 @@ impl EventLoop {
         if let Some(m) = &self.metrics {
             fds.push(("metrics".into(), m.listener_fd()));
         }
+        if let Some(c) = &self.sup.control {
+            fds.push(("control".into(), c.listener.as_fd()));
+        }
         let workers = self.sup.slots.iter().filter(|s| s.active).count().max(1);
         let spawned = spawn(&program, &fds, workers);
         drop(fds);
@@ -419,6 +426,11 @@ impl EventLoop {
             let _ = tx.try_send(Ok(u.pid));
         }
         self.sup.upgraded_to = Some(u.pid);
+        // The control socket: this primary stops answering on it.
+        if let Some(c) = &self.sup.control {
+            c.handed_over
+                .store(true, std::sync::atomic::Ordering::SeqCst);
+        }
         // The child lives on; dropping the handle neither kills nor waits.
         drop(u);
         self.begin_shutdown();

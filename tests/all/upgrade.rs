@@ -414,3 +414,51 @@ fn ctl_asks_which_when_several_primaries_run() {
     drop(b);
     drop(a);
 }
+
+/// With `--control PATH` the new primary of an upgrade takes the socket
+/// over: the same path answers before and after, with the new pid, and
+/// the file is there as long as a primary is.
+#[test]
+fn an_explicit_control_path_is_handed_over() {
+    let dir = TempDir::new("upgrade-control");
+    let sock = dir.path().join("ctl.sock");
+    let ctl = |args: &[&str]| {
+        let out = Command::new(util::bin())
+            .arg("ctl")
+            .arg("--control")
+            .arg(&sock)
+            .args(args)
+            .output()
+            .expect("ctl");
+        (
+            out.status.success(),
+            String::from_utf8_lossy(&out.stdout).into_owned(),
+            String::from_utf8_lossy(&out.stderr).into_owned(),
+        )
+    };
+    let mut cmd = Command::new(util::bin());
+    cmd.args(["-w", "1", "-l", "127.0.0.1:0", "--control"])
+        .arg(&sock);
+    let p = Primary::start_command(cmd, 1);
+    p.wait_all_ready();
+    let (ok, out, err) = ctl(&["status"]);
+    assert!(ok, "{err}");
+    assert!(
+        out.starts_with(&format!("primary pid {},", p.pid())),
+        "{out}"
+    );
+    let (ok, out, err) = ctl(&["upgrade"]);
+    assert!(ok, "{err}\n{}", p.log().dump());
+    let next = new_pid(&out);
+    assert!(wait_gone(&[p.pid()], DEADLINE).is_empty());
+    assert!(
+        sock.exists(),
+        "the old primary removed the socket it handed over"
+    );
+    let (ok, out, err) = ctl(&["status"]);
+    assert!(ok, "{err}");
+    assert!(out.starts_with(&format!("primary pid {next},")), "{out}");
+    let (ok, out, _) = ctl(&["stop"]);
+    assert!(ok && out.ends_with("stopped\n"), "{out}");
+    assert!(!sock.exists(), "the socket outlived the last primary");
+}

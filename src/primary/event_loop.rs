@@ -256,6 +256,9 @@ pub(crate) struct Accept {
     /// it serves the app's first server (whatever port that asks for) and
     /// listens only then, so that it never accepts what no worker serves.
     pub(super) spare: Option<TcpListener>,
+    /// Node: servers handed over by the primary before an upgrade, served
+    /// again when a worker asks for the same key.
+    pub(super) inherited_node: Vec<super::upgrade::NodeServer>,
     /// Workers whose staged batch is being sent (reused).
     pub(super) batched: Vec<WorkerIdx>,
     /// Accepting paused after an accept error, until then.
@@ -318,6 +321,8 @@ pub(crate) struct Handed {
     pub parent: Option<std::os::unix::net::UnixStream>,
     /// The control socket's hand-over side.
     pub control: Option<super::control::Handover>,
+    /// Node apps: servers handed over, by key.
+    pub node: Vec<super::upgrade::NodeServer>,
 }
 
 fn channel_fd(p: &super::upgrade::Parent) -> std::os::fd::RawFd {
@@ -339,6 +344,7 @@ impl EventLoop {
             slots: inherited_slots,
             parent,
             control,
+            node,
         } = handed;
         let poll = Poll::new()?;
         let channels = Poll::new()?;
@@ -414,6 +420,7 @@ impl EventLoop {
             },
             accept: Accept {
                 spare,
+                inherited_node: node,
                 batched: Vec::new(),
                 accept_paused_until: None,
                 accept_warned_at: None,

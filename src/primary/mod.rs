@@ -518,6 +518,9 @@ impl Builder {
             // Node apps say where they listen.
             (None, Protocol::Node) => None,
         };
+        // A Node app's new primary of an upgrade binds nothing: its
+        // servers (and --listen's, if unused) are handed over.
+        let listen = listen.filter(|_| !(upgrading && protocol == Protocol::Node));
         let listener = match (self.listener, listen) {
             (Some(l), _) => {
                 if reuseport && !socket2::SockRef::from(&l).reuse_port()? {
@@ -642,6 +645,7 @@ impl Builder {
                 slots: inherited.slots,
                 parent: inherited.parent,
                 control: handover,
+                node: inherited.node,
             },
         )?;
         let control = control.map(|c| {

@@ -304,6 +304,7 @@ impl WorkerProc {
             .env_remove("NODE_CHANNEL_SERIALIZATION_MODE")
             .env_remove(super::upgrade::ENV_UPGRADE)
             .env_remove(super::upgrade::ENV_WORKERS)
+            .env_remove(super::upgrade::ENV_NODE_KEYS)
             .stdin(Stdio::null())
             .process_group(0);
         if listen.is_some() {

@@ -39,6 +39,18 @@ pub(crate) const ENV_UPGRADE: &str = "DISTRIBUTOR_UPGRADE";
 /// The number of workers the new primary starts: the old one's active
 /// slots (after any scaling), not the `--workers` of the command line.
 pub(crate) const ENV_WORKERS: &str = "DISTRIBUTOR_UPGRADE_WORKERS";
+/// Node apps: the keys of the servers handed over as `nodeK` (a JSON
+/// array of strings, by K).
+pub(crate) const ENV_NODE_KEYS: &str = "DISTRIBUTOR_UPGRADE_NODE_KEYS";
+
+/// A Node app's server handed over: its key, its listener, and in
+/// reuseport its slots' sockets.
+#[derive(Debug)]
+pub(crate) struct NodeServer {
+    pub key: String,
+    pub listener: TcpListener,
+    pub slots: Vec<(usize, TcpListener)>,
+}
 
 /// The longest message either side writes.
 const MAX_LINE: usize = 64;
@@ -92,6 +104,8 @@ pub(crate) struct Inherited {
     /// The old primary's control socket (served on if the path is the
     /// same: `--control PATH`).
     pub control: Option<std::os::unix::net::UnixListener>,
+    /// Node apps: the servers the old primary's workers asked for.
+    pub node: Vec<NodeServer>,
 }
 
 /// Takes what the old primary handed over, when this process is a new
@@ -116,6 +130,11 @@ pub(crate) fn take_inherited() -> io::Result<Option<Inherited>> {
     };
     let spec = spec.into_string().map_err(|_| bad("not UTF-8"))?;
     let mut steer: [Option<std::os::fd::OwnedFd>; 4] = Default::default();
+    let keys: Vec<String> = match std::env::var(ENV_NODE_KEYS) {
+        Ok(json) => serde_json::from_str(&json).map_err(|_| bad("node keys"))?,
+        Err(_) => Vec::new(),
+    };
+    let mut node: Vec<(usize, Option<TcpListener>, Vec<(usize, TcpListener)>)> = Vec::new();
     let mut got = Inherited {
         workers: std::env::var(ENV_WORKERS).ok().and_then(|n| n.parse().ok()),
         ..Inherited::default()
@@ -136,6 +155,29 @@ pub(crate) fn take_inherited() -> io::Result<Option<Inherited>> {
             "steer_schedule" => steer[1] = Some(owned),
             "steer_counter" => steer[2] = Some(owned),
             "steer_prog" => steer[3] = Some(owned),
+            n if n.starts_with("node") => {
+                // nodeK, or nodeK_slotN in reuseport.
+                let rest = &n["node".len()..];
+                let (k, slot) = match rest.split_once("_slot") {
+                    Some((k, s)) => (k, Some(s)),
+                    None => (rest, None),
+                };
+                let k: usize = k.parse().map_err(|_| bad(item))?;
+                let at = match node.iter().position(|(kk, _, _)| *kk == k) {
+                    Some(at) => at,
+                    None => {
+                        node.push((k, None, Vec::new()));
+                        node.len() - 1
+                    }
+                };
+                match slot {
+                    None => node[at].1 = Some(TcpListener::from(owned)),
+                    Some(s) => {
+                        let s: usize = s.parse().map_err(|_| bad(item))?;
+                        node[at].2.push((s, TcpListener::from(owned)));
+                    }
+                }
+            }
             slot => {
                 let n: usize = slot
                     .strip_prefix("slot")
@@ -148,6 +190,16 @@ pub(crate) fn take_inherited() -> io::Result<Option<Inherited>> {
     }
     if let [Some(a), Some(b), Some(c), Some(d)] = steer {
         got.steer = Some([a, b, c, d]);
+    }
+    for (k, listener, slots) in node {
+        let (Some(key), Some(listener)) = (keys.get(k), listener) else {
+            return Err(bad("a Node server without its key or listener"));
+        };
+        got.node.push(NodeServer {
+            key: key.clone(),
+            listener,
+            slots,
+        });
     }
     Ok(Some(got))
 }
@@ -215,6 +267,7 @@ fn spawn(
     program: &Program,
     fds: &[(String, BorrowedFd<'_>)],
     workers: usize,
+    node_keys: &str,
 ) -> io::Result<(Child, UnixStream)> {
     let (ours, theirs) = UnixStream::pair()?;
     let mut raw: Vec<RawFd> = fds.iter().map(|(_, fd)| fd.as_raw_fd()).collect();
@@ -229,6 +282,7 @@ fn spawn(
     cmd.args(&program.args)
         .env(ENV_UPGRADE, names.join(","))
         .env(ENV_WORKERS, workers.to_string())
+        .env(ENV_NODE_KEYS, node_keys)
         .env_remove("LISTEN_FDS")
         .env_remove("LISTEN_PID")
         .env_remove("LISTEN_FDNAMES");
@@ -263,14 +317,31 @@ impl EventLoop {
                 reply,
             );
         }
-        if self.settings.protocol == super::Protocol::Node {
-            return refuse("not available for Node apps yet".into(), reply);
-        }
         let Some(program) = self.settings.program.clone() else {
             return refuse("this primary's program path is unknown".into(), reply);
         };
         let mut fds: Vec<(String, BorrowedFd<'_>)> = Vec::new();
-        if let Some(s) = self.servers.get(ServerIdx(0)) {
+        let node = self.settings.protocol == super::Protocol::Node;
+        let mut node_keys: Vec<&str> = Vec::new();
+        if node {
+            // Node apps: every server a worker asked for, by key, and the
+            // --listen socket not yet taken by one.
+            if let Some(spare) = &self.accept.spare {
+                fds.push(("main".into(), spare.as_fd()));
+            }
+            for s in &self.servers {
+                let Some(l) = &s.listener else { continue };
+                let k = node_keys.len();
+                node_keys.push(&s.key);
+                fds.push((format!("node{k}"), l.as_fd()));
+                for (at, l) in s.slot_listeners.iter().enumerate() {
+                    if let Some(l) = l {
+                        fds.push((format!("node{k}_slot{}", at + 1), l.as_fd()));
+                    }
+                }
+            }
+        }
+        if let Some(s) = self.servers.get(ServerIdx(0)).filter(|_| !node) {
             if let Some(l) = &s.listener {
                 fds.push(("main".into(), l.as_fd()));
             }
@@ -298,7 +369,12 @@ impl EventLoop {
             fds.push(("control".into(), c.listener.as_fd()));
         }
         let workers = self.sup.slots.iter().filter(|s| s.active).count().max(1);
-        let spawned = spawn(&program, &fds, workers);
+        if fds.len() + 1 > sys::MAX_INHERITED {
+            drop(fds);
+            return refuse("too many sockets to hand over".into(), reply);
+        }
+        let keys = serde_json::to_string(&node_keys).unwrap_or_else(|_| "[]".into());
+        let spawned = spawn(&program, &fds, workers, &keys);
         drop(fds);
         let (child, channel) = match spawned {
             Ok(spawned) => spawned,

@@ -555,6 +555,28 @@ impl EventLoop {
         let reuseport = self.settings.sched == Sched::ReusePort;
         let asked = SocketAddr::new(ip.unwrap_or(Ipv6Addr::UNSPECIFIED.into()), port);
         let listen = self.local_addr();
+        // Handed over by the primary before an upgrade: served as it was.
+        if let Some(at) = self.accept.inherited_node.iter().position(|n| n.key == key) {
+            let n = self.accept.inherited_node.swap_remove(at);
+            let errno = |e: io::Error| -e.raw_os_error().unwrap_or(libc::EINVAL);
+            let addr = n.listener.local_addr().map_err(errno)?;
+            let k = self
+                .add_server(Server::new(key, n.listener, addr))
+                .map_err(errno)?;
+            let server = &mut self.servers[k];
+            for (slot, l) in n.slots {
+                if server.slot_listeners.len() < slot {
+                    server.slot_listeners.resize_with(slot, || None);
+                }
+                server.slot_listeners[slot - 1] = Some(l);
+            }
+            info!(
+                "serving {addr} ({}) for the app's {}, handed over by the previous primary",
+                self.mode_text(),
+                listen_call(q)
+            );
+            return Ok(k);
+        }
         let bound = match self.accept.spare.take() {
             // --listen serves the app's first server, on its address, when
             // the port agrees: Node's worker checks that its server got the

@@ -134,7 +134,9 @@ pub(crate) fn take_inherited() -> io::Result<Option<Inherited>> {
         Ok(json) => serde_json::from_str(&json).map_err(|_| bad("node keys"))?,
         Err(_) => Vec::new(),
     };
-    let mut node: Vec<(usize, Option<TcpListener>, Vec<(usize, TcpListener)>)> = Vec::new();
+    // By K: the server's listener and its slots' sockets.
+    type Handed = (usize, Option<TcpListener>, Vec<(usize, TcpListener)>);
+    let mut node: Vec<Handed> = Vec::new();
     let mut got = Inherited {
         workers: std::env::var(ENV_WORKERS).ok().and_then(|n| n.parse().ok()),
         ..Inherited::default()

@@ -97,6 +97,20 @@ impl Drop for ControlServer {
 pub(crate) struct Handover {
     pub listener: UnixListener,
     pub handed_over: Arc<AtomicBool>,
+    pub path: PathBuf,
+}
+
+impl Handover {
+    /// The upgrade completed: this primary stops answering, and a socket
+    /// named after its pid (the default) goes at once, so that `ctl` finds
+    /// only the new primary's while this one drains.
+    pub(crate) fn release(&self) {
+        self.handed_over.store(true, Ordering::SeqCst);
+        let own = format!("{}.sock", std::process::id());
+        if self.path.file_name().is_some_and(|n| n == own.as_str()) {
+            let _ = std::fs::remove_file(&self.path);
+        }
+    }
 }
 
 /// Binds the control socket at `path` (mode 0600; its directory is made
@@ -159,6 +173,7 @@ impl Bound {
         Ok(Handover {
             listener: self.listener.try_clone()?,
             handed_over: Arc::new(AtomicBool::new(false)),
+            path: self.path.clone(),
         })
     }
 

@@ -500,15 +500,15 @@ impl EventLoop {
             "upgrade: the new primary (pid {}) is ready and takes over; stopping this one's workers",
             u.pid
         );
+        // The control socket: this primary stops answering on it (before
+        // the answer, so that whoever asked finds only the new one).
+        if let Some(c) = &self.sup.control {
+            c.release();
+        }
         for tx in u.waiters.drain(..) {
             let _ = tx.try_send(Ok(u.pid));
         }
         self.sup.upgraded_to = Some(u.pid);
-        // The control socket: this primary stops answering on it.
-        if let Some(c) = &self.sup.control {
-            c.handed_over
-                .store(true, std::sync::atomic::Ordering::SeqCst);
-        }
         // The child lives on; dropping the handle neither kills nor waits.
         drop(u);
         self.begin_shutdown();

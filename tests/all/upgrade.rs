@@ -115,6 +115,19 @@ fn three_upgrades_under_load(mode: &str, app: App) {
             new_pid(&out)
         };
         assert_ne!(next, pid, "the primary's pid did not change");
+        // The old primary's control socket went with the upgrade (ctl finds
+        // only the new one while the old drains); the new one answers.
+        let old_socket = distributor::primary::control::default_path(pid);
+        assert!(
+            !old_socket.exists(),
+            "{} is still there",
+            old_socket.display()
+        );
+        let (ok, out, err) = ctl_pid(next, &["status"]);
+        assert!(
+            ok && out.starts_with(&format!("primary pid {next},")),
+            "{out}{err}"
+        );
         // The old primary and its workers are gone; the new one serves.
         let left = wait_gone(&[pid], DEADLINE);
         assert!(

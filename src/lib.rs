@@ -84,7 +84,8 @@ pub use self::tokio::{TokioWorkerEvent, TokioWorkerListener};
 pub use logging::{LogFormat, init_logging};
 pub use primary::{
     Backoff, Builder, Event, Events, EventsError, Handle, Primary, PrimaryError, Protocol, Ready,
-    Replacement, Sched, SlotStats, Stats, Steer, WorkerCommand, WorkerState, WorkerStats,
+    Replacement, Sched, SlotStats, Stats, Steer, Sticky, StickyCounts, WorkerCommand, WorkerState,
+    WorkerStats,
 };
 pub use worker::{
     Drain, InFlight, Incoming, WorkerError, WorkerEvent, WorkerListener, is_primary, is_worker,

@@ -59,6 +59,17 @@ struct Cli {
     #[arg(long, value_name = "HOW", env = "DISTRIBUTOR_STEER", value_parser = parse_steer)]
     steer: Option<Steer>,
 
+    /// Sticky sessions: ip sends each client (by its address) to the same
+    /// worker slot, by consistent hashing with bounded loads (with rr,
+    /// least-conn, p2c), for socket.io's polling and in-memory sessions
+    #[arg(long, value_name = "KEY", env = "DISTRIBUTOR_STICKY", value_parser = parse_sticky)]
+    sticky: Option<distributor::Sticky>,
+
+    /// With --sticky: how far above the average in flight a worker may go
+    /// before a client's connection spills to the next slot on the ring
+    #[arg(long, value_name = "E", default_value = "0.25", env = "DISTRIBUTOR_STICKY_BALANCE_FACTOR", value_parser = parse_balance_factor)]
+    sticky_balance_factor: f64,
+
     /// Address to listen on: 8000 or :8000 (every interface),
     /// 127.0.0.1:8000, localhost:8000, [::1]:8000; port 0 picks a free
     /// port [default: 0.0.0.0:8000]. Node apps listen where their own
@@ -467,6 +478,19 @@ fn parse_steer(s: &str) -> Result<Steer, String> {
     s.parse()
 }
 
+fn parse_sticky(s: &str) -> Result<distributor::Sticky, String> {
+    s.parse()
+}
+
+fn parse_balance_factor(s: &str) -> Result<f64, String> {
+    match s.parse::<f64>() {
+        Ok(e) if e.is_finite() && e > 0.0 && e <= 100.0 => Ok(e),
+        _ => Err(format!(
+            "'{s}' is not a balance factor: a number above 0, e.g. 0.25 (a worker may hold 125 % of the average)"
+        )),
+    }
+}
+
 fn parse_lab_mode(s: &str) -> Result<distributor::lab::LabMode, String> {
     s.parse()
 }
@@ -702,6 +726,9 @@ fn run(cli: Cli) -> anyhow::Result<()> {
     if let Some(steer) = cli.steer {
         builder = builder.steer(steer);
     }
+    builder = builder
+        .sticky(cli.sticky)
+        .sticky_balance_factor(cli.sticky_balance_factor);
     if let Some(addr) = cli.listen {
         builder = builder.listen(addr);
     }

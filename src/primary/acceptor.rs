@@ -200,6 +200,65 @@ impl EventLoop {
             .is_some_and(|w| w.can_take(k) && self.ledger.outstanding(i) < max)
     }
 
+    /// With `--sticky` and a key: the worker of the first slot on the
+    /// ring, from the key's hash, that can take the connection within the
+    /// load bound (see [`super::sticky`]); counted as placed by key, or
+    /// moved by the bound. Without a key, or when no slot can: the policy.
+    fn pick_for(&mut self, k: ServerIdx, key: Option<u64>) -> Option<WorkerIdx> {
+        let Some(key) = key else {
+            return self.pick(k);
+        };
+        let max = self.settings.max_unacked;
+        let active: Vec<SlotIdx> = self
+            .sup
+            .slots
+            .indices()
+            .filter(|&s| self.sup.slots[s].active)
+            .collect();
+        if self.accept.ring.slots() != active.as_slice() {
+            self.accept.ring = super::sticky::Ring::new(&active);
+        }
+        // The workers that can take it now, and their load.
+        let mut total = 0u64;
+        let mut able = 0usize;
+        for (i, w) in self.workers.iter_enumerated() {
+            if w.as_ref().is_some_and(|w| w.can_take(k)) && self.ledger.outstanding(i) < max {
+                total += self.ledger.in_flight(i);
+                able += 1;
+            }
+        }
+        if able > 0 {
+            let bound = super::sticky::bound(total, able, self.settings.sticky_balance_factor);
+            let mut first = true;
+            for slot in self.accept.ring.order(key) {
+                // The slot's worker that can take it (its current one, or
+                // during a reload its successor).
+                let found = self.workers.iter_enumerated().find_map(|(i, w)| {
+                    let w = w.as_ref()?;
+                    (w.slot == slot && w.can_take(k) && self.ledger.outstanding(i) < max)
+                        .then_some(i)
+                });
+                if let Some(i) = found {
+                    if self.ledger.in_flight(i) < bound {
+                        let counts = &mut self.accept.sticky_counts;
+                        if first {
+                            counts.by_key += 1;
+                        } else {
+                            counts.moved += 1;
+                        }
+                        return Some(i);
+                    }
+                }
+                first = false;
+            }
+        }
+        let picked = self.pick(k);
+        if picked.is_some() {
+            self.accept.sticky_counts.fallback += 1;
+        }
+        picked
+    }
+
     /// The worker the policy gives server `k`'s next connection to.
     fn pick(&mut self, k: ServerIdx) -> Option<WorkerIdx> {
         let max = self.settings.max_unacked;
@@ -234,7 +293,12 @@ impl EventLoop {
     fn dispatch(&mut self, mut conn: Conn) -> Result<(), Conn> {
         conn.sent = self.now;
         let k = conn.server;
-        while let Some(i) = self.pick(k) {
+        let key = self
+            .settings
+            .sticky
+            .as_ref()
+            .map(|_| super::sticky::ip_key(conn.peer.ip()));
+        while let Some(i) = self.pick_for(k, key) {
             let w = self.workers[i].as_mut().expect("picked workers exist");
             let sent = match w.channel.as_mut().expect("picked workers have a channel") {
                 Link::Native(_) => {

@@ -99,6 +99,10 @@ pub(crate) struct Settings {
     pub program: Option<super::upgrade::Program>,
     /// How long a new primary of an upgrade has to be ready.
     pub upgrade_timeout: Duration,
+    /// `--sticky`: what keys a client.
+    pub sticky: Option<super::sticky::Sticky>,
+    /// `--sticky-balance-factor`.
+    pub sticky_balance_factor: f64,
 }
 
 /// When a worker is recycled (`--max-requests`, `--max-memory`,
@@ -259,6 +263,10 @@ pub(crate) struct Accept {
     /// Node: servers handed over by the primary before an upgrade, served
     /// again when a worker asks for the same key.
     pub(super) inherited_node: Vec<super::upgrade::NodeServer>,
+    /// `--sticky`: the ring of the active slots (rebuilt when they change).
+    pub(super) ring: super::sticky::Ring,
+    /// `--sticky`: how connections were placed.
+    pub(super) sticky_counts: super::stats::StickyCounts,
     /// Workers whose staged batch is being sent (reused).
     pub(super) batched: Vec<WorkerIdx>,
     /// Accepting paused after an accept error, until then.
@@ -421,6 +429,8 @@ impl EventLoop {
             accept: Accept {
                 spare,
                 inherited_node: node,
+                ring: super::sticky::Ring::default(),
+                sticky_counts: super::stats::StickyCounts::default(),
                 batched: Vec::new(),
                 accept_paused_until: None,
                 accept_warned_at: None,
@@ -1213,6 +1223,11 @@ impl EventLoop {
         Stats {
             sched: self.live_sched(),
             steer: self.settings.steer,
+            sticky: self
+                .settings
+                .sticky
+                .as_ref()
+                .map(|_| self.accept.sticky_counts),
             local_addr: self.local_addr,
             uptime: self.now.saturating_duration_since(self.started),
             workers,

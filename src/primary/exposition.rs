@@ -169,6 +169,24 @@ pub(super) fn render(stats: &Stats) -> String {
         &[],
         stats.connections_held as u64,
     );
+    if let Some(sticky) = stats.sticky {
+        out.family(
+            "distributor_sticky_connections_total",
+            "counter",
+            "With --sticky: connections placed on their key's slot, moved to a later slot by the load bound, or placed by the policy (fallback).",
+        );
+        for (placed, n) in [
+            ("key", sticky.by_key),
+            ("moved", sticky.moved),
+            ("fallback", sticky.fallback),
+        ] {
+            out.sample(
+                "distributor_sticky_connections_total",
+                &[("placed", placed)],
+                n,
+            );
+        }
+    }
     out.0
 }
 

@@ -39,6 +39,7 @@ mod server;
 mod source;
 mod stats;
 mod steer;
+mod sticky;
 mod supervisor;
 mod timers;
 mod upgrade;
@@ -53,8 +54,10 @@ pub use api::{Event, Events, EventsError, Handle, Ready};
 pub use backoff::Backoff;
 pub use process::{Protocol, WorkerCommand};
 pub use sched::Sched;
+pub use stats::StickyCounts;
 pub use stats::{Replacement, SlotStats, Stats, WorkerState, WorkerStats};
 pub use steer::Steer;
+pub use sticky::Sticky;
 
 /// Why the primary could not start or run.
 #[derive(Debug)]
@@ -151,6 +154,8 @@ pub struct Builder {
     max_restarts: Option<u32>,
     upgrade_timeout: Duration,
     control: Option<PathBuf>,
+    sticky: Option<Sticky>,
+    sticky_balance_factor: f64,
 }
 
 /// The default of [`Builder::max_unacked`].
@@ -188,6 +193,8 @@ impl Default for Builder {
             max_restarts: None,
             upgrade_timeout: Duration::from_secs(60),
             control: None,
+            sticky: None,
+            sticky_balance_factor: sticky::DEFAULT_BALANCE_FACTOR,
         }
     }
 }
@@ -404,6 +411,23 @@ impl Builder {
         self
     }
 
+    /// Sticky sessions (`--sticky ip`): each client (by its address) goes
+    /// to the same worker slot, by consistent hashing over the slots, as
+    /// long as that worker holds at most `1 + factor` times the average in
+    /// flight ([`Builder::sticky_balance_factor`]); else to the next slot
+    /// on the ring. Primary-side modes only.
+    pub fn sticky(mut self, sticky: Option<Sticky>) -> Self {
+        self.sticky = sticky;
+        self
+    }
+
+    /// How far above the average in flight a worker may go before a
+    /// sticky key spills to the next slot (default 0.25: 125 %).
+    pub fn sticky_balance_factor(mut self, factor: f64) -> Self {
+        self.sticky_balance_factor = factor;
+        self
+    }
+
     /// How long the new primary of an upgrade (SIGUSR2,
     /// [`Handle::upgrade_and_wait`]) has to get every worker ready before
     /// it is killed and this one goes on serving (default 60 s).
@@ -496,6 +520,17 @@ impl Builder {
             }
         }
         let reuseport = self.sched == Sched::ReusePort;
+        if self.sticky.is_some() && self.sched.is_kernel() {
+            return Err(PrimaryError::Config(format!(
+                "--sticky needs a primary-side mode (rr, least-conn, p2c): in {} mode the workers accept",
+                self.sched
+            )));
+        }
+        if !(self.sticky_balance_factor.is_finite() && self.sticky_balance_factor > 0.0) {
+            return Err(PrimaryError::Config(
+                "--sticky-balance-factor must be a number above 0 (e.g. 0.25)".into(),
+            ));
+        }
         if self.steer != Steer::Off {
             if !reuseport {
                 return Err(PrimaryError::Config(format!(
@@ -635,6 +670,8 @@ impl Builder {
             max_restarts: self.max_restarts,
             program: upgrade::Program::own(),
             upgrade_timeout: self.upgrade_timeout,
+            sticky: self.sticky.clone(),
+            sticky_balance_factor: self.sticky_balance_factor,
         };
         let inner = event_loop::EventLoop::new(
             listener,

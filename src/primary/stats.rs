@@ -164,6 +164,19 @@ pub struct SlotStats {
     pub last_exit: Option<String>,
 }
 
+/// With `--sticky`: how the primary placed connections since it started.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct StickyCounts {
+    /// On the first slot of their key's ring.
+    pub by_key: u64,
+    /// On a later slot: the first was over the load bound (or could not
+    /// take one).
+    pub moved: u64,
+    /// By the policy: no slot on the ring could take it.
+    pub fallback: u64,
+}
+
 /// The primary's figures, from [`crate::Handle::stats`].
 #[derive(Debug, Clone, PartialEq, Eq)]
 #[non_exhaustive]
@@ -172,6 +185,8 @@ pub struct Stats {
     pub sched: Sched,
     /// The kernel steering of reuseport (`--steer`); `Off` otherwise.
     pub steer: super::Steer,
+    /// With `--sticky`: how connections were placed.
+    pub sticky: Option<StickyCounts>,
     /// The address the primary was given (see `listeners` for Node apps).
     pub local_addr: SocketAddr,
     /// How long the primary has been running.
@@ -230,6 +245,7 @@ impl Stats {
         Stats {
             sched,
             steer: super::Steer::Off,
+            sticky: None,
             local_addr,
             uptime: Duration::ZERO,
             workers: Vec::new(),

@@ -35,6 +35,7 @@ mod sched;
 mod shutdown;
 mod soak;
 mod steer;
+mod sticky;
 mod supervision;
 mod systemd;
 mod upgrade;

@@ -238,8 +238,34 @@ impl EventLoop {
                     (w.slot == slot && w.can_take(k) && self.ledger.outstanding(i) < max)
                         .then_some(i)
                 });
+                // Ready but full for the moment (`--max-unacked`, its
+                // channel): the connection waits for room there rather
+                // than break its client's session elsewhere.
+                let busy = found.is_none()
+                    && self
+                        .workers
+                        .iter()
+                        .flatten()
+                        .any(|w| w.slot == slot && w.is_ready());
+                if busy {
+                    return None;
+                }
+                if found.is_none() {
+                    debug!("sticky: slot {} has no ready worker", slot.number());
+                }
                 if let Some(i) = found {
-                    if self.ledger.in_flight(i) < bound {
+                    // A worker that reports no completions (a Node app, a
+                    // program without the protocol) has no load to bound:
+                    // its keys stay unless it cannot take a connection.
+                    let reports = self.ledger.finished(i).is_some();
+                    if !reports || self.ledger.in_flight(i) < bound {
+                        if !first {
+                            debug!(
+                                "sticky: a key moved to slot {} (in flight {}, bound {bound})",
+                                slot.number(),
+                                self.ledger.in_flight(i)
+                            );
+                        }
                         let counts = &mut self.accept.sticky_counts;
                         if first {
                             counts.by_key += 1;

@@ -11,7 +11,11 @@
 //! e`, `--sticky-balance-factor e`), else to the next. A key keeps its slot
 //! across restarts and reloads of that slot's worker (the ring is keyed by
 //! slot), and adding a slot moves only the keys whose arc it takes (about
-//! 1/N). No I/O: the acceptor asks [`Ring::order`] and checks the bound.
+//! 1/N). The load is what workers report (DONE): a worker that reports
+//! none (a Node app, a program without the protocol) is never over the
+//! bound, so its keys move only when it cannot take a connection at all
+//! (not ready, `--max-unacked` reached). No I/O: the acceptor asks
+//! [`Ring::order`] and checks the bound.
 
 use std::net::IpAddr;
 
@@ -134,11 +138,17 @@ impl Ring {
     }
 }
 
+/// A worker may always hold this many in flight and take one more: at low
+/// load the average is below one, and a completion report that has not
+/// reached the primary yet must not move a key.
+pub const MIN_BOUND: u64 = 2;
+
 /// The most a worker may hold in flight to take one more: `ceil(c · (m +
-/// 1) / n)` for `m` in flight over `n` workers, `c = 1 + factor`.
+/// 1) / n)` for `m` in flight over `n` workers, `c = 1 + factor`, and at
+/// least [`MIN_BOUND`].
 pub fn bound(in_flight_total: u64, workers: usize, factor: f64) -> u64 {
     let n = workers.max(1) as f64;
-    ((1.0 + factor) * (in_flight_total as f64 + 1.0) / n).ceil() as u64
+    (((1.0 + factor) * (in_flight_total as f64 + 1.0) / n).ceil() as u64).max(MIN_BOUND)
 }
 
 #[cfg(test)]
@@ -193,7 +203,7 @@ mod tests {
 
     #[test]
     fn the_bound_is_c_times_the_average_rounded_up() {
-        assert_eq!(bound(0, 4, 0.25), 1);
+        assert_eq!(bound(0, 4, 0.25), MIN_BOUND);
         assert_eq!(bound(39, 4, 0.25), 13);
         assert_eq!(bound(100, 1, 0.25), 127);
         assert_eq!(bound(7, 0, 0.25), 10);

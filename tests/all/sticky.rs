@@ -71,7 +71,12 @@ fn slot_per_source(p: &Primary) -> BTreeMap<IpAddr, u64> {
                         .unwrap_or_else(|| panic!("worker {id} not in {slots:?}"))
                 })
                 .collect();
-            assert_eq!(reached.len(), 1, "{from} reached slots {reached:?}");
+            assert_eq!(
+                reached.len(),
+                1,
+                "{from} reached slots {reached:?}\n{}",
+                p.log().dump()
+            );
             (from, reached.into_iter().next().unwrap())
         })
         .collect()

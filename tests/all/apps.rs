@@ -12,6 +12,7 @@
 use crate::util;
 
 use std::collections::BTreeSet;
+use std::io::{Read, Write};
 use std::process::Command;
 use std::time::Duration;
 
@@ -342,4 +343,89 @@ fn gunicorn_serves_reloads_and_stops() {
     assert!(all, "not 2 masters and 4 workers: {pids:?}");
     p.signal(Signal::SIGKILL);
     kill_and_fail(&wait_gone(&pids, DEADLINE), "after SIGKILL of the primary");
+}
+
+/// socket.io 4.8 (pinned), its default first transport, HTTP long-polling,
+/// on 4 workers. In rr a session's next request reaches another worker,
+/// which answers 400 `Session ID unknown`; real socket.io clients fail.
+/// With `--sticky ip`, 50 clients, each from its own loopback address,
+/// exchange 5 messages each without an error.
+#[test]
+fn socketio_polling_works_with_sticky_sessions_and_not_without() {
+    let test = "socketio_polling_works_with_sticky_sessions_and_not_without";
+    let Some(app) = node_app(test, "socketio.js") else {
+        return;
+    };
+    if !repo_path("tests/apps/node/node_modules/socket.io").is_dir() {
+        skip(
+            test,
+            "socket.io is not installed (npm ci --prefix tests/apps/node)",
+        );
+        return;
+    }
+    let clients = |p: &Primary| -> serde_json::Value {
+        let out = Command::new("node")
+            .arg(repo_path("tests/apps/node/socketio_clients.js"))
+            .arg(format!("http://127.0.0.1:{}", p.addr.port()))
+            .args(["50", "5"])
+            .output()
+            .expect("run the socket.io clients");
+        let text = String::from_utf8_lossy(&out.stdout);
+        serde_json::from_str(text.trim())
+            .unwrap_or_else(|e| panic!("{e}: {text}\n{}", String::from_utf8_lossy(&out.stderr)))
+    };
+
+    let p = start(4, &[], &["node", &app]);
+    p.wait_all_ready();
+    // A handshake, then the session's first poll on a new connection.
+    let mut unknown = 0;
+    for _ in 0..4 {
+        let hello =
+            util::get_path(p.addr, "/socket.io/?EIO=4&transport=polling").expect("handshake");
+        assert_eq!(hello.status, 200, "{hello:?}");
+        let sid = hello
+            .body
+            .split("\"sid\":\"")
+            .nth(1)
+            .and_then(|r| r.split('"').next())
+            .unwrap_or_else(|| panic!("no sid in {:?}", hello.body))
+            .to_string();
+        // Read whole to the close (the 400 comes chunked).
+        let mut stream = std::net::TcpStream::connect(p.addr).expect("connect");
+        stream
+            .set_read_timeout(Some(util::IO_TIMEOUT))
+            .expect("timeout");
+        write!(
+            stream,
+            "GET /socket.io/?EIO=4&transport=polling&sid={sid} HTTP/1.1\r\nHost: t\r\nConnection: close\r\n\r\n"
+        )
+        .expect("send");
+        let mut poll = String::new();
+        stream.read_to_string(&mut poll).expect("read");
+        if poll.starts_with("HTTP/1.1 400") && poll.contains("Session ID unknown") {
+            unknown += 1;
+        }
+    }
+    assert!(unknown > 0, "rr never split a session");
+    let rr = clients(&p);
+    eprintln!("socket.io in rr: {rr}");
+    assert!(
+        rr["ok"].as_u64().unwrap() < 50,
+        "every client worked in rr: {rr}"
+    );
+    assert!(!rr["errors"].as_array().unwrap().is_empty(), "{rr}");
+    stops_at_once(p);
+
+    let p = start(4, &["--sticky", "ip"], &["node", &app]);
+    p.wait_all_ready();
+    let sticky = clients(&p);
+    eprintln!("socket.io with --sticky ip: {sticky}");
+    assert_eq!(
+        sticky["ok"].as_u64(),
+        Some(50),
+        "{sticky}\n{}",
+        p.log().dump()
+    );
+    assert!(sticky["errors"].as_array().unwrap().is_empty(), "{sticky}");
+    stops_at_once(p);
 }

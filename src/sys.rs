@@ -786,3 +786,20 @@ pub fn take_inherited_fd(raw: RawFd) -> io::Result<OwnedFd> {
     set_cloexec(fd.as_fd(), true)?;
     Ok(fd)
 }
+
+/// Copies what waits on socket `fd` into `buf` without consuming it
+/// (`recv(2)` with `MSG_PEEK | MSG_DONTWAIT`): `WouldBlock` when nothing
+/// has come yet, `Ok(0)` at end of file.
+pub fn recv_peek(fd: BorrowedFd<'_>, buf: &mut [u8]) -> io::Result<usize> {
+    // SAFETY: buf is live and writable for its length; the kernel writes
+    // at most that many bytes.
+    let n = cvt(unsafe {
+        libc::recv(
+            fd.as_raw_fd(),
+            buf.as_mut_ptr().cast(),
+            buf.len(),
+            libc::MSG_PEEK | libc::MSG_DONTWAIT,
+        )
+    })?;
+    Ok(n as usize)
+}

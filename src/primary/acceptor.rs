@@ -141,6 +141,13 @@ impl EventLoop {
                         server: k,
                         sent: self.now,
                         refusals: 0,
+                        key: None,
+                    };
+                    // A key in the first request: looked for now, or the
+                    // connection waits for it apart (see peek.rs).
+                    let Some(conn) = self.key_or_park(conn) else {
+                        accepted += 1;
+                        continue;
                     };
                     if let Err(conn) = self.dispatch(conn) {
                         self.ledger.hold(conn);
@@ -319,11 +326,11 @@ impl EventLoop {
     fn dispatch(&mut self, mut conn: Conn) -> Result<(), Conn> {
         conn.sent = self.now;
         let k = conn.server;
-        let key = self
-            .settings
-            .sticky
-            .as_ref()
-            .map(|_| super::sticky::ip_key(conn.peer.ip()));
+        let key = match &self.settings.sticky {
+            Some(super::sticky::Sticky::Ip) => Some(super::sticky::ip_key(conn.peer.ip())),
+            Some(_) => conn.key,
+            None => None,
+        };
         while let Some(i) = self.pick_for(k, key) {
             let w = self.workers[i].as_mut().expect("picked workers exist");
             let sent = match w.channel.as_mut().expect("picked workers have a channel") {
@@ -454,6 +461,8 @@ impl EventLoop {
     /// the backlog is refused once no worker holds a copy either;
     /// connections already accepted still go to workers.
     pub(super) fn close_listeners(&mut self) {
+        // Connections still waiting for a sticky key are placed as they are.
+        self.unpark_all();
         for k in self.servers.indices() {
             self.close_server(k);
         }

@@ -267,6 +267,9 @@ pub(crate) struct Accept {
     pub(super) ring: super::sticky::Ring,
     /// `--sticky`: how connections were placed.
     pub(super) sticky_counts: super::stats::StickyCounts,
+    /// `--sticky header:|cookie:|query:`: connections waiting for their
+    /// key (peek.rs).
+    pub(super) peeking: super::peek::PeekSet,
     /// Workers whose staged batch is being sent (reused).
     pub(super) batched: Vec<WorkerIdx>,
     /// Accepting paused after an accept error, until then.
@@ -431,6 +434,7 @@ impl EventLoop {
                 inherited_node: node,
                 ring: super::sticky::Ring::default(),
                 sticky_counts: super::stats::StickyCounts::default(),
+                peeking: super::peek::PeekSet::default(),
                 batched: Vec::new(),
                 accept_paused_until: None,
                 accept_warned_at: None,
@@ -626,6 +630,7 @@ impl EventLoop {
                     Source::Signals => self.on_signals(),
                     Source::Notify => self.read_notices(),
                     Source::Upgrade => self.on_upgrade_channel(),
+                    Source::Peek(j) => self.on_peek_readable(j),
                     Source::MetricsListener | Source::MetricsClient(_) => self.on_metrics(event),
                     Source::Worker(i) => self.on_channel_event(i, event),
                     Source::Channels | Source::Unknown => {}

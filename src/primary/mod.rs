@@ -31,6 +31,7 @@ mod metrics;
 pub(crate) mod node;
 mod notify;
 mod output;
+mod peek;
 pub mod policy;
 mod privileges;
 mod process;

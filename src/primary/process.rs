@@ -83,6 +83,9 @@ pub(crate) struct Conn {
     pub sent: Instant,
     /// How many Node workers answered `accepted: false`.
     pub refusals: u32,
+    /// `--sticky header:|cookie:|query:`: the key found in its first
+    /// request.
+    pub key: Option<u64>,
 }
 
 impl super::custody::Custody for Conn {

@@ -22,6 +22,8 @@ const SIGNALS: usize = 2;
 const FIRST_WORKER: usize = 3;
 const FIRST_SERVER: usize = usize::MAX / 4;
 const METRICS_LISTENER: usize = usize::MAX / 2;
+/// Connections peeked at for a sticky key, above the servers.
+const FIRST_PEEK: usize = FIRST_SERVER + 4096;
 const NOTIFY: usize = usize::MAX - 1;
 const UPGRADE: usize = usize::MAX - 2;
 
@@ -46,6 +48,8 @@ pub(crate) enum Source {
     Notify,
     /// The channel to the other primary of an upgrade.
     Upgrade,
+    /// Connection `j` of the set peeked at for a sticky key.
+    Peek(usize),
     /// None of the above.
     Unknown,
 }
@@ -62,6 +66,7 @@ impl Source {
             Source::MetricsClient(k) => METRICS_LISTENER + 1 + k,
             Source::Notify => NOTIFY,
             Source::Upgrade => UPGRADE,
+            Source::Peek(j) => FIRST_PEEK + j,
             Source::Unknown => usize::MAX,
         })
     }
@@ -76,6 +81,9 @@ impl Source {
             METRICS_LISTENER => Source::MetricsListener,
             t if (METRICS_LISTENER + 1..=METRICS_LISTENER + MAX_METRICS_CLIENTS).contains(&t) => {
                 Source::MetricsClient(t - METRICS_LISTENER - 1)
+            }
+            t if (FIRST_PEEK..FIRST_PEEK + super::peek::MAX_PEEKING).contains(&t) => {
+                Source::Peek(t - FIRST_PEEK)
             }
             t if (FIRST_SERVER..FIRST_SERVER + MAX_SERVERS).contains(&t) => {
                 Source::Listener(ServerIdx(t - FIRST_SERVER))
@@ -106,6 +114,9 @@ mod tests {
             Source::MetricsClient(0),
             Source::MetricsClient(MAX_METRICS_CLIENTS - 1),
             Source::Notify,
+            Source::Upgrade,
+            Source::Peek(0),
+            Source::Peek(super::super::peek::MAX_PEEKING - 1),
         ];
         for s in all {
             assert_eq!(Source::of(s.token()), s);

@@ -38,12 +38,31 @@ pub const DEFAULT_BALANCE_FACTOR: f64 = 0.25;
 pub enum Sticky {
     /// The peer address of the connection, from accept (no read).
     Ip,
+    /// An HTTP/1.x request header of the first request (its first
+    /// comma-separated element: `header:X-Forwarded-For` is the client
+    /// behind a proxy), peeked at.
+    Header(String),
+    /// A cookie of the first request, peeked at.
+    Cookie(String),
+    /// A query parameter of the first request's target, peeked at.
+    Query(String),
+}
+
+impl Sticky {
+    /// Whether the key is in the first request, which the primary peeks
+    /// at before it places the connection.
+    pub fn peeks(&self) -> bool {
+        !matches!(self, Sticky::Ip)
+    }
 }
 
 impl std::fmt::Display for Sticky {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {
             Sticky::Ip => f.write_str("ip"),
+            Sticky::Header(n) => write!(f, "header:{n}"),
+            Sticky::Cookie(n) => write!(f, "cookie:{n}"),
+            Sticky::Query(n) => write!(f, "query:{n}"),
         }
     }
 }
@@ -51,11 +70,107 @@ impl std::fmt::Display for Sticky {
 impl std::str::FromStr for Sticky {
     type Err = String;
     fn from_str(s: &str) -> Result<Sticky, String> {
-        match s {
-            "ip" => Ok(Sticky::Ip),
-            other => Err(format!(
-                "unknown sticky key '{other}' (expected ip; header:NAME, cookie:NAME and query:NAME are not available yet)"
+        let named = |kind: &str, name: &str| {
+            let ok = !name.is_empty()
+                && name.len() <= 128
+                && name
+                    .bytes()
+                    .all(|b| b.is_ascii_graphic() && !b"=;,".contains(&b));
+            if ok {
+                Ok(name.to_string())
+            } else {
+                Err(format!(
+                    "'{s}': a {kind} name after the colon, e.g. {kind}:sid"
+                ))
+            }
+        };
+        match s.split_once(':') {
+            None if s == "ip" => Ok(Sticky::Ip),
+            Some(("header", n)) => named("header", n).map(Sticky::Header),
+            Some(("cookie", n)) => named("cookie", n).map(Sticky::Cookie),
+            Some(("query", n)) => named("query", n).map(Sticky::Query),
+            _ => Err(format!(
+                "unknown sticky key '{s}' (expected ip, header:NAME, cookie:NAME or query:NAME)"
             )),
+        }
+    }
+}
+
+/// What the start of a request says about its key.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Peeked {
+    /// The key's hash.
+    Key(u64),
+    /// The request has no such key (or is not HTTP/1.x): the policy places
+    /// it.
+    NoKey,
+    /// Not enough bytes yet.
+    Incomplete,
+}
+
+/// The key of `sticky` in `head`, the first bytes of a connection.
+pub fn peek_key(sticky: &Sticky, head: &[u8]) -> Peeked {
+    let line_end = match head.windows(2).position(|w| w == b"\r\n") {
+        Some(at) => at,
+        None => return Peeked::Incomplete,
+    };
+    let line = &head[..line_end];
+    let mut parts = line.split(|&b| b == b' ');
+    let (_, target, version) = (parts.next(), parts.next(), parts.next());
+    if !version.is_some_and(|v| v.starts_with(b"HTTP/1.")) {
+        return Peeked::NoKey;
+    }
+    let found = |v: Option<&[u8]>| v.map_or(Peeked::NoKey, |v| Peeked::Key(hash(v)));
+    match sticky {
+        Sticky::Ip => Peeked::NoKey,
+        Sticky::Query(name) => {
+            let target = target.unwrap_or_default();
+            let query = match target.iter().position(|&b| b == b'?') {
+                Some(at) => &target[at + 1..],
+                None => return Peeked::NoKey,
+            };
+            let query = query.split(|&b| b == b'#').next().unwrap_or_default();
+            found(
+                query
+                    .split(|&b| b == b'&')
+                    .find_map(|pair| pair.strip_prefix(name.as_bytes())?.strip_prefix(b"=")),
+            )
+        }
+        Sticky::Header(_) | Sticky::Cookie(_) => {
+            // The whole head: headers end at an empty line.
+            let Some(end) = head.windows(4).position(|w| w == b"\r\n\r\n") else {
+                return Peeked::Incomplete;
+            };
+            let headers = head[line_end + 2..end + 2].split(|&b| b == b'\n');
+            let value_of = |want: &str| {
+                headers.clone().find_map(|l| {
+                    let l = l.strip_suffix(b"\r").unwrap_or(l);
+                    let colon = l.iter().position(|&b| b == b':')?;
+                    l[..colon]
+                        .eq_ignore_ascii_case(want.as_bytes())
+                        .then(|| l[colon + 1..].trim_ascii())
+                })
+            };
+            match sticky {
+                Sticky::Header(name) => found(
+                    value_of(name)
+                        .map(|v| {
+                            v.split(|&b| b == b',')
+                                .next()
+                                .unwrap_or_default()
+                                .trim_ascii()
+                        })
+                        .filter(|v| !v.is_empty()),
+                ),
+                Sticky::Cookie(name) => found(value_of("cookie").and_then(|v| {
+                    v.split(|&b| b == b';').find_map(|pair| {
+                        pair.trim_ascii()
+                            .strip_prefix(name.as_bytes())?
+                            .strip_prefix(b"=")
+                    })
+                })),
+                _ => Peeked::NoKey,
+            }
         }
     }
 }
@@ -220,7 +335,63 @@ mod tests {
     #[test]
     fn keys_parse_and_unknown_ones_say_what_is_there() {
         assert_eq!("ip".parse::<Sticky>(), Ok(Sticky::Ip));
-        let e = "cookie:sid".parse::<Sticky>().unwrap_err();
-        assert!(e.contains("expected ip"), "{e}");
+        assert_eq!(
+            "cookie:sid".parse::<Sticky>(),
+            Ok(Sticky::Cookie("sid".into()))
+        );
+        assert_eq!(
+            "header:X-Forwarded-For".parse::<Sticky>(),
+            Ok(Sticky::Header("X-Forwarded-For".into()))
+        );
+        assert_eq!("query:u".parse::<Sticky>(), Ok(Sticky::Query("u".into())));
+        for bad in ["mac", "cookie:", "query:a=b", "header:"] {
+            assert!(bad.parse::<Sticky>().is_err(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn keys_come_from_the_first_request() {
+        let req = b"GET /chat?room=1&user=ann#x HTTP/1.1\r\nHost: h\r\nCookie: a=1; sid=abc; z=2\r\nX-Forwarded-For: 10.0.0.7, 10.0.0.1\r\n\r\n";
+        let key = |s: &str| peek_key(&s.parse().unwrap(), req);
+        assert_eq!(key("query:user"), Peeked::Key(hash(b"ann")));
+        assert_eq!(key("cookie:sid"), Peeked::Key(hash(b"abc")));
+        assert_eq!(
+            key("header:x-forwarded-for"),
+            Peeked::Key(hash(b"10.0.0.7"))
+        );
+        assert_eq!(key("query:none"), Peeked::NoKey);
+        assert_eq!(key("cookie:none"), Peeked::NoKey);
+        // Not there yet, in pieces.
+        assert_eq!(
+            peek_key(&"query:user".parse().unwrap(), b"GET /chat?user=an"),
+            Peeked::Incomplete
+        );
+        assert_eq!(
+            peek_key(
+                &"cookie:sid".parse().unwrap(),
+                b"GET / HTTP/1.1\r\nCookie: sid=1\r\n"
+            ),
+            Peeked::Incomplete
+        );
+        // Query needs only the request line.
+        assert_eq!(
+            peek_key(
+                &"query:user".parse().unwrap(),
+                b"GET /?user=bo HTTP/1.1\r\nHo"
+            ),
+            Peeked::Key(hash(b"bo"))
+        );
+        // Not HTTP/1.x (TLS, HTTP/2's preface): the policy places it.
+        assert_eq!(
+            peek_key(&"cookie:sid".parse().unwrap(), b"\x16\x03\x01\x02\x00\r\n"),
+            Peeked::NoKey
+        );
+        assert_eq!(
+            peek_key(
+                &"cookie:sid".parse().unwrap(),
+                b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"
+            ),
+            Peeked::NoKey
+        );
     }
 }

@@ -1049,6 +1049,7 @@ impl EventLoop {
             }
         }
         self.upgrade_timers();
+        self.peek_timers();
         if let Some(m) = self.metrics.as_mut() {
             m.on_timers(self.io.poll.registry(), now);
         }
@@ -1271,6 +1272,7 @@ impl EventLoop {
             .chain(workers)
             .chain([self.accept.accept_paused_until, self.sup.memory_check_at])
             .chain([self.sup.upgrade.as_ref().map(|u| u.deadline)])
+            .chain([self.accept.peeking.next_deadline()])
             .chain([self.metrics.as_ref().and_then(|m| m.next_deadline())])
             .flatten()
             .min()

@@ -213,7 +213,12 @@ impl EventLoop {
     /// moved by the bound. Without a key, or when no slot can: the policy.
     fn pick_for(&mut self, k: ServerIdx, key: Option<u64>) -> Option<WorkerIdx> {
         let Some(key) = key else {
-            return self.pick(k);
+            let picked = self.pick(k);
+            if picked.is_some() && self.settings.sticky.is_some() {
+                // No key (none in the request, or not in time).
+                self.accept.sticky_counts.fallback += 1;
+            }
+            return picked;
         };
         let max = self.settings.max_unacked;
         let active: Vec<SlotIdx> = self

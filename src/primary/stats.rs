@@ -173,7 +173,9 @@ pub struct StickyCounts {
     /// On a later slot: the first was over the load bound (or could not
     /// take one).
     pub moved: u64,
-    /// By the policy: no slot on the ring could take it.
+    /// By the policy: it had no key (none in its first request, or not
+    /// within the peek's time or size), or no slot on the ring could take
+    /// it.
     pub fallback: u64,
 }
 

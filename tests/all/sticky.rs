@@ -124,7 +124,8 @@ fn each_client_address_stays_on_its_slot_across_a_kill_and_a_reload() {
     p.assert_no_panic();
 }
 
-/// One hot address, 24 requests at once that each hold a worker 300 ms:
+/// One hot address, 24 requests at once that each hold a worker 1.5 s (so
+/// that all are in flight together, even on a busy machine):
 /// its slot takes what the bound allows and the rest spill to the next
 /// slots; no worker holds more than ceil(1.25 × 24 / 4) = 8; the metrics
 /// count connections placed by key and moved by the bound.
@@ -140,7 +141,7 @@ fn a_hot_key_spills_within_the_bound() {
     let addr = p.addr;
     let from = IpAddr::from([127, 0, 0, 9]);
     let clients: Vec<_> = (0..24)
-        .map(|_| std::thread::spawn(move || get_from(from, addr, "/work?ms=300")))
+        .map(|_| std::thread::spawn(move || get_from(from, addr, "/work?ms=1500")))
         .collect();
     let mut per_worker: BTreeMap<u64, usize> = BTreeMap::new();
     for c in clients {
@@ -183,7 +184,11 @@ fn sticky_settings_that_cannot_work_are_one_line() {
             &["--sticky", "ip", "--sched", "reuseport"][..],
             "--sticky needs a primary-side mode",
         ),
-        (&["--sticky", "cookie:sid"][..], "unknown sticky key"),
+        (&["--sticky", "mac"][..], "unknown sticky key"),
+        (
+            &["--sticky", "cookie:"][..],
+            "a cookie name after the colon",
+        ),
         (
             &["--sticky", "ip", "--sticky-balance-factor", "0"][..],
             "not a balance factor",
@@ -203,4 +208,114 @@ fn sticky_settings_that_cannot_work_are_one_line() {
         assert!(err.contains(needle), "{args:?}: {err}");
         assert!(!err.contains("panicked"), "{err}");
     }
+}
+
+/// One request with `Connection: close` whose head is `head` (the request
+/// line and headers, without the final empty line), sent in two segments
+/// 30 ms apart; the worker id of the answer.
+fn get_split(addr: SocketAddr, head: &str) -> u64 {
+    let mut stream = TcpStream::connect(addr).expect("connect");
+    stream.set_nodelay(true).expect("nodelay");
+    stream.set_read_timeout(Some(IO_TIMEOUT)).expect("timeout");
+    let whole = format!("{head}\r\nConnection: close\r\n\r\n");
+    let (a, b) = whole.split_at(whole.len() / 2);
+    stream.write_all(a.as_bytes()).expect("send");
+    std::thread::sleep(std::time::Duration::from_millis(30));
+    stream.write_all(b.as_bytes()).expect("send");
+    let mut answer = String::new();
+    stream.read_to_string(&mut answer).expect("read");
+    assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
+    let body = answer.split("\r\n\r\n").nth(1).unwrap_or_default();
+    parse_worker(body)
+        .unwrap_or_else(|| panic!("no worker in {answer:?}"))
+        .0
+}
+
+/// `cookie:sid` and `query:user`: each value on one slot, with requests
+/// split over two TCP segments; meanwhile a client that connects and sends
+/// nothing holds up nobody, and is placed (without a key) after the
+/// timeout: its request, sent late, is answered.
+#[test]
+fn cookie_and_query_keys_are_peeked_from_split_requests() {
+    for (flag, head) in [
+        (
+            "cookie:sid",
+            "GET / HTTP/1.1\r\nHost: t\r\nCookie: theme=dark; sid={}",
+        ),
+        ("query:user", "GET /?lang=en&user={} HTTP/1.1\r\nHost: t"),
+    ] {
+        let p = Primary::start(4, &["--sticky", flag]);
+        p.wait_all_ready();
+        let silent = TcpStream::connect(p.addr).expect("a silent client");
+        let started = std::time::Instant::now();
+        let slots = slots_of(&p);
+        let mut used = BTreeSet::new();
+        for value in ["ann", "bob", "cy", "dee", "eve", "fay"] {
+            let head = head.replace("{}", value);
+            let reached: BTreeSet<u64> = (0..4).map(|_| slots[&get_split(p.addr, &head)]).collect();
+            assert_eq!(reached.len(), 1, "{flag}={value} reached slots {reached:?}");
+            used.extend(reached);
+        }
+        assert!(used.len() >= 2, "{flag}: six values all on one slot");
+        // The others were not held up by the silent one.
+        assert!(
+            started.elapsed() < std::time::Duration::from_secs(5),
+            "{:?}",
+            started.elapsed()
+        );
+        // The silent client, placed after the timeout, is served.
+        std::thread::sleep(std::time::Duration::from_millis(700));
+        let mut silent = silent;
+        silent.set_read_timeout(Some(IO_TIMEOUT)).expect("timeout");
+        write!(
+            silent,
+            "GET / HTTP/1.1\r\nHost: t\r\nConnection: close\r\n\r\n"
+        )
+        .expect("send");
+        let mut answer = String::new();
+        silent.read_to_string(&mut answer).expect("read");
+        assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
+        p.assert_no_panic();
+    }
+}
+
+/// `header:X-Forwarded-For` through the real HAProxy (`option forwardfor`,
+/// one connection to the distributor per request): six client addresses,
+/// all reaching the distributor from HAProxy's one address, each stay on
+/// one slot.
+#[test]
+fn forwarded_for_through_haproxy_keeps_each_client_on_its_slot() {
+    if !util::have_program("haproxy", "-v") {
+        util::skip(
+            &util::current_test(),
+            "haproxy is not installed (apt-get install haproxy)",
+        );
+        return;
+    }
+    let p = Primary::start(4, &["--sticky", "header:X-Forwarded-For"]);
+    p.wait_all_ready();
+    let front = util::node::free_port();
+    let dir = util::TempDir::new("sticky-haproxy");
+    let cfg = format!(
+        "global\n    maxconn 256\ndefaults\n    mode http\n    timeout connect 2s\n    timeout client 10s\n    timeout server 10s\n    option forwardfor\n    option http-server-close\nfrontend web\n    bind 127.0.0.1:{front}\n    default_backend d\nbackend d\n    server one {}\n",
+        p.addr
+    );
+    let path = dir.path().join("haproxy.cfg");
+    std::fs::write(&path, cfg).expect("write the config");
+    let mut cmd = Command::new("haproxy");
+    cmd.arg("-db").arg("-f").arg(&path);
+    let haproxy = util::Proc::spawn(cmd);
+    let front = SocketAddr::from(([127, 0, 0, 1], front));
+    let up = util::poll_until(util::DEADLINE, || TcpStream::connect(front).is_ok());
+    assert!(up, "haproxy did not listen: {}", haproxy.stderr.dump());
+    let slots = slots_of(&p);
+    let mut used = BTreeSet::new();
+    for from in sources() {
+        let reached: BTreeSet<u64> = (0..5).map(|_| slots[&get_from(from, front, "/")]).collect();
+        assert_eq!(reached.len(), 1, "{from} reached slots {reached:?}");
+        used.extend(reached);
+    }
+    assert!(used.len() >= 2, "six clients all on one slot: {used:?}");
+    drop(haproxy);
+    p.assert_no_panic();
 }

@@ -77,12 +77,23 @@ pub(crate) struct Bound {
 pub(crate) struct ControlServer {
     path: PathBuf,
     handed_over: Arc<AtomicBool>,
+    /// Clients whose answer is not written yet.
+    answering: Arc<AtomicUsize>,
 }
 
+/// How long an exiting primary waits for the answers being written (an
+/// upgrade's, say, which completes just before it exits).
+const ANSWER_GRACE: Duration = Duration::from_secs(2);
+
 impl Drop for ControlServer {
-    /// Removes the socket file, unless the new primary of an upgrade took
-    /// it over (the same path) and answers there now.
+    /// Lets the answers under way go out, then removes the socket file,
+    /// unless the new primary of an upgrade took it over (the same path)
+    /// and answers there now.
     fn drop(&mut self) {
+        let until = std::time::Instant::now() + ANSWER_GRACE;
+        while self.answering.load(Ordering::SeqCst) > 0 && std::time::Instant::now() < until {
+            std::thread::sleep(Duration::from_millis(5));
+        }
         let taken_over =
             self.handed_over.load(Ordering::SeqCst) && UnixStream::connect(&self.path).is_ok();
         if !taken_over {
@@ -187,8 +198,10 @@ impl Bound {
     ) -> ControlServer {
         let path = self.path.clone();
         let busy = Arc::new(AtomicUsize::new(0));
+        let answering = Arc::new(AtomicUsize::new(0));
         let listener = self.listener;
         let stop = Arc::clone(&handed_over);
+        let answering_in_thread = Arc::clone(&answering);
         let spawned = std::thread::Builder::new()
             .name("distributor-control".into())
             .spawn(move || {
@@ -231,10 +244,12 @@ impl Bound {
                         continue;
                     }
                     let (handle, busy) = (handle.clone(), Arc::clone(&busy));
+                    let answering = Arc::clone(&answering_in_thread);
+                    answering.fetch_add(1, Ordering::SeqCst);
                     let _ = std::thread::Builder::new()
                         .name("distributor-control-client".into())
                         .spawn(move || {
-                            serve_client(stream, &handle, upgrade_timeout);
+                            serve_client(stream, &handle, upgrade_timeout, &answering);
                             busy.fetch_sub(1, Ordering::SeqCst);
                         });
                 }
@@ -242,7 +257,11 @@ impl Bound {
         if let Err(e) = spawned {
             tracing::warn!("control socket: cannot start its thread: {e}");
         }
-        ControlServer { path, handed_over }
+        ControlServer {
+            path,
+            handed_over,
+            answering,
+        }
     }
 }
 
@@ -261,7 +280,12 @@ fn read_request(stream: &UnixStream) -> io::Result<String> {
     Ok(line.trim().to_string())
 }
 
-fn serve_client(mut stream: UnixStream, handle: &Handle, upgrade_timeout: Duration) {
+fn serve_client(
+    mut stream: UnixStream,
+    handle: &Handle,
+    upgrade_timeout: Duration,
+    answering: &AtomicUsize,
+) {
     let answer = match read_request(&stream) {
         Ok(request) => run(&request, handle, upgrade_timeout),
         Err(e) => Err(e.to_string()),
@@ -272,6 +296,7 @@ fn serve_client(mut stream: UnixStream, handle: &Handle, upgrade_timeout: Durati
         Err(why) => format!("error: {why}\n"),
     };
     let _ = stream.write_all(text.as_bytes());
+    answering.fetch_sub(1, Ordering::SeqCst);
     if stop {
         // The client waits for the end of the file: the primary's exit.
         let mut sink = [0u8; 64];

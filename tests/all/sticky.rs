@@ -124,8 +124,9 @@ fn each_client_address_stays_on_its_slot_across_a_kill_and_a_reload() {
     p.assert_no_panic();
 }
 
-/// One hot address, 24 requests at once that each hold a worker 1.5 s (so
-/// that all are in flight together, even on a busy machine):
+/// One hot address, 24 requests at once that each hold a worker 600 ms
+/// (so that all are in flight together, even on a busy machine; a worker
+/// serves them one after the other):
 /// its slot takes what the bound allows and the rest spill to the next
 /// slots; no worker holds more than ceil(1.25 × 24 / 4) = 8; the metrics
 /// count connections placed by key and moved by the bound.
@@ -141,7 +142,7 @@ fn a_hot_key_spills_within_the_bound() {
     let addr = p.addr;
     let from = IpAddr::from([127, 0, 0, 9]);
     let clients: Vec<_> = (0..24)
-        .map(|_| std::thread::spawn(move || get_from(from, addr, "/work?ms=1500")))
+        .map(|_| std::thread::spawn(move || get_from(from, addr, "/work?ms=600")))
         .collect();
     let mut per_worker: BTreeMap<u64, usize> = BTreeMap::new();
     for c in clients {

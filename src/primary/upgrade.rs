@@ -487,6 +487,12 @@ impl EventLoop {
         if let Some(m) = self.metrics.as_mut() {
             m.stop_listening(self.io.poll.registry());
         }
+        // The control socket: this primary stops answering on it before it
+        // says anything, so that whoever hears of the upgrade finds only the
+        // new one.
+        if let Some(c) = &self.sup.control {
+            c.release();
+        }
         // The service's main process moves first, so that the new one's
         // READY=1 after `go` comes from the main process.
         super::supervisor::tell_systemd(&format!(
@@ -500,11 +506,6 @@ impl EventLoop {
             "upgrade: the new primary (pid {}) is ready and takes over; stopping this one's workers",
             u.pid
         );
-        // The control socket: this primary stops answering on it (before
-        // the answer, so that whoever asked finds only the new one).
-        if let Some(c) = &self.sup.control {
-            c.release();
-        }
         for tx in u.waiters.drain(..) {
             let _ = tx.try_send(Ok(u.pid));
         }

@@ -38,7 +38,9 @@
 //!   with its phase (`process.rs`) and deadlines (`timers.rs`), the mio
 //!   tokens (`source.rs`), the BPF steering of reuseport (`steer.rs`,
 //!   `--steer rr`), the hot upgrade of the primary (`upgrade.rs`), the
-//!   control socket of `distributor ctl` (`control.rs`), restarts'
+//!   control socket of `distributor ctl` (`control.rs`), sticky sessions
+//!   (`sticky.rs`: keys and the ring; `peek.rs`: connections waiting for
+//!   a key in their first request), restarts'
 //!   backoff (`backoff.rs`), Node's
 //!   cluster protocol (`node/`), the metrics endpoint (`metrics.rs`,
 //!   `exposition.rs`), the workers' notify socket, output relay, the

@@ -59,8 +59,13 @@ pub(crate) const PLAIN_LOADS: &[Load] = &[Load::Close, Load::Single];
 /// In table order; a round runs them in this order or reversed.
 /// The `sched` of the steered contender: `--sched reuseport --steer rr`.
 pub(crate) const STEERED: &str = "reuseport+steer";
+/// `--sched rr --sticky ip`.
+pub(crate) const STICKY_IP: &str = "rr+sticky-ip";
+/// `--sched rr --sticky cookie:sid` (the bench's requests carry no such
+/// cookie: each connection is peeked at, then placed by the policy).
+pub(crate) const STICKY_COOKIE: &str = "rr+sticky-cookie";
 
-pub(crate) const CONTENDERS: [Contender; 13] = [
+pub(crate) const CONTENDERS: [Contender; 15] = [
     Contender {
         key: "dist-rr",
         label: "distributor rr",
@@ -120,6 +125,26 @@ pub(crate) const CONTENDERS: [Contender; 13] = [
             baseline: false,
         },
         loads: LATENCY_LOADS,
+    },
+    Contender {
+        key: "dist-sticky-ip",
+        label: "distributor rr --sticky ip",
+        program: Program::Distributor {
+            sched: STICKY_IP,
+            node: false,
+            baseline: false,
+        },
+        loads: DEMO_LOADS,
+    },
+    Contender {
+        key: "dist-sticky-cookie",
+        label: "distributor rr --sticky cookie:sid",
+        program: Program::Distributor {
+            sched: STICKY_COOKIE,
+            node: false,
+            baseline: false,
+        },
+        loads: DEMO_LOADS,
     },
     Contender {
         key: "base-rr",

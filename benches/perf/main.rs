@@ -85,7 +85,8 @@
 //!   `/usr/sbin/nginx`);
 //! - `PERF_CONTENDERS`: a comma-separated subset of `dist-rr`,
 //!   `dist-least-conn`, `dist-p2c`, `dist-shared`, `dist-reuseport`,
-//!   `dist-steer` (`--sched reuseport --steer rr`; root only), `base-rr`, `base-reuseport`, `plain-loop`, `uring-loop`, `nginx`,
+//!   `dist-steer` (`--sched reuseport --steer rr`; root only),
+//!   `dist-sticky-ip`, `dist-sticky-cookie` (`--sticky`), `base-rr`, `base-reuseport`, `plain-loop`, `uring-loop`, `nginx`,
 //!   `node-rr`, `dist-node-rr`, and `memory` (the memory phase);
 //! - `PERF_BASELINE`: another `distributor` binary (an older build) that
 //!   the `base-rr` and `base-reuseport` contenders run, side by side with

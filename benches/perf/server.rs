@@ -71,6 +71,10 @@ impl Server {
                 cmd.args(["--workers", &n]);
                 if sched == STEERED {
                     cmd.args(["--sched", "reuseport", "--steer", "rr"]);
+                } else if sched == STICKY_IP {
+                    cmd.args(["--sched", "rr", "--sticky", "ip"]);
+                } else if sched == STICKY_COOKIE {
+                    cmd.args(["--sched", "rr", "--sticky", "cookie:sid"]);
                 } else {
                     cmd.args(["--sched", sched]);
                 }

@@ -39,6 +39,7 @@ fn main() {
             path: "/".into(),
             threads: 2,
             slow: None,
+            sessions: None,
             command: demo.clone(),
         };
         let reports = match lab::compare(&opts, &mut |_| {}) {

@@ -562,6 +562,7 @@ impl Server {
             path: "/".into(),
             threads: LOAD_THREADS,
             slow: None,
+            sessions: None,
         };
         if !s.warmup.is_zero() {
             load::run_load(&spec, &|_, _| {}).map_err(|e| format!("load generator: {e}"))?;

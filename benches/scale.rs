@@ -93,6 +93,7 @@ fn run(primary: &Primary, seconds: u64, connections: usize) -> Result<(f64, u64)
         path: "/".into(),
         threads: 2,
         slow: None,
+        sessions: None,
     };
     load::run_load(&spec(Duration::from_millis(500)), &|_, _| {}).map_err(|e| e.to_string())?;
     let (result, cpu) = measure_cpu(primary.child.id(), || {

@@ -318,6 +318,12 @@ struct CompareArgs {
     #[arg(long, value_name = "SHARE:PATH", value_parser = parse_slow)]
     slow: Option<distributor::lab::load::SlowShare>,
 
+    /// Clients with sessions: N:H is N clients, each connection carrying
+    /// its client's `Cookie: sid=...`, of which H heavy ones send a third
+    /// of the connections; compare rr with rr+sticky (--sticky cookie:sid)
+    #[arg(long, value_name = "N:H", value_parser = parse_sessions)]
+    sessions: Option<distributor::lab::load::Sessions>,
+
     /// Print one JSON document on stdout instead of the table
     #[arg(long)]
     json: bool,
@@ -339,6 +345,18 @@ fn parse_count(s: &str, max: usize) -> Result<usize, String> {
         Ok(n) => Ok(n),
         Err(_) => Err("not a whole number".into()),
     }
+}
+
+/// `--sessions 1000:2`.
+fn parse_sessions(s: &str) -> Result<distributor::lab::load::Sessions, String> {
+    let bad = || format!("'{s}' is not N:H (clients, heavy ones), e.g. 1000:2");
+    let (n, h) = s.split_once(':').ok_or_else(bad)?;
+    let clients: u32 = n.parse().map_err(|_| bad())?;
+    let heavy: u32 = h.parse().map_err(|_| bad())?;
+    if clients == 0 || clients > 100_000 || heavy > clients {
+        return Err(bad());
+    }
+    Ok(distributor::lab::load::Sessions { clients, heavy })
 }
 
 /// `--slow 5%:/work?ms=50` (or `0.5%:...`, `5:...`).
@@ -663,6 +681,7 @@ fn compare(args: CompareArgs) -> anyhow::Result<()> {
         path: args.path,
         threads: args.threads,
         slow: args.slow.clone(),
+        sessions: args.sessions,
         command,
     };
     let tty = std::io::stderr().is_terminal();

@@ -266,6 +266,7 @@ impl Server {
             path: "/".into(),
             threads,
             slow: None,
+            sessions: None,
         }
     }
 

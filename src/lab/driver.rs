@@ -56,6 +56,8 @@ struct Conn {
     phase: Phase,
     /// Whether the current request goes to the slow path.
     slow: bool,
+    /// Whose connection it is (with sessions).
+    client: Option<usize>,
     written: usize,
     /// Where the current request's latency counts from.
     started: Instant,
@@ -77,6 +79,10 @@ pub(super) struct Driver<'a> {
     request: Vec<u8>,
     slow_request: Vec<u8>,
     slow_per_mille: u32,
+    /// With sessions: each client's request.
+    sessions: Vec<Vec<u8>>,
+    /// The first `heavy` clients send a third of the connections.
+    heavy: usize,
     rng: fastrand::Rng,
     /// Where reads land before being parsed; one per thread.
     scratch: Vec<u8>,
@@ -105,6 +111,22 @@ impl<'a> Driver<'a> {
             )
             .into_bytes()
         };
+        let session_for = |client: u32| {
+            let close = if spec.keepalive {
+                ""
+            } else {
+                "Connection: close\r\n"
+            };
+            format!(
+                "GET {} HTTP/1.1\r\nHost: {}\r\nUser-Agent: distributor-lab\r\nCookie: sid=c{client}\r\n{close}\r\n",
+                spec.path, spec.addr
+            )
+            .into_bytes()
+        };
+        let sessions = spec.sessions.map_or_else(Vec::new, |s| {
+            (0..s.clients.max(1)).map(session_for).collect()
+        });
+        let heavy = spec.sessions.map_or(0, |s| s.heavy.min(s.clients.max(1)) as usize);
         let (slow_request, slow_per_mille) = match &spec.slow {
             Some(slow) => (request_for(&slow.path), slow.per_mille.min(1000)),
             None => (Vec::new(), 0),
@@ -116,6 +138,7 @@ impl<'a> Driver<'a> {
                     stream: None,
                     phase: Phase::Backoff,
                     slow: false,
+                    client: None,
                     written: 0,
                     started: now,
                     timeout_at: now,
@@ -129,6 +152,8 @@ impl<'a> Driver<'a> {
             request: request_for(&spec.path),
             slow_request,
             slow_per_mille,
+            sessions,
+            heavy,
             rng: fastrand::Rng::with_seed(0x6c61_625f_6c6f_6164 ^ seed),
             scratch: vec![0; 16 * 1024],
             stopping: false,
@@ -234,10 +259,12 @@ impl<'a> Driver<'a> {
         let now = Instant::now();
         let keepalive = self.keepalive;
         let slow = !keepalive && self.pick_slow();
+        let client = self.pick_client();
         let c = &mut self.conns[i];
         c.started = now;
         c.timeout_at = now + REQUEST_TIMEOUT;
         c.slow = slow;
+        c.client = client;
         c.written = 0;
         c.reader.reset();
         let mut stream = match TcpStream::connect(self.addr) {
@@ -258,6 +285,21 @@ impl<'a> Driver<'a> {
         }
         c.stream = Some(stream);
         c.phase = Phase::Connecting;
+    }
+
+    /// With sessions: a heavy client for a third of the connections, else
+    /// one of the others.
+    fn pick_client(&mut self) -> Option<usize> {
+        let n = self.sessions.len();
+        if n == 0 {
+            return None;
+        }
+        let heavy = self.heavy.min(n);
+        Some(if heavy > 0 && (heavy == n || self.rng.u32(0..3) == 0) {
+            self.rng.usize(0..heavy)
+        } else {
+            self.rng.usize(heavy..n)
+        })
     }
 
     fn pick_slow(&mut self) -> bool {
@@ -293,10 +335,10 @@ impl<'a> Driver<'a> {
                     }
                 }
                 Phase::Writing => {
-                    let request = if c.slow {
-                        &self.slow_request
-                    } else {
-                        &self.request
+                    let request = match (c.slow, c.client) {
+                        (true, _) => &self.slow_request,
+                        (false, Some(client)) => &self.sessions[client],
+                        (false, None) => &self.request,
                     };
                     match stream.write(&request[c.written..]) {
                         Ok(n) => {

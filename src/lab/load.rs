@@ -46,7 +46,7 @@ use super::driver::{Driver, Stats};
 use super::spec::new_histogram;
 pub use super::spec::{
     DRAIN_GRACE, ERROR_BACKOFF, LoadSpec, MAX_ERROR_BACKOFF, PROGRESS_EVERY, REQUEST_TIMEOUT,
-    SlowShare,
+    Sessions, SlowShare,
 };
 
 /// What a run measured.
@@ -255,6 +255,7 @@ mod tests {
             path: "/".to_string(),
             threads: 2,
             slow: None,
+            sessions: None,
         }
     }
 

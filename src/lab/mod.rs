@@ -46,6 +46,8 @@ pub struct LabMode {
     pub sched: Sched,
     /// Kernel steering (reuseport only).
     pub steer: Steer,
+    /// `--sticky cookie:sid` (the lab's sessions send that cookie).
+    pub sticky: bool,
 }
 
 impl From<Sched> for LabMode {
@@ -53,16 +55,21 @@ impl From<Sched> for LabMode {
         LabMode {
             sched,
             steer: Steer::Off,
+            sticky: false,
         }
     }
 }
 
 impl std::fmt::Display for LabMode {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        match self.steer {
-            Steer::Off => f.write_str(self.sched.name()),
-            steer => write!(f, "{}+steer-{steer}", self.sched.name()),
+        f.write_str(self.sched.name())?;
+        if self.steer != Steer::Off {
+            write!(f, "+steer-{}", self.steer)?;
         }
+        if self.sticky {
+            f.write_str("+sticky")?;
+        }
+        Ok(())
     }
 }
 
@@ -73,7 +80,19 @@ impl std::str::FromStr for LabMode {
             "steer" | "reuseport+steer" | "reuseport+steer-rr" => Ok(LabMode {
                 sched: Sched::ReusePort,
                 steer: Steer::RoundRobin,
+                sticky: false,
             }),
+            s if s.ends_with("+sticky") => {
+                let sched: Sched = s.trim_end_matches("+sticky").parse()?;
+                if sched.is_kernel() {
+                    return Err(format!("'{s}': sticky sessions need rr, least-conn or p2c"));
+                }
+                Ok(LabMode {
+                    sched,
+                    steer: Steer::Off,
+                    sticky: true,
+                })
+            }
             _ => s.parse::<Sched>().map(LabMode::from).map_err(|e| {
                 format!("{e}; or reuseport+steer (reuseport steered by BPF, root only)")
             }),
@@ -100,6 +119,8 @@ pub struct CompareOptions {
     pub threads: usize,
     /// A share of requests sent to another path (a heterogeneous workload).
     pub slow: Option<SlowShare>,
+    /// Clients with sessions (`Cookie: sid=...`), a few heavy ones.
+    pub sessions: Option<load::Sessions>,
     /// The app the workers run.
     pub command: WorkerCommand,
 }
@@ -202,6 +223,7 @@ fn run_mode(
         .listen(listen)
         .sched(mode.sched)
         .steer(mode.steer)
+        .sticky(mode.sticky.then(|| crate::primary::Sticky::Cookie("sid".into())))
         .command(opts.command.clone())
         .handle_signals(false)
         .shutdown_timeout(Duration::from_secs(3))
@@ -253,6 +275,7 @@ fn run_mode(
         path: opts.path.clone(),
         threads: opts.threads,
         slow: opts.slow.clone(),
+        sessions: opts.sessions,
     };
     // Warm-up, not counted: connections, caches and the workers' first
     // allocations.
@@ -362,6 +385,8 @@ mod mode_tests {
             "shared",
             "reuseport",
             "reuseport+steer-rr",
+            "rr+sticky",
+            "p2c+sticky",
         ] {
             let mode: LabMode = name.parse().unwrap();
             assert_eq!(mode.to_string(), name);

@@ -50,6 +50,19 @@ pub struct LoadSpec {
     pub threads: usize,
     /// A share of the requests sent to another path, for a mixed workload.
     pub slow: Option<SlowShare>,
+    /// Clients with sessions: each connection is one client's, with its
+    /// `Cookie: sid=...` (for `--sticky cookie:sid`).
+    pub sessions: Option<Sessions>,
+}
+
+/// Many clients, a few heavy ones: who each connection belongs to.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Sessions {
+    /// Clients in all (at least 1).
+    pub clients: u32,
+    /// Of them, how many are heavy: together they send a third of the
+    /// connections.
+    pub heavy: u32,
 }
 
 /// A share of requests that go to another path, e.g. a slow endpoint.

@@ -126,7 +126,9 @@ impl<'a> Driver<'a> {
         let sessions = spec.sessions.map_or_else(Vec::new, |s| {
             (0..s.clients.max(1)).map(session_for).collect()
         });
-        let heavy = spec.sessions.map_or(0, |s| s.heavy.min(s.clients.max(1)) as usize);
+        let heavy = spec
+            .sessions
+            .map_or(0, |s| s.heavy.min(s.clients.max(1)) as usize);
         let (slow_request, slow_per_mille) = match &spec.slow {
             Some(slow) => (request_for(&slow.path), slow.per_mille.min(1000)),
             None => (Vec::new(), 0),

@@ -223,7 +223,10 @@ fn run_mode(
         .listen(listen)
         .sched(mode.sched)
         .steer(mode.steer)
-        .sticky(mode.sticky.then(|| crate::primary::Sticky::Cookie("sid".into())))
+        .sticky(
+            mode.sticky
+                .then(|| crate::primary::Sticky::Cookie("sid".into())),
+        )
         .command(opts.command.clone())
         .handle_signals(false)
         .shutdown_timeout(Duration::from_secs(3))

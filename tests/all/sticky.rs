@@ -320,3 +320,32 @@ fn forwarded_for_through_haproxy_keeps_each_client_on_its_slot() {
     drop(haproxy);
     p.assert_no_panic();
 }
+
+/// `compare --sessions N:H` sends each connection as one of N clients
+/// (`Cookie: sid=...`), H heavy ones; the `rr+sticky` mode runs
+/// `--sticky cookie:sid` and serves them all without an error.
+#[test]
+fn compare_sets_sticky_sessions_against_rr() {
+    let out = Command::new(util::bin())
+        .arg("compare")
+        .args(["-w", "4", "-d", "300ms", "-c", "8", "--json"])
+        .args(["--sessions", "200:2", "--sched", "rr,rr+sticky"])
+        .output()
+        .expect("run distributor compare");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "exit {:?}: {stderr}", out.status);
+    let doc: serde_json::Value = serde_json::from_slice(&out.stdout).expect("JSON");
+    let modes = doc["modes"].as_array().expect("modes");
+    let names: Vec<&str> = modes.iter().map(|m| m["mode"].as_str().unwrap()).collect();
+    assert_eq!(names, ["rr", "rr+sticky"]);
+    for m in modes {
+        assert_eq!(m["errors"].as_u64(), Some(0), "{m}");
+        assert!(m["requests"].as_u64().unwrap() > 0, "{m}");
+    }
+    let bad = Command::new(util::bin())
+        .args(["compare", "--sessions", "5:9"])
+        .output()
+        .expect("run");
+    assert!(!bad.status.success());
+    assert!(String::from_utf8_lossy(&bad.stderr).contains("is not N:H"));
+}

@@ -611,7 +611,7 @@ pub struct Answered {
     pub ended: bool,
 }
 
-/// The control sockets in `dir` whose primary runs, by pid.
+/// The control sockets in `dir` whose primary runs and answers, by pid.
 pub fn running(dir: &Path) -> Vec<(u32, PathBuf)> {
     let Ok(entries) = std::fs::read_dir(dir) else {
         return Vec::new();
@@ -621,9 +621,12 @@ pub fn running(dir: &Path) -> Vec<(u32, PathBuf)> {
         .filter_map(|e| {
             let name = e.file_name().into_string().ok()?;
             let pid: u32 = name.strip_suffix(".sock")?.parse().ok()?;
+            // A socket left by a primary that was killed may name a pid
+            // reused since: only one that answers counts.
             let probe = nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid as i32), None);
             let alive = probe.is_ok() || probe == Err(nix::errno::Errno::EPERM);
-            alive.then(|| (pid, e.path()))
+            let answers = || UnixStream::connect(e.path()).is_ok();
+            (alive && answers()).then(|| (pid, e.path()))
         })
         .collect();
     found.sort();

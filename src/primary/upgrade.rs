@@ -388,6 +388,11 @@ impl EventLoop {
             }
         };
         let pid = child.id();
+        // Until it takes over, the new primary and its group die with this
+        // one, however this one dies.
+        if let Some(g) = self.sup.guardian.as_mut() {
+            g.watch(pid);
+        }
         if let Err(e) = self.io.poll.registry().register(
             &mut SourceFd(&channel.as_raw_fd()),
             Source::Upgrade.token(),
@@ -476,6 +481,10 @@ impl EventLoop {
         let Some(mut u) = self.sup.upgrade.take() else {
             return;
         };
+        // It outlives this primary from now on.
+        if let Some(g) = self.sup.guardian.as_mut() {
+            g.forget(u.pid);
+        }
         let _ = self
             .io
             .poll
@@ -534,6 +543,9 @@ impl EventLoop {
         );
         let _ = u.child.kill();
         let _ = u.child.wait();
+        if let Some(g) = self.sup.guardian.as_mut() {
+            g.forget(u.pid);
+        }
         warn!("upgrade failed: {why}; this primary goes on serving");
         for tx in u.waiters.drain(..) {
             let _ = tx.try_send(Err(why.clone()));

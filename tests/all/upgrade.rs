@@ -18,6 +18,29 @@ use util::{
     parse_started, repo_path, wait_gone,
 };
 
+/// The primaries an upgrade started (not children of the test): stopped
+/// when the test ends, passed or failed, so that none outlives it.
+#[derive(Default)]
+struct Upgraded(std::sync::Mutex<Vec<u32>>);
+
+impl Upgraded {
+    fn add(&self, pid: u32) -> u32 {
+        self.0.lock().expect("lock").push(pid);
+        pid
+    }
+}
+
+impl Drop for Upgraded {
+    fn drop(&mut self) {
+        for &pid in self.0.lock().expect("lock").iter() {
+            if !util::pid_gone(pid) {
+                let _ =
+                    nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid as i32), Signal::SIGKILL);
+            }
+        }
+    }
+}
+
 /// A copy of the binary in a directory of its own, so that a test can
 /// replace the file the primary will upgrade to.
 fn own_copy(dir: &TempDir) -> PathBuf {
@@ -93,6 +116,7 @@ fn three_upgrades_under_load(mode: &str, app: App) {
     let load = Load::start(p.addr, modes, DEADLINE, Duration::from_secs(120));
     let progress = |what: &str| load.assert_progress(what, p.log());
     progress("before the upgrades");
+    let upgraded = Upgraded::default();
     let mut pid = p.pid();
     let mut primaries = vec![pid];
     for round in 1..=3 {
@@ -108,11 +132,12 @@ fn three_upgrades_under_load(mode: &str, app: App) {
                 .nth(1)
                 .and_then(|r| r.split(')').next())
                 .and_then(|n| n.parse().ok())
+                .map(|n| upgraded.add(n))
                 .expect("the new pid in the log")
         } else {
             let (ok, out, err) = ctl_pid(pid, &["upgrade"]);
             assert!(ok, "ctl upgrade: {err}\n{}", p.log().dump());
-            new_pid(&out)
+            upgraded.add(new_pid(&out))
         };
         assert_ne!(next, pid, "the primary's pid did not change");
         // The old primary's control socket went with the upgrade (ctl finds
@@ -244,9 +269,10 @@ fn a_broken_new_binary_is_rolled_back_with_nothing_left_behind() {
 
     // The good binary back: the upgrade goes through.
     replace(&bin, &good);
+    let upgraded = Upgraded::default();
     let (ok, out, err) = p.ctl(&["upgrade"]);
     assert!(ok, "{err}\n{}", p.log().dump());
-    let next = new_pid(&out);
+    let next = upgraded.add(new_pid(&out));
     progress("after the good upgrade");
     let stats = load.stop();
     eprintln!("rollbacks under load: {stats}");
@@ -290,9 +316,10 @@ fn under_systemd_the_main_pid_moves_and_the_service_never_stops() {
     let addr = format!("127.0.0.1:{port}").parse().unwrap();
     assert_eq!(get_once(addr).expect("served").status, 200);
 
+    let upgraded = Upgraded::default();
     let (ok, out, err) = ctl_pid(pid, &["upgrade"]);
     assert!(ok, "{err}\n{}", sim.stderr.dump());
-    let next = new_pid(&out);
+    let next = upgraded.add(new_pid(&out));
     sim.stdout.wait_for(&format!("mainpid {next}"));
     let (at, _) = sim
         .stdout
@@ -489,9 +516,10 @@ fn an_explicit_control_path_is_handed_over() {
         out.starts_with(&format!("primary pid {},", p.pid())),
         "{out}"
     );
+    let upgraded = Upgraded::default();
     let (ok, out, err) = ctl(&["upgrade"]);
     assert!(ok, "{err}\n{}", p.log().dump());
-    let next = new_pid(&out);
+    let next = upgraded.add(new_pid(&out));
     assert!(wait_gone(&[p.pid()], DEADLINE).is_empty());
     assert!(
         sock.exists(),

@@ -1220,7 +1220,7 @@ impl EventLoop {
                 in_flight: self.ledger.in_flight(i),
                 finished: self.ledger.finished(i),
                 weight: self.weight(w.slot),
-                uptime: self.now.saturating_duration_since(w.started),
+                uptime: Instant::now().saturating_duration_since(w.started),
             })
             .collect();
         workers.sort_by_key(|w| (w.slot, w.id));
@@ -1234,7 +1234,7 @@ impl EventLoop {
                 .as_ref()
                 .map(|_| self.accept.sticky_counts),
             local_addr: self.local_addr,
-            uptime: self.now.saturating_duration_since(self.started),
+            uptime: Instant::now().saturating_duration_since(self.started),
             workers,
             slots: slots
                 .map(|(s, slot)| SlotStats {

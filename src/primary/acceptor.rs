@@ -221,12 +221,7 @@ impl EventLoop {
             return picked;
         };
         let max = self.settings.max_unacked;
-        let active: Vec<SlotIdx> = self
-            .sup
-            .slots
-            .indices()
-            .filter(|&s| self.sup.slots[s].active)
-            .collect();
+        let active = self.active_slots();
         if self.accept.ring.slots() != active.as_slice() {
             self.accept.ring = super::sticky::Ring::new(&active);
         }

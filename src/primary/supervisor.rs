@@ -853,6 +853,15 @@ impl EventLoop {
         }
     }
 
+    /// The slots that want a worker now, in order.
+    pub(super) fn active_slots(&self) -> Vec<SlotIdx> {
+        self.sup
+            .slots
+            .indices()
+            .filter(|&s| self.sup.slots[s].active)
+            .collect()
+    }
+
     /// A rolling reload: every slot's worker is replaced, one slot at a
     /// time, each by a new worker that is ready before the old one is
     /// asked to stop. One asked for during a reload starts over.
@@ -860,12 +869,7 @@ impl EventLoop {
         if self.sup.shutdown_at.is_some() {
             return;
         }
-        let slots: Vec<SlotIdx> = self
-            .sup
-            .slots
-            .indices()
-            .filter(|&s| self.sup.slots[s].active)
-            .collect();
+        let slots = self.active_slots();
         if self.sup.reload.reloading {
             info!("reloading: a reload was under way; starting over");
         }

@@ -24,7 +24,16 @@ fn get_from(from: IpAddr, addr: SocketAddr, path: &str) -> u64 {
     socket
         .connect_timeout(&addr.into(), IO_TIMEOUT)
         .expect("connect");
-    let mut stream: TcpStream = socket.into();
+    let answer = ask(socket.into(), path);
+    let body = answer.split("\r\n\r\n").nth(1).unwrap_or_default();
+    parse_worker(body)
+        .unwrap_or_else(|| panic!("no worker in {answer:?}"))
+        .0
+}
+
+/// `GET path` with `Connection: close` on `stream`: the whole answer,
+/// which must be a 200.
+fn ask(mut stream: TcpStream, path: &str) -> String {
     stream.set_read_timeout(Some(IO_TIMEOUT)).expect("timeout");
     write!(
         stream,
@@ -34,10 +43,7 @@ fn get_from(from: IpAddr, addr: SocketAddr, path: &str) -> u64 {
     let mut answer = String::new();
     stream.read_to_string(&mut answer).expect("read");
     assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
-    let body = answer.split("\r\n\r\n").nth(1).unwrap_or_default();
-    parse_worker(body)
-        .unwrap_or_else(|| panic!("no worker in {answer:?}"))
-        .0
+    answer
 }
 
 /// Worker id → slot, from `ctl status --json`.
@@ -266,16 +272,7 @@ fn cookie_and_query_keys_are_peeked_from_split_requests() {
         );
         // The silent client, placed after the timeout, is served.
         std::thread::sleep(std::time::Duration::from_millis(700));
-        let mut silent = silent;
-        silent.set_read_timeout(Some(IO_TIMEOUT)).expect("timeout");
-        write!(
-            silent,
-            "GET / HTTP/1.1\r\nHost: t\r\nConnection: close\r\n\r\n"
-        )
-        .expect("send");
-        let mut answer = String::new();
-        silent.read_to_string(&mut answer).expect("read");
-        assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
+        ask(silent, "/");
         p.assert_no_panic();
     }
 }

@@ -220,69 +220,71 @@ impl EventLoop {
             }
             return picked;
         };
+        use super::sticky::{Pick, Ring, bound};
         let max = self.settings.max_unacked;
-        let active = self.active_slots();
-        if self.accept.ring.slots() != active.as_slice() {
-            self.accept.ring = super::sticky::Ring::new(&active);
+        let active = self
+            .sup
+            .slots
+            .indices()
+            .filter(|&s| self.sup.slots[s].active);
+        if !self.accept.ring.is_of(active) {
+            self.accept.ring = Ring::new(&self.active_slots());
         }
-        // The workers that can take it now, and their load.
-        let mut total = 0u64;
-        let mut able = 0usize;
-        for (i, w) in self.workers.iter_enumerated() {
-            if w.as_ref().is_some_and(|w| w.can_take(k)) && self.ledger.outstanding(i) < max {
-                total += self.ledger.in_flight(i);
+        // One pass over the workers: the load of those that can take the
+        // connection, and what each slot can do with it (its worker that
+        // can take it, its current one or during a reload its successor;
+        // or one ready but full for the moment).
+        let (workers, ledger, accept) = (&self.workers, &self.ledger, &mut self.accept);
+        let picks = &mut accept.sticky_scratch.picks;
+        picks.clear();
+        picks.resize(self.sup.slots.len(), Pick::Nobody);
+        let (mut total, mut able) = (0u64, 0usize);
+        for (i, w) in workers.iter_enumerated() {
+            let Some(w) = w else { continue };
+            let pick = &mut picks[w.slot.0];
+            if w.can_take(k) && ledger.outstanding(i) < max {
+                total += ledger.in_flight(i);
                 able += 1;
+                if !matches!(pick, Pick::Take(_)) {
+                    *pick = Pick::Take(i);
+                }
+            } else if w.is_ready() && *pick == Pick::Nobody {
+                *pick = Pick::Busy;
             }
         }
         if able > 0 {
-            let bound = super::sticky::bound(total, able, self.settings.sticky_balance_factor);
-            let mut first = true;
-            for slot in self.accept.ring.order(key) {
-                // The slot's worker that can take it (its current one, or
-                // during a reload its successor).
-                let found = self.workers.iter_enumerated().find_map(|(i, w)| {
-                    let w = w.as_ref()?;
-                    (w.slot == slot && w.can_take(k) && self.ledger.outstanding(i) < max)
-                        .then_some(i)
-                });
-                // Ready but full for the moment (`--max-unacked`, its
-                // channel): the connection waits for room there rather
-                // than break its client's session elsewhere.
-                let busy = found.is_none()
-                    && self
-                        .workers
-                        .iter()
-                        .flatten()
-                        .any(|w| w.slot == slot && w.is_ready());
-                if busy {
-                    return None;
-                }
-                if found.is_none() {
-                    debug!("sticky: slot {} has no ready worker", slot.number());
-                }
-                if let Some(i) = found {
-                    // A worker that reports no completions (a Node app, a
-                    // program without the protocol) has no load to bound:
-                    // its keys stay unless it cannot take a connection.
-                    let reports = self.ledger.finished(i).is_some();
-                    if !reports || self.ledger.in_flight(i) < bound {
-                        if !first {
-                            debug!(
-                                "sticky: a key moved to slot {} (in flight {}, bound {bound})",
-                                slot.number(),
-                                self.ledger.in_flight(i)
-                            );
+            let bound = bound(total, able, self.settings.sticky_balance_factor);
+            let picks = &accept.sticky_scratch.picks;
+            let order = accept.ring.order(key, &mut accept.sticky_scratch.seen);
+            for (nth, slot) in order.enumerate() {
+                match picks[slot.0] {
+                    // Ready but full for the moment (`--max-unacked`, its
+                    // channel): the connection waits for room there rather
+                    // than break its client's session elsewhere.
+                    Pick::Busy => return None,
+                    Pick::Nobody => {
+                        debug!("sticky: slot {} has no ready worker", slot.number());
+                    }
+                    Pick::Take(i) => {
+                        // A worker that reports no completions (a Node app,
+                        // a program without the protocol) has no load to
+                        // bound: its keys stay unless it cannot take one.
+                        let reports = ledger.finished(i).is_some();
+                        if !reports || ledger.in_flight(i) < bound {
+                            if nth == 0 {
+                                accept.sticky_counts.by_key += 1;
+                            } else {
+                                debug!(
+                                    "sticky: a key moved to slot {} (in flight {}, bound {bound})",
+                                    slot.number(),
+                                    ledger.in_flight(i)
+                                );
+                                accept.sticky_counts.moved += 1;
+                            }
+                            return Some(i);
                         }
-                        let counts = &mut self.accept.sticky_counts;
-                        if first {
-                            counts.by_key += 1;
-                        } else {
-                            counts.moved += 1;
-                        }
-                        return Some(i);
                     }
                 }
-                first = false;
             }
         }
         let picked = self.pick(k);

@@ -267,6 +267,8 @@ pub(crate) struct Accept {
     pub(super) ring: super::sticky::Ring,
     /// `--sticky`: how connections were placed.
     pub(super) sticky_counts: super::stats::StickyCounts,
+    /// `--sticky`: a placement's scratch space.
+    pub(super) sticky_scratch: super::sticky::Scratch,
     /// `--sticky header:|cookie:|query:`: connections waiting for their
     /// key (peek.rs).
     pub(super) peeking: super::peek::PeekSet,
@@ -334,10 +336,6 @@ pub(crate) struct Handed {
     pub control: Option<super::control::Handover>,
     /// Node apps: servers handed over, by key.
     pub node: Vec<super::upgrade::NodeServer>,
-}
-
-fn channel_fd(p: &super::upgrade::Parent) -> std::os::fd::RawFd {
-    p.raw_fd()
 }
 
 impl EventLoop {
@@ -434,6 +432,7 @@ impl EventLoop {
                 inherited_node: node,
                 ring: super::sticky::Ring::default(),
                 sticky_counts: super::stats::StickyCounts::default(),
+                sticky_scratch: super::sticky::Scratch::default(),
                 peeking: super::peek::PeekSet::default(),
                 batched: Vec::new(),
                 accept_paused_until: None,
@@ -469,7 +468,7 @@ impl EventLoop {
         if let Some(parent) = parent {
             let channel = super::upgrade::Parent::new(parent)?;
             this.io.poll.registry().register(
-                &mut SourceFd(&channel_fd(&channel)),
+                &mut SourceFd(&channel.raw_fd()),
                 Source::Upgrade.token(),
                 Interest::READABLE,
             )?;

@@ -579,11 +579,12 @@ impl Builder {
         if let Some(listener) = &listener {
             // The primary accepts without waiting in rr; in the kernel modes
             // workers get the socket as socket activation would, blocking.
-            // Not for a socket handed over by an upgrade in a kernel mode:
-            // the flag is the open file's, shared with the old workers,
-            // which may have made it non-blocking and wait on it; clearing
-            // it under them would leave one blocked in accept(2).
-            if !(upgrading && self.sched.is_kernel()) {
+            // Not for a socket handed over by an upgrade: the flag is the
+            // open file's, shared with the old primary and its workers, and
+            // already what they use; in a kernel mode clearing it under a
+            // worker that made it non-blocking would leave it blocked in
+            // accept(2).
+            if !upgrading {
                 listener.set_nonblocking(!self.sched.is_kernel())?;
             }
         }

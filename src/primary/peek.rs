@@ -62,10 +62,9 @@ impl EventLoop {
     /// are there already (returned, to place now), else parked until they
     /// come (`None`). Without one, or with the set full: returned as is.
     pub(super) fn key_or_park(&mut self, mut conn: Conn) -> Option<Conn> {
-        let Some(sticky) = self.settings.sticky.as_ref().filter(|s| s.peeks()) else {
+        if !self.settings.sticky.as_ref().is_some_and(|s| s.peeks()) {
             return Some(conn);
-        };
-        let _ = sticky;
+        }
         match self.peek_now(&conn) {
             Peeked::Key(key) => {
                 conn.key = Some(key);

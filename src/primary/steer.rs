@@ -116,9 +116,9 @@ impl Steering {
         let counter = sys::bpf_map_create(MAP_ARRAY, 4, 8, 1)
             .map_err(|e| problem("cannot create the counter", &e))?;
         let insns = program(
-            fd_imm(socks.as_fd()),
-            fd_imm(schedule.as_fd()),
-            fd_imm(counter.as_fd()),
+            raw(socks.as_fd()),
+            raw(schedule.as_fd()),
+            raw(counter.as_fd()),
         );
         let prog = sys::bpf_prog_load(PROG_SK_REUSEPORT, ATTACH_SELECT_OR_MIGRATE, &insns)
             .map_err(|(e, log)| {
@@ -176,7 +176,7 @@ impl Steering {
     /// Puts `slot`'s listening socket in the array.
     pub fn add_socket(&self, slot: usize, sock: BorrowedFd<'_>) -> io::Result<()> {
         let key = slot_key(slot)?;
-        let value = u64::from(sys_fd(sock));
+        let value = raw(sock) as u64;
         sys::bpf_map_update(self.socks.as_fd(), &key.to_ne_bytes(), &value.to_ne_bytes())
             .map_err(|e| problem("cannot add a socket to the array", &e))
     }
@@ -232,12 +232,8 @@ fn slot_key(slot: usize) -> io::Result<u32> {
         })
 }
 
-fn sys_fd(fd: BorrowedFd<'_>) -> u32 {
-    use std::os::fd::AsRawFd;
-    fd.as_raw_fd() as u32
-}
-
-fn fd_imm(fd: BorrowedFd<'_>) -> i32 {
+/// An fd's number, as a map value or an instruction's immediate wants it.
+fn raw(fd: BorrowedFd<'_>) -> i32 {
     use std::os::fd::AsRawFd;
     fd.as_raw_fd()
 }

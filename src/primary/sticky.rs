@@ -228,29 +228,49 @@ impl Ring {
         }
     }
 
-    /// The slots it was built of.
-    pub fn slots(&self) -> &[SlotIdx] {
-        &self.slots
+    /// Whether it was built of exactly `slots`, in order.
+    pub fn is_of(&self, slots: impl Iterator<Item = SlotIdx>) -> bool {
+        self.slots.iter().copied().eq(slots)
     }
 
     /// The slots in the order `key` tries them: clockwise from its hash,
-    /// each once.
-    pub fn order(&self, key: u64) -> impl Iterator<Item = SlotIdx> + '_ {
+    /// each once. `seen` is scratch space, reused so that a placement
+    /// allocates nothing.
+    pub fn order<'a>(
+        &'a self,
+        key: u64,
+        seen: &'a mut Vec<bool>,
+    ) -> impl Iterator<Item = SlotIdx> + 'a {
         let start = self.points.partition_point(|&(p, _)| p < key);
         let n = self.points.len();
-        let mut seen: Vec<SlotIdx> = Vec::with_capacity(self.slots.len());
+        seen.clear();
+        seen.resize(self.slots.last().map_or(0, |s| s.0 + 1), false);
         (0..n)
             .map(move |step| self.points[(start + step) % n].1)
-            .filter(move |s| {
-                if seen.contains(s) {
-                    false
-                } else {
-                    seen.push(*s);
-                    true
-                }
-            })
+            .filter(move |s| !std::mem::replace(&mut seen[s.0], true))
             .take(self.slots.len())
     }
+}
+
+/// What a slot can do with the connection being placed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Pick {
+    /// No worker of it is ready: the key moves on.
+    Nobody,
+    /// A worker of it is ready but full for the moment: the connection
+    /// waits for it.
+    Busy,
+    /// This worker of it can take the connection now.
+    Take(super::ids::WorkerIdx),
+}
+
+/// Scratch space of a placement, reused (no allocation per connection).
+#[derive(Debug, Default)]
+pub struct Scratch {
+    /// By slot index.
+    pub picks: Vec<Pick>,
+    /// By slot index: [`Ring::order`]'s.
+    pub seen: Vec<bool>,
 }
 
 /// A worker may always hold this many in flight and take one more: at low
@@ -277,14 +297,15 @@ mod tests {
     #[test]
     fn a_key_keeps_its_slot_and_every_slot_is_tried_once() {
         let ring = Ring::new(&slots(4));
+        let mut seen = Vec::new();
         for key in (0..200u64).map(|k| hash(&k.to_le_bytes())) {
-            let order: Vec<SlotIdx> = ring.order(key).collect();
+            let order: Vec<SlotIdx> = ring.order(key, &mut seen).collect();
             assert_eq!(order.len(), 4);
             let mut sorted = order.clone();
             sorted.sort_unstable();
             sorted.dedup();
             assert_eq!(sorted.len(), 4, "{order:?}");
-            assert_eq!(ring.order(key).next(), Some(order[0]));
+            assert_eq!(ring.order(key, &mut seen).next(), Some(order[0]));
         }
     }
 
@@ -297,11 +318,10 @@ mod tests {
         let keys: Vec<u64> = (0..1000u64).map(|k| hash(&k.to_le_bytes())).collect();
         let mut moved = 0;
         let mut per_slot = [0usize; 5];
+        let mut seen = Vec::new();
         for &k in &keys {
-            let (a, b) = (
-                before.order(k).next().unwrap(),
-                after.order(k).next().unwrap(),
-            );
+            let a = before.order(k, &mut seen).next().unwrap();
+            let b = after.order(k, &mut seen).next().unwrap();
             per_slot[b.0] += 1;
             if a != b {
                 moved += 1;

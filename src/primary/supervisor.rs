@@ -727,13 +727,7 @@ impl EventLoop {
                 self.retire(old);
             }
         }
-        let ready = self
-            .workers
-            .iter()
-            .flatten()
-            .filter(|w| w.is_ready() && w.role == Role::Current)
-            .count();
-        let total = self.sup.slots.iter().filter(|s| s.active).count();
+        let (ready, total) = self.slots_ready();
         // Steered before it is said: a client that waits for the line
         // finds the kernel placing by the new schedule.
         self.refresh_steering();
@@ -851,6 +845,17 @@ impl EventLoop {
         for i in self.workers.indices() {
             self.retire(i);
         }
+    }
+
+    /// (Slots whose current worker is ready, slots that want a worker.)
+    pub(super) fn slots_ready(&self) -> (usize, usize) {
+        let ready = self
+            .workers
+            .iter()
+            .flatten()
+            .filter(|w| w.is_ready() && w.role == Role::Current)
+            .count();
+        (ready, self.sup.slots.iter().filter(|s| s.active).count())
     }
 
     /// The slots that want a worker now, in order.

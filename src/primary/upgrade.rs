@@ -587,13 +587,7 @@ impl EventLoop {
     /// New side, released: now the service's main process, it says
     /// READY=1 (held back until now) if its workers are all ready.
     fn tell_systemd_ready_after_release(&mut self) {
-        let active = self.sup.slots.iter().filter(|s| s.active).count();
-        let ready = self
-            .workers
-            .iter()
-            .flatten()
-            .filter(|w| w.is_ready() && w.role == super::process::Role::Current)
-            .count();
+        let (ready, active) = self.slots_ready();
         if ready == active && !self.sup.told_systemd_ready {
             self.sup.told_systemd_ready = true;
             super::supervisor::tell_systemd(&format!(

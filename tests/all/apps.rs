@@ -364,12 +364,16 @@ fn socketio_polling_works_with_sticky_sessions_and_not_without() {
         return;
     }
     let clients = |p: &Primary| -> serde_json::Value {
-        let out = Command::new("node")
-            .arg(repo_path("tests/apps/node/socketio_clients.js"))
-            .arg(format!("http://127.0.0.1:{}", p.addr.port()))
-            .args(["50", "5"])
-            .output()
-            .expect("run the socket.io clients");
+        let out = util::output_within(
+            {
+                let mut cmd = Command::new("node");
+                cmd.arg(repo_path("tests/apps/node/socketio_clients.js"))
+                    .arg(format!("http://127.0.0.1:{}", p.addr.port()))
+                    .args(["50", "5"]);
+                cmd
+            },
+            util::DEADLINE,
+        );
         let text = String::from_utf8_lossy(&out.stdout);
         serde_json::from_str(text.trim())
             .unwrap_or_else(|e| panic!("{e}: {text}\n{}", String::from_utf8_lossy(&out.stderr)))
@@ -391,7 +395,8 @@ fn socketio_polling_works_with_sticky_sessions_and_not_without() {
             .unwrap_or_else(|| panic!("no sid in {:?}", hello.body))
             .to_string();
         // Read whole to the close (the 400 comes chunked).
-        let mut stream = std::net::TcpStream::connect(p.addr).expect("connect");
+        let mut stream =
+            std::net::TcpStream::connect_timeout(&p.addr, util::IO_TIMEOUT).expect("connect");
         stream
             .set_read_timeout(Some(util::IO_TIMEOUT))
             .expect("timeout");

@@ -194,13 +194,17 @@ fn without_the_capability_it_is_one_clear_line() {
         util::skip(&util::current_test(), "setpriv is not installed");
         return;
     }
-    let out = Command::new("setpriv")
-        .args(["--inh-caps=-all", "--bounding-set=-all", "--"])
-        .arg(util::bin())
-        .args(["-w", "2", "-l", "127.0.0.1:0", "--sched", "reuseport"])
-        .args(["--steer", "rr"])
-        .output()
-        .expect("setpriv runs");
+    let out = util::output_within(
+        {
+            let mut cmd = Command::new("setpriv");
+            cmd.args(["--inh-caps=-all", "--bounding-set=-all", "--"])
+                .arg(util::bin())
+                .args(["-w", "2", "-l", "127.0.0.1:0", "--sched", "reuseport"])
+                .args(["--steer", "rr"]);
+            cmd
+        },
+        util::DEADLINE,
+    );
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(!out.status.success(), "{stderr}");
     assert!(
@@ -242,11 +246,14 @@ fn steer_without_reuseport_or_unknown_is_one_clear_line() {
             "not available for Node apps",
         ),
     ] {
-        let out = Command::new(util::bin())
-            .args(["-w", "2", "-l", "127.0.0.1:0"])
-            .args(args)
-            .output()
-            .expect("runs");
+        let out = util::output_within(
+            {
+                let mut cmd = Command::new(util::bin());
+                cmd.args(["-w", "2", "-l", "127.0.0.1:0"]).args(args);
+                cmd
+            },
+            util::DEADLINE,
+        );
         let stderr = String::from_utf8_lossy(&out.stderr);
         assert!(!out.status.success(), "{args:?}: {stderr}");
         assert!(stderr.contains(needle), "{args:?}: {stderr}");
@@ -261,12 +268,16 @@ fn compare_runs_the_steered_mode() {
     if !may_load_bpf() {
         return;
     }
-    let out = Command::new(util::bin())
-        .arg("compare")
-        .args(["-w", "2", "-d", "300ms", "-c", "8", "--json"])
-        .args(["--sched", "reuseport,reuseport+steer"])
-        .output()
-        .expect("run distributor compare");
+    let out = util::output_within(
+        {
+            let mut cmd = Command::new(util::bin());
+            cmd.arg("compare")
+                .args(["-w", "2", "-d", "300ms", "-c", "8", "--json"])
+                .args(["--sched", "reuseport,reuseport+steer"]);
+            cmd
+        },
+        util::DEADLINE,
+    );
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(out.status.success(), "exit {:?}: {stderr}", out.status);
     let doc: serde_json::Value = serde_json::from_slice(&out.stdout).expect("JSON");

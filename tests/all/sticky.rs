@@ -205,11 +205,14 @@ fn sticky_settings_that_cannot_work_are_one_line() {
             "not a balance factor",
         ),
     ] {
-        let out = Command::new(util::bin())
-            .args(["-w", "2", "-l", "127.0.0.1:0"])
-            .args(args)
-            .output()
-            .expect("runs");
+        let out = util::output_within(
+            {
+                let mut cmd = Command::new(util::bin());
+                cmd.args(["-w", "2", "-l", "127.0.0.1:0"]).args(args);
+                cmd
+            },
+            util::DEADLINE,
+        );
         let err = String::from_utf8_lossy(&out.stderr);
         assert!(!out.status.success(), "{args:?}: {err}");
         assert!(err.contains(needle), "{args:?}: {err}");
@@ -221,7 +224,7 @@ fn sticky_settings_that_cannot_work_are_one_line() {
 /// line and headers, without the final empty line), sent in two segments
 /// 30 ms apart; the worker id of the answer.
 fn get_split(addr: SocketAddr, head: &str) -> u64 {
-    let mut stream = TcpStream::connect(addr).expect("connect");
+    let mut stream = TcpStream::connect_timeout(&addr, IO_TIMEOUT).expect("connect");
     stream.set_nodelay(true).expect("nodelay");
     stream.set_read_timeout(Some(IO_TIMEOUT)).expect("timeout");
     let whole = format!("{head}\r\nConnection: close\r\n\r\n");
@@ -253,7 +256,7 @@ fn cookie_and_query_keys_are_peeked_from_split_requests() {
     ] {
         let p = Primary::start(4, &["--sticky", flag]);
         p.wait_all_ready();
-        let silent = TcpStream::connect(p.addr).expect("a silent client");
+        let silent = TcpStream::connect_timeout(&p.addr, IO_TIMEOUT).expect("a silent client");
         let started = std::time::Instant::now();
         let slots = slots_of(&p);
         let mut used = BTreeSet::new();
@@ -304,7 +307,9 @@ fn forwarded_for_through_haproxy_keeps_each_client_on_its_slot() {
     cmd.arg("-db").arg("-f").arg(&path);
     let haproxy = util::Proc::spawn(cmd);
     let front = SocketAddr::from(([127, 0, 0, 1], front));
-    let up = util::poll_until(util::DEADLINE, || TcpStream::connect(front).is_ok());
+    let up = util::poll_until(util::DEADLINE, || {
+        TcpStream::connect_timeout(&front, IO_TIMEOUT).is_ok()
+    });
     assert!(up, "haproxy did not listen: {}", haproxy.stderr.dump());
     let slots = slots_of(&p);
     let mut used = BTreeSet::new();
@@ -323,12 +328,16 @@ fn forwarded_for_through_haproxy_keeps_each_client_on_its_slot() {
 /// `--sticky cookie:sid` and serves them all without an error.
 #[test]
 fn compare_sets_sticky_sessions_against_rr() {
-    let out = Command::new(util::bin())
-        .arg("compare")
-        .args(["-w", "4", "-d", "300ms", "-c", "8", "--json"])
-        .args(["--sessions", "200:2", "--sched", "rr,rr+sticky"])
-        .output()
-        .expect("run distributor compare");
+    let out = util::output_within(
+        {
+            let mut cmd = Command::new(util::bin());
+            cmd.arg("compare")
+                .args(["-w", "4", "-d", "300ms", "-c", "8", "--json"])
+                .args(["--sessions", "200:2", "--sched", "rr,rr+sticky"]);
+            cmd
+        },
+        util::DEADLINE,
+    );
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(out.status.success(), "exit {:?}: {stderr}", out.status);
     let doc: serde_json::Value = serde_json::from_slice(&out.stdout).expect("JSON");
@@ -339,10 +348,14 @@ fn compare_sets_sticky_sessions_against_rr() {
         assert_eq!(m["errors"].as_u64(), Some(0), "{m}");
         assert!(m["requests"].as_u64().unwrap() > 0, "{m}");
     }
-    let bad = Command::new(util::bin())
-        .args(["compare", "--sessions", "5:9"])
-        .output()
-        .expect("run");
+    let bad = util::output_within(
+        {
+            let mut cmd = Command::new(util::bin());
+            cmd.args(["compare", "--sessions", "5:9"]);
+            cmd
+        },
+        util::DEADLINE,
+    );
     assert!(!bad.status.success());
     assert!(String::from_utf8_lossy(&bad.stderr).contains("is not N:H"));
 }

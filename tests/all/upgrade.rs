@@ -73,6 +73,12 @@ fn new_pid(answer: &str) -> u32 {
         .expect("a pid")
 }
 
+/// The pid in an upgrade's log line: `... the new primary ... (pid N) ...`.
+fn pid_in(line: &str) -> Option<u32> {
+    let (_, rest) = line.split_once("(pid ")?;
+    rest.split_once(')')?.0.parse().ok()
+}
+
 /// Every worker pid the log has shown started.
 fn worker_pids(p: &Primary) -> Vec<u32> {
     p.log()
@@ -128,10 +134,7 @@ fn three_upgrades_under_load(mode: &str, app: App) {
             let (_, line) = p
                 .log()
                 .wait_for_from(mark, "is ready and takes over; stopping this one's workers");
-            line.split("(pid ")
-                .nth(1)
-                .and_then(|r| r.split(')').next())
-                .and_then(|n| n.parse().ok())
+            pid_in(&line)
                 .map(|n| upgraded.add(n))
                 .expect("the new pid in the log")
         } else {
@@ -247,12 +250,7 @@ fn a_broken_new_binary_is_rolled_back_with_nothing_left_behind() {
     let (_, line) = p
         .log()
         .wait_for_from(mark, "upgrade: started the new primary");
-    let stuck: u32 = line
-        .split("(pid ")
-        .nth(1)
-        .and_then(|r| r.split(')').next())
-        .and_then(|n| n.parse().ok())
-        .expect("the new pid");
+    let stuck = pid_in(&line).expect("the new pid");
     p.signal(Signal::SIGUSR2);
     p.log()
         .wait_for_from(mark, "upgrade refused: an upgrade is under way");
@@ -406,24 +404,32 @@ fn ctl_answers_every_command_with_its_outcome() {
         assert_eq!(err.lines().count(), 1, "{args:?}: {err}");
     }
     // No primary there; a socket nobody may open.
-    let out = Command::new(util::bin())
-        .args(["ctl", "--control"])
-        .arg(dir.path().join("none.sock"))
-        .arg("status")
-        .output()
-        .expect("ctl");
+    let out = util::output_within(
+        {
+            let mut cmd = Command::new(util::bin());
+            cmd.args(["ctl", "--control"])
+                .arg(dir.path().join("none.sock"))
+                .arg("status");
+            cmd
+        },
+        util::DEADLINE,
+    );
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(
         !out.status.success() && err.contains("no control socket at"),
         "{err}"
     );
     if have_program("setpriv", "--version") {
-        let out = Command::new("setpriv")
-            .args(["--reuid=65534", "--regid=65534", "--clear-groups", "--"])
-            .arg(util::bin())
-            .args(["ctl", "--pid", &p.pid().to_string(), "status"])
-            .output()
-            .expect("setpriv ctl");
+        let out = util::output_within(
+            {
+                let mut cmd = Command::new("setpriv");
+                cmd.args(["--reuid=65534", "--regid=65534", "--clear-groups", "--"])
+                    .arg(util::bin())
+                    .args(["ctl", "--pid", &p.pid().to_string(), "status"]);
+                cmd
+            },
+            util::DEADLINE,
+        );
         let err = String::from_utf8_lossy(&out.stderr);
         assert!(!out.status.success(), "{err}");
         assert!(
@@ -459,11 +465,15 @@ fn ctl_asks_which_when_several_primaries_run() {
     };
     let a = start();
     let ctl = || {
-        Command::new(util::bin())
-            .env("XDG_RUNTIME_DIR", dir.path())
-            .args(["ctl", "status"])
-            .output()
-            .expect("ctl")
+        util::output_within(
+            {
+                let mut cmd = Command::new(util::bin());
+                cmd.env("XDG_RUNTIME_DIR", dir.path())
+                    .args(["ctl", "status"]);
+                cmd
+            },
+            util::DEADLINE,
+        )
     };
     let out = ctl();
     assert!(
@@ -492,13 +502,14 @@ fn an_explicit_control_path_is_handed_over() {
     let dir = TempDir::new("upgrade-control");
     let sock = dir.path().join("ctl.sock");
     let ctl = |args: &[&str]| {
-        let out = Command::new(util::bin())
-            .arg("ctl")
-            .arg("--control")
-            .arg(&sock)
-            .args(args)
-            .output()
-            .expect("ctl");
+        let out = util::output_within(
+            {
+                let mut cmd = Command::new(util::bin());
+                cmd.arg("ctl").arg("--control").arg(&sock).args(args);
+                cmd
+            },
+            util::DEADLINE,
+        );
         (
             out.status.success(),
             String::from_utf8_lossy(&out.stdout).into_owned(),

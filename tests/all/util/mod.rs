@@ -650,15 +650,65 @@ impl Drop for KillOnDrop {
 /// `distributor ctl --pid PID ARGS...`, bounded by a two-minute `--timeout`:
 /// (exit success, stdout, stderr).
 pub fn ctl_pid(pid: u32, args: &[&str]) -> (bool, String, String) {
-    let out = Command::new(bin())
-        .args(["ctl", "--timeout", "2m", "--pid", &pid.to_string()])
-        .args(args)
-        .stdin(Stdio::null())
-        .output()
-        .expect("run distributor ctl");
+    let mut cmd = Command::new(bin());
+    cmd.args(["ctl", "--timeout", "2m", "--pid", &pid.to_string()])
+        .args(args);
+    let out = output_within(cmd, Duration::from_secs(150));
     (
         out.status.success(),
         String::from_utf8_lossy(&out.stdout).into_owned(),
         String::from_utf8_lossy(&out.stderr).into_owned(),
     )
+}
+
+/// Runs `cmd` to its end, as `Command::output`, but for at most `timeout`:
+/// past it the process is killed and the test fails (a command that
+/// should have refused to start and did not must not hang the suite).
+pub fn output_within(mut cmd: Command, timeout: Duration) -> std::process::Output {
+    use std::io::Read;
+    let mut child = cmd
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("spawn");
+    let read = |pipe: Option<Box<dyn Read + Send>>| {
+        std::thread::spawn(move || {
+            let mut bytes = Vec::new();
+            if let Some(mut pipe) = pipe {
+                let _ = pipe.read_to_end(&mut bytes);
+            }
+            bytes
+        })
+    };
+    let out = read(
+        child
+            .stdout
+            .take()
+            .map(|p| Box::new(p) as Box<dyn Read + Send>),
+    );
+    let err = read(
+        child
+            .stderr
+            .take()
+            .map(|p| Box::new(p) as Box<dyn Read + Send>),
+    );
+    let deadline = Instant::now() + timeout;
+    let status = loop {
+        if let Some(status) = child.try_wait().expect("wait") {
+            break status;
+        }
+        if Instant::now() >= deadline {
+            let _ = child.kill();
+            let _ = child.wait();
+            let err = String::from_utf8_lossy(&err.join().unwrap_or_default()).into_owned();
+            panic!("{cmd:?} still running after {timeout:?}; stderr:\n{err}");
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    };
+    std::process::Output {
+        status,
+        stdout: out.join().unwrap_or_default(),
+        stderr: err.join().unwrap_or_default(),
+    }
 }
